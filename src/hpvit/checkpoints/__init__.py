@@ -1,0 +1,106 @@
+"""Reading plain-ViT checkpoints of every supported format into one canonical layout."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, OfflineError
+from .detect import detect_format, format_names, get_format
+from .io import read_file, unwrap_state_dict
+from .spec import PlainSpec, check_shapes, infer_spec, is_canonical_key
+
+__all__ = ["PlainViT", "PlainSpec", "load_plain", "infer_spec"]
+
+
+@dataclass
+class PlainViT:
+    """A plain ViT in canonical (timm) layout, with its inferred spec and provenance."""
+
+    state_dict: dict[str, torch.Tensor]
+    spec: PlainSpec
+    source: str = "<state_dict>"
+    format: str = "timm"
+    dropped: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"source: {self.source}", f"format: {self.format}", f"spec:   {self.spec.describe()}"]
+        n = sum(v.numel() for v in self.state_dict.values())
+        lines.append(f"tensors: {len(self.state_dict)} ({n / 1e6:.2f}M values)")
+        if self.dropped:
+            lines.append(f"dropped from the source ({len(self.dropped)}):")
+            for k, why in list(self.dropped.items())[:10]:
+                lines.append(f"  - {k}: {why}")
+            if len(self.dropped) > 10:
+                lines.append(f"  ... and {len(self.dropped) - 10} more")
+        return "\n".join(lines)
+
+
+def _from_hub(name: str) -> tuple[dict[str, torch.Tensor], str]:
+    import timm
+
+    try:
+        m = timm.create_model(name, pretrained=True)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise CheckpointError(f"timm:{name}: timm has no model named {name!r} (see timm.list_models('vit_*'))") from e
+        raise
+    except Exception as e:  # network errors come in many types (OSError, requests, huggingface_hub...)
+        raise OfflineError(
+            f"timm:{name}: downloading the pretrained weights failed ({type(e).__name__}: {str(e)[:200]}). "
+            "If this machine is offline, download the file elsewhere and pass its local path instead "
+            f"(e.g. `hpvit convert /path/to/{name}.safetensors ...` or hpvit.load_plain('/path/to/file.pth'))"
+        ) from e
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}, f"timm:{name}"
+
+
+def load_plain(
+    src: "str | os.PathLike | dict[str, Any] | PlainViT",
+    format: str | None = None,
+    **spec_overrides: Any,
+) -> PlainViT:
+    """Read a plain ViT from a file, a folder, ``"timm:<model name>"`` or an in-memory state dict.
+
+    The format is detected from the key layout (``format=`` forces one; see
+    ``hpvit.checkpoints.detect.format_names()``), keys are mapped to the canonical layout and the
+    architecture is inferred. ``spec_overrides`` (e.g. ``num_heads=16``, ``act="gelu"``) override
+    what cannot be read from weights. The source is never modified.
+    """
+    if isinstance(src, PlainViT):
+        return src
+    if isinstance(src, dict):
+        obj, source = src, "<state_dict>"
+    elif isinstance(src, str) and src.startswith("timm:"):
+        obj, source = _from_hub(src[len("timm:"):])
+    else:
+        source = os.fspath(src)
+        from .io import read_folder_or_file
+
+        obj = read_folder_or_file(source)
+    sd = unwrap_state_dict(obj, source)
+    if format is not None:
+        fmt = get_format(format)
+        if fmt is None:
+            raise CheckpointError(f"unknown format {format!r}; supported formats: {format_names()}")
+    else:
+        fmt = detect_format(sd)
+        if fmt is None:
+            raise CheckpointError(
+                f"{source}: not a recognised plain-ViT checkpoint (tried formats {format_names()}); first keys: "
+                f"{sorted(sd)[:8]}. If it is a ViT in another layout, map its keys to timm's VisionTransformer "
+                "names or pass format=... explicitly"
+            )
+    canon, dropped = fmt.to_canonical(sd)
+    unplaced = sorted(k for k in canon if not is_canonical_key(k))
+    if unplaced:
+        raise CheckpointError(
+            f"{source}: looked like format {fmt.NAME!r}, but {len(unplaced)} key(s) could not be placed in a plain "
+            f"ViT, first: {unplaced[:6]}. Is this a plain ViT? If the format was mis-detected, pass format=..."
+        )
+    fmt_overrides = getattr(fmt, "spec_overrides", lambda sd: {})(sd)
+    spec = infer_spec(canon, source, **{**fmt_overrides, **spec_overrides})
+    check_shapes(canon, spec, source)
+    return PlainViT(state_dict=canon, spec=spec, source=source, format=fmt.NAME, dropped=dropped)

@@ -1,0 +1,123 @@
+"""Safe reading and atomic writing of weight files. Nothing here ever unpickles arbitrary code."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import CheckpointError
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+WRAPPER_KEYS = ("model", "state_dict", "model_state", "module", "model_ema", "teacher")
+
+
+def read_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a weight file as a dict, safely.
+
+    ``.safetensors`` goes through safetensors; anything else through ``torch.load(weights_only=True)``,
+    which refuses pickles that would run code. Errors name the file and say what to do.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    if p.is_dir():
+        raise CheckpointError(f"{p}: is a directory; pass the weight file inside it (or a Hugging Face model folder)")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p}: the file is empty (interrupted download?); download it again")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(p)))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{p}: not a readable safetensors file ({e}); the file is corrupt or truncated") from e
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{p}: refusing to load: the pickle needs code execution ({str(e).splitlines()[0][:200]}). hpvit only "
+            "loads plain tensors (torch.load(weights_only=True)). If you trust the file, re-save its state_dict "
+            "with torch.save(model.state_dict(), ...) or convert it to .safetensors"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{p}: cannot read the file ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+            "it is corrupt, truncated or not a PyTorch/safetensors weight file"
+        ) from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{p}: expected a dict of tensors, found a {type(obj).__name__}; save model.state_dict() instead")
+    return obj
+
+
+def unwrap_state_dict(obj: dict[str, Any], source: str = "<state_dict>") -> dict[str, torch.Tensor]:
+    """Find the tensor dict inside common wrappers (``model``, ``state_dict``, ...) and strip ``module.``."""
+    sd: Any = obj
+    for _ in range(3):
+        if isinstance(sd, dict) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+            for k in WRAPPER_KEYS:
+                if k in sd and isinstance(sd[k], dict):
+                    sd = sd[k]
+                    break
+            else:
+                break
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{source}: no state dict found")
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(
+            f"{source}: no tensors found (top-level keys: {sorted(map(str, obj))[:8]}); expected a state_dict, "
+            f"possibly wrapped in one of {WRAPPER_KEYS}"
+        )
+    for prefix in ("module.", "_orig_mod.", "model."):
+        if all(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], force: bool = False) -> Path:
+    """Call ``write(tmp_path)`` then atomically rename onto ``path``.
+
+    The destination is never left half-written: either the old file (or nothing) or the complete new one.
+    Refuses to replace an existing file unless ``force``.
+    """
+    dst = Path(path)
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} exists; refusing to overwrite it (use --force / force=True to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=str(dst.parent))
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return dst
+
+
+def read_folder_or_file(path: str) -> dict[str, Any]:
+    """A weight file, or a folder holding exactly one recognisable weight file."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            if (p / name).is_file():
+                return read_file(p / name)
+        cands = sorted(f for f in p.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+        if len(cands) == 1:
+            return read_file(cands[0])
+        if not cands:
+            raise CheckpointError(
+                f"{p}: the folder holds no weight file ({', '.join(WEIGHT_SUFFIXES)}); point at the checkpoint file itself"
+            )
+        raise CheckpointError(f"{p}: the folder holds several weight files {[c.name for c in cands]}; pass one of them")
+    return read_file(p)

@@ -1,0 +1,248 @@
+"""Configuration dataclasses and the named presets.
+
+A :class:`HPViTConfig` describes how a plain ViT is transformed; it says nothing about the plain ViT
+itself (width, depth, heads...), which comes from the checkpoint (:class:`hpvit.checkpoints.PlainSpec`).
+The same config therefore applies to ViT-Tiny and ViT-Huge alike; depth-dependent choices (the stage
+split, the detection layout) are resolved by :meth:`HPViTConfig.resolve` once the depth is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+POOL_KINDS = ("avgconv", "avg", "conv", "max")
+HEAD_KINDS = ("avg", "token", "auto", "none")
+
+
+def default_depth_split(depth: int, num_stages: int = 4) -> tuple[int, ...]:
+    """Blocks per stage for a ``depth``-block plain ViT split into ``num_stages`` stages.
+
+    12 -> 2-2-6-2 (the paper), 24 -> 2-2-18-2 and 32 -> 2-2-26-2 (Swin-style: the expensive 1/4 and
+    1/8 stages keep two blocks, the 1/16 stage takes the rest). Depths below 7 give one block to each
+    early stage. See docs/design.md.
+    """
+    if num_stages == 1:
+        return (depth,)
+    if num_stages != 4:
+        raise ConfigError(f"automatic depth split supports 1 or 4 stages, got {num_stages}; give `depths` explicitly")
+    if depth < 4:
+        raise ConfigError(
+            f"a {depth}-block ViT cannot be split into 4 stages (needs at least 4 blocks); "
+            "use config='identity' or give `depths` with fewer stages"
+        )
+    if depth >= 7:
+        return (2, 2, depth - 6, 2)
+    return (1, 1, depth - 3, 1)
+
+
+@dataclass
+class HPViTConfig:
+    """How to transform a plain ViT into a hierarchical one.
+
+    Attributes:
+        name: preset name (informational).
+        patch_stride: stride of the patch embedding in pixels; the pre-trained kernel (e.g. 16x16) is
+            kept. ``None`` means stride = kernel (the plain ViT).
+        patch_padding: padding of the patch embedding; ``None`` = (kernel - stride) // 2, which gives
+            exactly H/stride for H divisible by the stride (16x16 kernel, stride 4 -> padding 6).
+        depths: blocks per stage; ``None`` = :func:`default_depth_split` (2-2-6-2 for 12 blocks).
+        num_stages: used with ``depths=None``.
+        window_sizes: window size per stage (``None`` = global attention).
+        global_blocks: optional 0-based block indices forced to global attention (every other block
+            uses its stage's window). ``"det"`` = the paper's detection layout: the plain baseline has
+            four evenly spaced global blocks; the first becomes windowed, the last three stay global.
+        rel_pos: zero-initialised relative position bias in window attention.
+        pools: pooling layer between consecutive stages (len = stages - 1): ``avgconv`` (3x3/2 average
+            pool + parallel 3x3/2 conv initialised to zero), ``avg``, ``conv`` or ``max`` (2x2/2).
+        pool_conv: ``depthwise`` or ``full`` parallel conv of ``avgconv``/``conv``.
+        head: ``avg`` (global average pooling), ``token`` (class token), ``auto`` (as the source
+            model: token if it has a class token and no fc_norm) or ``none``.
+        keep_prefix_tokens: keep class/register tokens in the sequence (only for all-global layouts).
+        img_size: the resolution the position embedding is resampled for (other sizes interpolate).
+        drop_path_rate: stochastic depth, linearly increasing over blocks.
+        reparameterized: the avg+conv pools are already merged (set by ``reparameterize()``).
+        act: override of the MLP activation (``gelu``, ``quick_gelu``); ``None`` = the source's.
+        fused_attn: use ``scaled_dot_product_attention``.
+    """
+
+    name: str = "custom"
+    patch_stride: int | None = 4
+    patch_padding: int | None = None
+    depths: tuple[int, ...] | None = None
+    num_stages: int = 4
+    window_sizes: tuple[int | None, ...] = (7, 7, None, None)
+    global_blocks: tuple[int, ...] | str | None = None
+    rel_pos: bool = True
+    pools: tuple[str, ...] = ("avgconv", "avgconv", "avgconv")
+    pool_conv: str = "depthwise"
+    head: str = "avg"
+    keep_prefix_tokens: bool = False
+    img_size: int | tuple[int, int] = 224
+    drop_path_rate: float = 0.0
+    reparameterized: bool = False
+    act: str | None = None
+    fused_attn: bool = True
+
+    # ------------------------------------------------------------------ helpers
+    def replace(self, **changes: Any) -> "HPViTConfig":
+        """A copy with some fields changed (unknown fields raise a ConfigError)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        bad = sorted(set(changes) - names)
+        if bad:
+            raise ConfigError(f"unknown config field(s) {bad}; valid fields are {sorted(names)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HPViTConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - names)
+        if bad:
+            raise ConfigError(f"unknown config field(s) {bad}; valid fields are {sorted(names)}")
+        d = dict(d)
+        for k in ("depths", "window_sizes", "pools"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        if isinstance(d.get("global_blocks"), list):
+            d["global_blocks"] = tuple(d["global_blocks"])
+        if isinstance(d.get("img_size"), list):
+            d["img_size"] = tuple(d["img_size"])
+        return cls(**d)
+
+    # ------------------------------------------------------------------ resolution
+    def resolve(self, depth: int) -> "ResolvedLayout":
+        """Per-block layout for a ``depth``-block plain ViT; raises ConfigError on inconsistencies."""
+        depths = tuple(self.depths) if self.depths is not None else default_depth_split(depth, self.num_stages)
+        if any(d < 1 for d in depths):
+            raise ConfigError(f"every stage needs at least one block, got depths={depths}")
+        if sum(depths) != depth:
+            raise ConfigError(
+                f"depths={depths} sum to {sum(depths)} blocks but the plain ViT has {depth}; every pre-trained "
+                f"block is reused, so the stage depths must add up to {depth}"
+            )
+        n = len(depths)
+        if len(self.window_sizes) != n:
+            raise ConfigError(f"window_sizes has {len(self.window_sizes)} entries for {n} stages: give one per stage")
+        if len(self.pools) != n - 1:
+            raise ConfigError(f"pools has {len(self.pools)} entries for {n} stages: give one per stage transition ({n - 1})")
+        for p in self.pools:
+            if p not in POOL_KINDS:
+                raise ConfigError(f"unknown pool kind {p!r}; choose from {POOL_KINDS}")
+        if self.pool_conv not in ("depthwise", "full"):
+            raise ConfigError(f"pool_conv must be 'depthwise' or 'full', got {self.pool_conv!r}")
+        if self.head not in HEAD_KINDS:
+            raise ConfigError(f"unknown head {self.head!r}; choose from {HEAD_KINDS}")
+        for w in self.window_sizes:
+            if w is not None and (not isinstance(w, int) or w < 1):
+                raise ConfigError(f"window sizes must be positive ints or None, got {w!r}")
+        stage_of = [s for s, d in enumerate(depths) for _ in range(d)]
+        windows: list[int | None] = [self.window_sizes[s] for s in stage_of]
+        gb = self.global_blocks
+        if gb == "det":
+            gb = detection_global_blocks(depth)
+        if isinstance(gb, str):
+            raise ConfigError(f"global_blocks must be a tuple of block indices or 'det', got {gb!r}")
+        if gb is not None:
+            gb = tuple(int(i) for i in gb)
+            bad = [i for i in gb if not 0 <= i < depth]
+            if bad:
+                raise ConfigError(f"global_blocks {bad} out of range for a {depth}-block ViT (0-based indices)")
+            for i in range(depth):
+                if i in gb:
+                    windows[i] = None
+                elif windows[i] is None:
+                    raise ConfigError(
+                        f"block {i} is not in global_blocks but its stage {stage_of[i]} has no window size; "
+                        "give every stage a window size when using global_blocks"
+                    )
+        if self.keep_prefix_tokens and (n > 1 or any(w is not None for w in windows)):
+            raise ConfigError("keep_prefix_tokens needs a single-stage, all-global layout (like the 'identity' preset)")
+        stage_ends = tuple(sum(depths[: s + 1]) - 1 for s in range(n))
+        return ResolvedLayout(depths=depths, windows=tuple(windows), stage_of=tuple(stage_of), stage_ends=stage_ends)
+
+
+@dataclass(frozen=True)
+class ResolvedLayout:
+    depths: tuple[int, ...]
+    windows: tuple[int | None, ...]
+    stage_of: tuple[int, ...]
+    stage_ends: tuple[int, ...]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.depths)
+
+
+def detection_global_blocks(depth: int) -> tuple[int, ...]:
+    """Global blocks of the paper's detection backbone for a ``depth``-block ViT.
+
+    The plain baseline (ViTDet) has four evenly spaced global blocks: indices d/4-1, d/2-1, 3d/4-1, d-1
+    (2, 5, 8, 11 for ViT-B). The transformed backbone windows the first and keeps the last three.
+    """
+    return baseline_global_blocks(depth)[1:]
+
+
+def baseline_global_blocks(depth: int) -> tuple[int, ...]:
+    """The plain ViTDet baseline's four evenly spaced global-attention blocks (0-based)."""
+    if depth % 4:
+        q = depth / 4
+        return tuple(int(round(q * (i + 1))) - 1 for i in range(4))
+    q = depth // 4
+    return tuple(q * (i + 1) - 1 for i in range(4))
+
+
+PRESETS: dict[str, HPViTConfig] = {
+    "paper-cls": HPViTConfig(name="paper-cls"),
+    "paper-det": HPViTConfig(
+        name="paper-det",
+        window_sizes=(7, 7, 14, 14),
+        global_blocks="det",
+        head="none",
+    ),
+    "paper-seg": HPViTConfig(
+        name="paper-seg",
+        pools=("avgconv", "avgconv", "max"),
+        head="none",
+    ),
+    "identity": HPViTConfig(
+        name="identity",
+        patch_stride=None,
+        num_stages=1,
+        window_sizes=(None,),
+        pools=(),
+        rel_pos=False,
+        head="auto",
+        keep_prefix_tokens=True,
+    ),
+}
+
+
+def get_config(config: "str | HPViTConfig | dict | None", **overrides: Any) -> HPViTConfig:
+    """Return a config from a preset name, a dict, or a config instance, with ``overrides`` applied."""
+    if config is None:
+        config = "paper-cls"
+    if isinstance(config, HPViTConfig):
+        cfg = config
+    elif isinstance(config, dict):
+        cfg = HPViTConfig.from_dict(config)
+    elif isinstance(config, str):
+        if config not in PRESETS:
+            raise ConfigError(f"unknown config preset {config!r}; choose from {sorted(PRESETS)} or pass an HPViTConfig")
+        cfg = PRESETS[config]
+    else:
+        raise ConfigError(f"config must be a preset name, dict or HPViTConfig, got {type(config).__name__}")
+    return cfg.replace(**overrides) if overrides else dataclasses.replace(cfg)
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)

@@ -1,0 +1,17 @@
+"""Building blocks shared by the hierarchical model and the plain baseline."""
+
+from .attention import Attention, Block, Mlp, window_partition, window_unpartition
+from .patch_embed import PatchEmbed
+from .pooling import Downsample
+from .pos_embed import resample_abs_pos_embed
+
+__all__ = [
+    "Attention",
+    "Block",
+    "Mlp",
+    "PatchEmbed",
+    "Downsample",
+    "resample_abs_pos_embed",
+    "window_partition",
+    "window_unpartition",
+]

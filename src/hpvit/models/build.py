@@ -1,0 +1,39 @@
+"""from_plain: build a hierarchical model from a plain ViT and load every reusable weight."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..checkpoints import PlainViT, load_plain
+from ..config import HPViTConfig, get_config
+from .hierarchical import HierarchicalViT
+from .reuse import convert_state_dict
+
+
+def from_plain(
+    src: "str | os.PathLike | dict | PlainViT",
+    config: "str | HPViTConfig | dict" = "paper-cls",
+    num_classes: int | None = None,
+    format: str | None = None,
+    spec_overrides: dict[str, Any] | None = None,
+    **config_overrides: Any,
+) -> HierarchicalViT:
+    """Transform a plain ViT into a hierarchical one.
+
+    Args:
+        src: a path, a Hugging Face-style folder, ``"timm:<name>"``, a state dict or a :class:`PlainViT`.
+        config: a preset name (``paper-cls``, ``paper-det``, ``paper-seg``, ``identity``...), a dict or an
+            :class:`HPViTConfig`; ``config_overrides`` change single fields (e.g. ``drop_path_rate=0.1``).
+        num_classes: classifier size; ``None`` keeps the source's (its head is reused when it fits).
+        format / spec_overrides: passed to :func:`hpvit.load_plain`.
+
+    ``model.reuse_report()`` then lists reused, new and dropped tensors.
+    """
+    plain = load_plain(src, format=format, **(spec_overrides or {}))
+    cfg = get_config(config, **config_overrides)
+    model = HierarchicalViT(plain.spec, cfg, num_classes=num_classes)
+    sd, report = convert_state_dict(plain, model)
+    model.load_state_dict(sd, strict=True)
+    model._reuse_report = report
+    return model

@@ -1,0 +1,106 @@
+"""The ``hpvit`` command line: argument parsing only; the work happens in the modules it calls.
+
+Task commands (``train``/``eval`` with ``cls``/``det``/``seg``) are contributed by the task modules:
+each ``hpvit.tasks.<module>`` that defines ``TASK = "<name>"`` plus ``add_train_args(parser)``,
+``run_train(args)``, ``add_eval_args(parser)`` and ``run_eval(args)`` appears automatically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable
+
+from .errors import HPViTError
+
+TASK_MODULES = ("classification", "detection", "segmentation")
+
+
+def _task_modules():
+    mods = []
+    for name in TASK_MODULES:
+        try:
+            mods.append(importlib.import_module(f"hpvit.tasks.{name}"))
+        except ModuleNotFoundError as e:
+            if e.name != f"hpvit.tasks.{name}":
+                raise
+    return mods
+
+
+def _add_common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="paper-cls", help="preset name (paper-cls, paper-det, paper-seg, identity, ...) or a JSON file")
+    p.add_argument("--format", default=None, help="force the checkpoint format instead of auto-detecting it")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the source's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .commands import cmd_convert, cmd_demo, cmd_info
+
+    parser = argparse.ArgumentParser(prog="hpvit", description="Turn plain ViT checkpoints into hierarchical backbones.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="transform a plain ViT, print the reuse report and stage table, save a feature-map PNG")
+    p.add_argument("--checkpoint", default=None, help="plain ViT checkpoint (default: a randomly initialised ViT-Tiny)")
+    p.add_argument("--image", default=None, help="input image (default: a built-in synthetic scene)")
+    p.add_argument("--config", default="paper-cls")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--out", default="hpvit_demo.png", help="PNG to write")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("convert", help="convert a plain ViT checkpoint into an hpvit .safetensors file")
+    p.add_argument("src", help="checkpoint path, Hugging Face folder, or timm:<model name>")
+    p.add_argument("-o", "--out", required=True, help="output .safetensors path")
+    _add_common_model_args(p)
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--validate", action="store_true", help="check the identity config against the source's own library")
+    p.add_argument("--reparameterize", action="store_true", help="merge avg-pool + conv pairs before saving")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="per-stage table: blocks, tokens, window, dim, params, GFLOPs")
+    p.add_argument("src", help="plain checkpoint, hpvit .safetensors file, or timm:<model name>")
+    _add_common_model_args(p)
+    p.add_argument("--img-size", type=int, default=224)
+    p.set_defaults(func=cmd_info)
+
+    try:
+        from .bench import add_bench_args, run_bench
+    except ModuleNotFoundError as e:
+        if e.name != "hpvit.bench":
+            raise
+    else:
+        p = sub.add_parser("bench", help="speed / memory benchmark against timm ViT, Hiera and Swin")
+        add_bench_args(p)
+        p.set_defaults(func=run_bench)
+
+    tasks = _task_modules()
+    if tasks:
+        tr = sub.add_parser("train", help="fine-tune a transformed (or plain baseline) model").add_subparsers(dest="task", required=True)
+        ev = sub.add_parser("eval", help="evaluate a fine-tuned model").add_subparsers(dest="task", required=True)
+        for m in tasks:
+            p = tr.add_parser(m.TASK, help=getattr(m, "TRAIN_HELP", None))
+            m.add_train_args(p)
+            p.set_defaults(func=m.run_train)
+            p = ev.add_parser(m.TASK, help=getattr(m, "EVAL_HELP", None))
+            m.add_eval_args(p)
+            p.set_defaults(func=m.run_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable = args.func
+    try:
+        rc = func(args)
+    except (HPViTError, FileExistsError, FileNotFoundError) as e:
+        print(f"hpvit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hpvit: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

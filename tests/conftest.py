@@ -1,0 +1,33 @@
+"""Shared fixtures. Real data lives in ../shared/data on developer machines and CI, not on a user's
+clone: tests that need it skip with a visible reason when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("HPVIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def shared_path(*parts: str) -> Path:
+    """Path under ../shared/data, or skip the test (with the reason) when it is absent."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"real data not available: {p} is absent (set HPVIT_SHARED_DATA to the shared/data folder)")
+    return p
+
+
+@pytest.fixture
+def deit_tiny_path() -> Path:
+    return shared_path("deit_tiny", "deit_tiny_patch16_224.pth")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield

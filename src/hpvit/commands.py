@@ -1,0 +1,200 @@
+"""Implementations of the non-task CLI commands: demo, convert, info."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import HPViTConfig, get_config
+from .errors import ConfigError
+
+
+def _config_arg(value: str) -> "str | HPViTConfig":
+    """A preset name or a JSON file holding an HPViTConfig dict."""
+    if value.endswith(".json"):
+        p = Path(value)
+        if not p.is_file():
+            raise ConfigError(f"config file {value} not found")
+        try:
+            return HPViTConfig.from_dict(json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {value} is not valid JSON: {e}") from e
+    return get_config(value)
+
+
+def _build(src: str, config: str, num_classes: int | None = None, format: str | None = None):
+    """A model from a plain checkpoint, or from an hpvit file (whose stored config wins)."""
+    from .checkpoints.native import is_hpvit_file, load
+    from .models.build import from_plain
+
+    if is_hpvit_file(src):
+        return load(src), None
+    from .checkpoints import load_plain
+
+    plain = load_plain(src, format=format)
+    return from_plain(plain, config=_config_arg(config), num_classes=num_classes), plain
+
+
+def cmd_info(args) -> int:
+    from .analysis import format_table, stage_table
+
+    model, plain = _build(args.src, args.config, args.num_classes, args.format)
+    if plain is not None:
+        print(plain.summary())
+    print(f"config: {model.config.name}  depths={model.layout.depths}  patch stride={model.stride}  head={model.head_type}")
+    print(format_table(*stage_table(model, args.img_size)))
+    print(model.reuse_report().summary())
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .checkpoints.native import save
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"output {out} must end in .safetensors (hpvit writes safetensors + JSON metadata)")
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; refusing to overwrite it (add --force to replace it)")
+    src_path = Path(args.src)
+    before = src_path.stat().st_mtime_ns if src_path.is_file() else None
+    model, plain = _build(args.src, args.config, args.num_classes, args.format)
+    if plain is None:
+        raise ConfigError(f"{args.src} is already an hpvit file; nothing to convert")
+    print(f"detected format: {plain.format}")
+    print(plain.summary())
+    print(model.reuse_report().summary())
+    if args.validate:
+        from .checkpoints import validate as _validate
+
+        res = _validate.validate_identity(args.src, plain=plain)
+        print(f"validate: identity config vs {res['library']}: max |diff| {res['max_abs_diff']:.3g}, "
+              f"max rel diff {res['max_rel_diff']:.3g} -> {'OK' if res['ok'] else 'MISMATCH'}")
+        if not res["ok"]:
+            print("hpvit: error: validation failed; nothing was written", file=sys.stderr)
+            return 1
+    if args.reparameterize:
+        model.reparameterize()
+    save(model, out, force=args.force)
+    if before is not None:
+        assert src_path.stat().st_mtime_ns == before
+    print(f"wrote {out} (config {model.config.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- demo
+def synthetic_scene(size: int = 224):
+    """A deterministic street-like test image (PIL), so the demo needs no files."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size))
+    d = ImageDraw.Draw(img)
+    for y in range(size):  # sky gradient
+        t = y / size
+        d.line([(0, y), (size, y)], fill=(int(90 + 100 * t), int(150 + 60 * t), 235))
+    s = size / 224
+    d.rectangle([0, int(150 * s), size, size], fill=(70, 70, 75))  # road
+    d.polygon([(0, int(150 * s)), (size, int(150 * s)), (size, int(165 * s)), (0, int(165 * s))], fill=(160, 160, 150))
+    d.rectangle([int(20 * s), int(60 * s), int(100 * s), int(150 * s)], fill=(170, 60, 50))  # house
+    d.polygon([(int(15 * s), int(60 * s)), (int(60 * s), int(25 * s)), (int(105 * s), int(60 * s))], fill=(90, 40, 30))
+    for i in range(3):
+        for j in range(2):
+            x0, y0 = int((30 + 25 * i) * s), int((75 + 35 * j) * s)
+            d.rectangle([x0, y0, x0 + int(12 * s), y0 + int(18 * s)], fill=(240, 230, 140))
+    d.ellipse([int(160 * s), int(20 * s), int(200 * s), int(60 * s)], fill=(255, 220, 60))  # sun
+    d.rectangle([int(130 * s), int(80 * s), int(140 * s), int(150 * s)], fill=(90, 60, 30))  # tree
+    d.ellipse([int(110 * s), int(45 * s), int(160 * s), int(100 * s)], fill=(40, 130, 50))
+    d.rounded_rectangle([int(120 * s), int(170 * s), int(200 * s), int(200 * s)], radius=int(6 * s), fill=(30, 80, 200))  # car
+    for cx in (135, 185):
+        d.ellipse([int((cx - 8) * s), int(192 * s), int((cx + 8) * s), int(208 * s)], fill=(20, 20, 20))
+    return img
+
+
+def _pca_rgb(fmap: torch.Tensor):
+    """(D, H, W) -> (H, W, 3) in [0, 1]: the first three principal components of the channels."""
+    d, h, w = fmap.shape
+    x = fmap.reshape(d, -1).T.float()
+    x = x - x.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)
+    y = x @ v[:3].T
+    lo, hi = y.quantile(0.01, dim=0), y.quantile(0.99, dim=0)
+    y = ((y - lo) / (hi - lo + 1e-6)).clamp(0, 1)
+    return y.reshape(h, w, 3).numpy()
+
+
+def cmd_demo(args) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from .analysis import format_table, stage_table
+    from .checkpoints import load_plain
+    from .models.build import from_plain
+
+    t0 = time.time()
+    if args.checkpoint:
+        plain = load_plain(args.checkpoint)
+    else:
+        import timm
+
+        banner = "!" * 78
+        print(banner)
+        print("!! NO --checkpoint GIVEN: using a RANDOMLY INITIALISED ViT-Tiny/16 (timm architecture).")
+        print("!! Its features are meaningless; this only shows the transform working end to end.")
+        print("!! For real features: hpvit demo --checkpoint path/to/plain_vit.pth")
+        print(banner)
+        torch.manual_seed(0)
+        sd = timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict()
+        plain = load_plain(sd)
+        plain.source = "random ViT-Tiny/16 (no checkpoint)"
+    cfg = _config_arg(args.config)
+    model = from_plain(plain, config=cfg).eval()
+    if model.keep_prefix:
+        raise ConfigError("the demo shows a feature pyramid; use a hierarchical config (paper-cls, paper-det, paper-seg)")
+    print(plain.summary())
+    print()
+    print(model.reuse_report().summary())
+    print()
+    print(format_table(*stage_table(model, args.img_size)))
+
+    size = args.img_size
+    if args.image:
+        img = Image.open(args.image).convert("RGB").resize((size, size), Image.BICUBIC)
+        img_name = args.image
+    else:
+        img = synthetic_scene(size)
+        img_name = "built-in synthetic scene"
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    x = torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1)).float().unsqueeze(0)
+    with torch.no_grad():
+        maps = model.forward_pyramid(x)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 5, figsize=(17, 3.8))
+    axes[0].imshow(arr)
+    axes[0].set_title(f"input {size}x{size}")
+    for ax, fm, s in zip(axes[1:], maps, model.strides):
+        ax.imshow(_pca_rgb(fm[0]), interpolation="nearest")
+        ax.set_title(f"1/{s}: {fm.shape[-2]}x{fm.shape[-1]}x{fm.shape[1]}")
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(f"hpvit {model.config.name} from {plain.source} — feature maps (first 3 principal components)", fontsize=10)
+    fig.tight_layout()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    os.replace(tmp, out)
+    plt.close(fig)
+    print()
+    print(f"input: {img_name}; pyramid: " + ", ".join(f"1/{s} {tuple(m.shape)}" for s, m in zip(model.strides, maps)))
+    print(f"wrote {out} in {time.time() - t0:.1f}s")
+    return 0

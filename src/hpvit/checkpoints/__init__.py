@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, OfflineError
-from .detect import detect_format, format_names, get_format
+from .detect import closest_format, detect_format, format_names, get_format
 from .io import read_file, unwrap_state_dict
 from .spec import PlainSpec, check_shapes, infer_spec, is_canonical_key
 
@@ -71,15 +71,17 @@ def load_plain(
     """
     if isinstance(src, PlainViT):
         return src
+    folder_config = None
     if isinstance(src, dict):
         obj, source = src, "<state_dict>"
     elif isinstance(src, str) and src.startswith("timm:"):
         obj, source = _from_hub(src[len("timm:"):])
     else:
         source = os.fspath(src)
-        from .io import read_folder_or_file
+        from .io import read_folder_config, read_folder_or_file
 
         obj = read_folder_or_file(source)
+        folder_config = read_folder_config(source)
     sd = unwrap_state_dict(obj, source)
     if format is not None:
         fmt = get_format(format)
@@ -88,19 +90,28 @@ def load_plain(
     else:
         fmt = detect_format(sd)
         if fmt is None:
+            like, left = closest_format(sd)
             raise CheckpointError(
-                f"{source}: not a recognised plain-ViT checkpoint (tried formats {format_names()}); first keys: "
-                f"{sorted(sd)[:8]}. If it is a ViT in another layout, map its keys to timm's VisionTransformer "
-                "names or pass format=... explicitly"
+                f"{source}: not a recognised plain-ViT checkpoint (tried formats {format_names()}); it looked most "
+                f"like format {like.NAME!r}, which could not place {len(left)} of {len(sd)} key(s), first: "
+                f"{left[:6]}. If it is a ViT in another layout, map its keys to timm's VisionTransformer names "
+                "(docs/formats.md) or pass format=... explicitly"
             )
-    canon, dropped = fmt.to_canonical(sd)
+    try:
+        canon, dropped = fmt.to_canonical(sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: looked like format {fmt.NAME!r}, but {e}") from e
     unplaced = sorted(k for k in canon if not is_canonical_key(k))
     if unplaced:
         raise CheckpointError(
             f"{source}: looked like format {fmt.NAME!r}, but {len(unplaced)} key(s) could not be placed in a plain "
             f"ViT, first: {unplaced[:6]}. Is this a plain ViT? If the format was mis-detected, pass format=..."
         )
-    fmt_overrides = getattr(fmt, "spec_overrides", lambda sd: {})(sd)
-    spec = infer_spec(canon, source, **{**fmt_overrides, **spec_overrides})
-    check_shapes(canon, spec, source)
+    so = getattr(fmt, "spec_overrides", None)
+    try:
+        fmt_overrides = {} if so is None else (so(sd, folder_config) if folder_config is not None else so(sd))
+        spec = infer_spec(canon, source, **{**fmt_overrides, **spec_overrides})
+        check_shapes(canon, spec, source)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} [read as format {fmt.NAME!r}]") from e
     return PlainViT(state_dict=canon, spec=spec, source=source, format=fmt.NAME, dropped=dropped)

@@ -1,5 +1,7 @@
-"""Checkpoint format detection. Each format is one small module with ``NAME``, ``detect(sd)`` and
-``to_canonical(sd) -> (canonical_sd, dropped)``; the first that detects wins (``format=`` overrides)."""
+"""Checkpoint format detection. Each format is one small module with ``NAME``, ``detect(sd)``,
+``to_canonical(sd) -> (canonical_sd, dropped)`` and optionally ``spec_overrides(sd, config=None)`` (what
+weights cannot show: activation, LayerNorm epsilon, head count). The first that detects wins, so the
+more specific layouts come first (``format=`` overrides)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,10 @@ from types import ModuleType
 
 import torch
 
-from . import timm_format
+from . import clip_format, deit_format, dinov2_format, hf_format, mae_format, timm_format
+from .spec import is_canonical_key
 
-FORMATS: list[ModuleType] = [timm_format]
+FORMATS: list[ModuleType] = [clip_format, hf_format, mae_format, dinov2_format, deit_format, timm_format]
 
 
 def register_format(module: ModuleType, first: bool = True) -> None:
@@ -35,3 +38,24 @@ def get_format(name: str) -> ModuleType | None:
         if m.NAME == name:
             return m
     return None
+
+
+def unplaced_keys(fmt: ModuleType, sd: dict[str, torch.Tensor]) -> list[str]:
+    """Source keys ``fmt`` cannot map to the canonical layout (all of them if the mapping itself fails)."""
+    try:
+        canon, _ = fmt.to_canonical(sd)
+    except Exception:
+        return sorted(sd)
+    return sorted(k for k in canon if not is_canonical_key(k))
+
+
+def closest_format(sd: dict[str, torch.Tensor]) -> tuple[ModuleType, list[str]]:
+    """The format that places the most keys of an unrecognised state dict, and the keys it cannot place
+    (for error messages: "looked most like X; could not place ...")."""
+    best = None
+    for m in FORMATS:
+        left = unplaced_keys(m, sd)
+        if best is None or len(left) <= len(best[1]):  # ties go to the later, more generic format
+            best = (m, left)
+    assert best is not None
+    return best

@@ -121,3 +121,18 @@ def read_folder_or_file(path: str) -> dict[str, Any]:
             )
         raise CheckpointError(f"{p}: the folder holds several weight files {[c.name for c in cands]}; pass one of them")
     return read_file(p)
+
+
+def read_folder_config(path: str) -> dict[str, Any] | None:
+    """``config.json`` of a Hugging Face model folder (or next to a weight file inside one), else None."""
+    import json
+
+    p = Path(path)
+    cfg = (p if p.is_dir() else p.parent) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg}: unreadable config.json ({e}); fix or remove it") from e
+    return data if isinstance(data, dict) else None

@@ -203,12 +203,25 @@ def check_shapes(sd: dict[str, torch.Tensor], spec: PlainSpec, source: str) -> N
         "patch_embed.proj.weight": (d, spec.in_chans, spec.patch_size, spec.patch_size),
         "cls_token": (1, 1, d),
     }
+    optional = {"patch_embed.proj.bias": (d,), "reg_token": (1, spec.num_reg_tokens, d)}
+    for n in ("norm_pre", "norm", "fc_norm"):
+        optional.update({f"{n}.weight": (d,), f"{n}.bias": (d,)})
+    if spec.proj_dim:
+        optional["head_proj.weight"] = (spec.proj_dim, d)
+    if spec.num_classes:
+        optional["head.weight"] = (spec.num_classes, spec.proj_dim or d)
+        optional["head.bias"] = (spec.num_classes,)
     for i in range(spec.depth):
         p = f"blocks.{i}."
         expect.update({
             p + "norm1.weight": (d,), p + "norm2.weight": (d,),
             p + "attn.qkv.weight": (3 * d, d), p + "attn.proj.weight": (d, d),
             p + "mlp.fc1.weight": (h, d), p + "mlp.fc2.weight": (d, h),
+        })
+        optional.update({
+            p + "norm1.bias": (d,), p + "norm2.bias": (d,), p + "attn.proj.bias": (d,),
+            p + "mlp.fc1.bias": (h,), p + "mlp.fc2.bias": (d,),
+            p + "attn.q_norm.weight": (d // spec.num_heads,), p + "attn.k_norm.weight": (d // spec.num_heads,),
         })
         if spec.qkv_bias:
             expect[p + "attn.qkv.bias"] = (3 * d,)
@@ -223,3 +236,18 @@ def check_shapes(sd: dict[str, torch.Tensor], spec: PlainSpec, source: str) -> N
             )
         if k not in sd and not k.startswith("cls_token"):
             raise CheckpointError(f"{source}: tensor {k!r} is missing; the checkpoint is incomplete")
+    for k, shape in optional.items():
+        if k in sd and tuple(sd[k].shape) != shape:
+            raise CheckpointError(
+                f"{source}: tensor {k!r} has shape {tuple(sd[k].shape)} but the inferred spec needs {shape}; "
+                "the checkpoint is inconsistent (mixed models?) or its spec overrides are wrong"
+            )
+    if "pos_embed" in sd:
+        pe = sd["pos_embed"]
+        gh, gw = spec.pos_grid or (0, 0)
+        n = gh * gw + (0 if spec.no_embed_class else spec.num_prefix_tokens)
+        if pe.ndim != 3 or pe.shape[0] != 1 or pe.shape[2] != d or (spec.pos_grid and pe.shape[1] != n):
+            raise CheckpointError(
+                f"{source}: tensor 'pos_embed' has shape {tuple(pe.shape)} but the inferred spec needs {(1, n, d)}; "
+                "the checkpoint is inconsistent (mixed models?)"
+            )

@@ -25,3 +25,5 @@ __all__ = [
     "ReuseReport", "PRESETS", "get_config", "list_presets", "HPViTError", "CheckpointError", "ConfigError",
     "InputError", "OfflineError", "__version__",
 ]
+
+from .models import registry as _timm_registry  # noqa: E402,F401  (registers hpvit_* models with timm)

@@ -1,0 +1,360 @@
+"""The training loop shared by every task: single process or DDP, checkpoint/resume, divergence stop."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.seeded import ResumableSampler, SeededDataset
+from ..errors import ConfigError, HPViTError
+from . import distributed as D
+from .checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .ema import ModelEMA
+from .logging import MetricsFile, Progress, log, plot_curves
+from .optim import build_optimizer
+from .recipe import Recipe
+from .schedule import WarmupCosine
+from .task import Task
+
+# recipe keys that fix the data order / optimisation trajectory: a resumed run must match them
+RESUME_KEYS = ("seed", "batch_size", "accum_steps", "max_train_samples", "epochs", "warmup_epochs", "blr", "lr",
+               "layer_decay", "weight_decay", "img_size", "amp")
+
+
+class DivergenceError(HPViTError):
+    """The training loss became NaN or infinite; the last good checkpoint was kept."""
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_digest(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (names and bytes): equal digests mean identical weights."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+class Trainer:
+    """Fine-tunes ``task``'s model with ``recipe``, writing everything into ``out_dir``.
+
+    Files: ``checkpoint-last.pt`` (atomic; resume point), ``metrics.jsonl``, ``results.json``,
+    ``curves.png`` and the task's final model files.
+    """
+
+    def __init__(self, task: Task, recipe: Recipe, out_dir: "str | os.PathLike", resume: bool = False,
+                 device: str | None = None, run_config: dict[str, Any] | None = None):
+        self.task, self.recipe, self.out = task, recipe, Path(out_dir)
+        self.resume, self.device_arg = resume, device
+        self.run_config = run_config or {}
+
+    # ---------------------------------------------------------------- setup
+    def _autocast(self):
+        amp = self.recipe.amp
+        if amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        return torch.autocast(self.dist.device.type, dtype=dtype)
+
+    def _loader(self, ds, sampler, batch_size: int, train: bool, seed: int):
+        g = torch.Generator().manual_seed(seed)  # the loader's base seed never touches the global RNG
+        return torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, sampler=sampler, num_workers=self.recipe.num_workers, drop_last=train,
+            collate_fn=self.task.collate_fn(train), pin_memory=self.dist.device.type == "cuda", generator=g,
+            persistent_workers=False,
+        )
+
+    def run(self) -> dict[str, Any]:
+        self.dist = D.init_distributed(self.device_arg)
+        try:
+            return self._run()
+        finally:
+            D.cleanup(self.dist)
+
+    def _run(self) -> dict[str, Any]:
+        r, dist = self.recipe, self.dist
+        main = dist.is_main
+        t_start = time.time()
+        if r.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            if dist.device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                torch.backends.cudnn.benchmark = False
+        ckpt_path = self.out / LAST
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if ckpt_path.exists() and not self.resume:
+            raise FileExistsError(
+                f"{self.out} already holds a run ({ckpt_path.name}); pass --resume to continue it or choose another --out"
+            )
+        ckpt = None
+        if self.resume:
+            if ckpt_path.exists():
+                ckpt = load_checkpoint(ckpt_path)
+                self._check_resume(ckpt)
+            else:
+                log(f"--resume: no checkpoint in {self.out}, starting a new run", main)
+
+        # model: identical on every rank (built under the run seed), then per-rank RNG streams
+        _seed_all(r.seed)
+        model = self.task.build_model()
+        if r.grad_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ConfigError(f"{type(model).__name__} has no set_grad_checkpointing(); set grad_checkpointing false")
+            model.set_grad_checkpointing(True)
+        model.to(dist.device)
+        _seed_all(r.seed + dist.rank)
+
+        train_ds, eval_ds = self.task.datasets()
+        train_ds = SeededDataset(train_ds, seed=r.seed)
+        sampler = ResumableSampler(len(train_ds), dist.rank, dist.world_size, shuffle=True, seed=r.seed)
+        batches = sampler.per_rank() // r.batch_size
+        steps_per_epoch = batches // r.accum_steps
+        if steps_per_epoch < 1:
+            raise ConfigError(
+                f"{len(train_ds)} training images over {dist.world_size} process(es) do not fill one optimizer step of "
+                f"batch_size {r.batch_size} x accum_steps {r.accum_steps}; lower --batch-size or use more data"
+            )
+        total_steps = steps_per_epoch * r.epochs
+        lr = r.absolute_lr(dist.world_size)
+        optimizer = build_optimizer(model, r, lr, **self.task.param_group_kwargs(model))
+        sched = WarmupCosine(optimizer, lr, r.min_lr, round(r.warmup_epochs * steps_per_epoch), total_steps)
+        scaler = torch.amp.GradScaler(dist.device.type, enabled=r.amp == "fp16")
+        ema = ModelEMA(model, r.ema_decay) if r.ema else None
+        net: nn.Module = model
+        if dist.enabled:
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+
+        metrics = MetricsFile(self.out / "metrics.jsonl", enabled=main)
+        epoch, step_in_epoch, gstep = 0, 0, 0
+        train_time, images_seen, prior_wall = 0.0, 0, 0.0
+        history: list[dict[str, Any]] = []
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])
+            epoch, step_in_epoch, gstep = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
+            train_time, images_seen, prior_wall = ckpt["train_time"], ckpt["images_seen"], ckpt["wall_time"]
+            history = json.loads(ckpt["history"])
+            set_rng_state(ckpt["rng"][dist.rank] if dist.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+            metrics.truncate_after(gstep)
+            log(f"resumed from {ckpt_path} at epoch {epoch}, step {step_in_epoch}/{steps_per_epoch} (update {gstep})", main)
+        else:
+            metrics.reset()
+
+        gb = r.global_batch(dist.world_size)
+        log(
+            f"task {self.task.name}: {len(train_ds)} train / {len(eval_ds) if eval_ds is not None else 0} eval images, "
+            f"{dist.world_size} process(es) on {dist.device.type}"
+            + (f" ({dist.backend})" if dist.backend else "")
+            + f"; per-process batch {r.batch_size} x accum {r.accum_steps}, global batch {gb}; lr {lr:.3g} "
+            f"(layer decay {r.layer_decay}); {steps_per_epoch} steps/epoch x {r.epochs} epochs",
+            main,
+        )
+
+        def state(ep: int, sie: int) -> dict[str, Any]:
+            rngs = D.all_gather_objects(rng_state(), dist)
+            return {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                "epoch": ep, "step_in_epoch": sie, "global_step": gstep, "rng": rngs,
+                "world_size": dist.world_size, "recipe": json.dumps(r.to_dict()),
+                "train_time": train_time, "images_seen": images_seen, "wall_time": prior_wall + time.time() - t_start,
+                "history": json.dumps(history), "run_config": json.dumps(self.run_config, default=str),
+            }
+
+        def checkpoint(ep: int, sie: int) -> None:
+            st = state(ep, sie)  # every rank takes part in gathering the RNG states
+            if main:
+                save_checkpoint(ckpt_path, st)
+            D.barrier(dist)
+
+        fault_at = int(os.environ.get("HPVIT_FAULT_AT_STEP", "0") or 0)  # test hook: SIGKILL after this update
+        last_eval: dict[str, float] = history[-1] if history else {}
+        while epoch < r.epochs:
+            sampler.set_epoch(epoch, start=step_in_epoch * r.accum_steps * r.batch_size)
+            train_ds.set_epoch(epoch)
+            loader = self._loader(train_ds, sampler, r.batch_size, True, r.seed * 7 + epoch)
+            it = iter(loader)
+            net.train()
+            prog = Progress(steps_per_epoch, f"epoch {epoch + 1}/{r.epochs}", main, r.log_every_steps, step_in_epoch,
+                            unit_scale=gb)
+            t_epoch = time.time()
+            loss_acc, n_acc = 0.0, 0
+            while step_in_epoch < steps_per_epoch:
+                t0 = time.time()
+                cur_lr = sched.apply(gstep)
+                step_loss = 0.0
+                for micro in range(r.accum_steps):
+                    batch = self.task.prepare_batch(next(it), dist.device, train=True)
+                    sync = micro == r.accum_steps - 1
+                    ctx = net.no_sync() if (dist.enabled and not sync) else contextlib.nullcontext()
+                    with ctx:
+                        with self._autocast():
+                            loss = self.task.loss(net, batch)
+                        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
+                        if D.all_reduce_sum(bad, dist).item() > 0:
+                            prog.close()
+                            self._diverged(loss, epoch, step_in_epoch, gstep, ckpt_path)
+                        scaler.scale(loss / r.accum_steps).backward()
+                    step_loss += loss.item() / r.accum_steps
+                if r.clip_grad:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), r.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(model)
+                sched.advance()
+                gstep += 1
+                step_in_epoch += 1
+                images_seen += gb
+                train_time += time.time() - t0
+                loss_acc += step_loss
+                n_acc += 1
+                prog.update(loss=step_loss, lr=cur_lr)
+                if n_acc >= r.log_every_steps or step_in_epoch == steps_per_epoch:
+                    avg = torch.tensor([loss_acc / n_acc])
+                    avg = D.all_reduce_sum(avg, dist).item() / dist.world_size
+                    metrics.write({"kind": "train", "epoch": epoch, "step": gstep, "loss": avg, "lr": cur_lr,
+                                   "images_per_s": images_seen / max(train_time, 1e-9)})
+                    loss_acc, n_acc = 0.0, 0
+                if r.ckpt_every_steps and gstep % r.ckpt_every_steps == 0 and step_in_epoch < steps_per_epoch:
+                    checkpoint(epoch, step_in_epoch)
+                if fault_at and gstep == fault_at:
+                    log(f"HPVIT_FAULT_AT_STEP={fault_at}: killing this process (test hook)", True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            prog.close()
+            del it, loader
+            epoch += 1
+            step_in_epoch = 0
+            epoch_time = time.time() - t_epoch
+            if eval_ds is not None and (epoch % max(r.eval_every_epochs, 1) == 0 or epoch == r.epochs):
+                ev = self.evaluate(model, eval_ds)
+                rec = {"kind": "eval", "epoch": epoch, "step": gstep, **ev}
+                if ema is not None:
+                    rec.update({f"ema_{k}": v for k, v in self.evaluate(ema.module, eval_ds).items()})
+                history.append(rec)
+                last_eval = rec
+                metrics.write(rec)
+                log(f"epoch {epoch}/{r.epochs}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                                                              if isinstance(v, float)) + f" ({epoch_time:.0f}s train)", main)
+            checkpoint(epoch, 0)
+            if main:
+                plot_curves(metrics.read(), self.out / "curves.png", self.task.primary_metric)
+
+        # ------------------------------------------------------------ finish
+        digests = D.all_gather_objects(param_digest(model), dist)
+        in_sync = len(set(digests)) == 1
+        if not in_sync:
+            log(f"ERROR: ranks ended with different weights: {digests}", main)
+        results: dict[str, Any] = {}
+        if main:
+            files = self.task.save_model(model, self.out, ema.module if ema is not None else None)
+            wall = prior_wall + time.time() - t_start
+            results = {
+                **{k: v for k, v in last_eval.items() if k not in ("kind", "step")},
+                "epochs": r.epochs,
+                "steps": gstep,
+                "wall_time_s": round(wall, 2),
+                "train_time_s": round(train_time, 2),
+                "images_per_s": round(images_seen / max(train_time, 1e-9), 2),
+                "train_images": len(train_ds),
+                "eval_images": len(eval_ds) if eval_ds is not None else 0,
+                "world_size": dist.world_size,
+                "global_batch": gb,
+                "lr": lr,
+                "ranks_in_sync": in_sync,
+                "rank_param_digests": digests,
+                "model_files": [str(f) for f in files],
+                **self.task.results(model),
+                "config": {"recipe": r.to_dict(), "task": self.task.describe(), "run": self.run_config},
+            }
+            tmp = self.out / ".results.json.tmp"
+            tmp.write_text(json.dumps(results, indent=2, default=str))
+            os.replace(tmp, self.out / "results.json")
+            plot_curves(metrics.read(), self.out / "curves.png", self.task.primary_metric)
+            log(f"done: {self.task.primary_metric} {results.get(self.task.primary_metric, float('nan')):.4g}, "
+                f"wall {wall:.0f}s, {results['images_per_s']:.1f} img/s; results in {self.out / 'results.json'}", main)
+        D.barrier(dist)
+        return results
+
+    # ---------------------------------------------------------------- helpers
+    def _check_resume(self, ckpt: dict[str, Any]) -> None:
+        old = json.loads(ckpt["recipe"])
+        new = self.recipe.to_dict()
+        diff = {k: (old.get(k), new.get(k)) for k in RESUME_KEYS if json.dumps(old.get(k)) != json.dumps(new.get(k))}
+        ws = int(os.environ.get("WORLD_SIZE", "1"))
+        if ckpt["world_size"] != ws:
+            diff["world_size"] = (ckpt["world_size"], ws)
+        if diff:
+            raise ConfigError(
+                f"cannot resume {self.out}: the run was started with different settings "
+                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                + "; resume with the original flags or start a new run in another --out"
+            )
+
+    def _diverged(self, loss: torch.Tensor, epoch: int, step: int, gstep: int, ckpt_path: Path) -> None:
+        val = loss.detach().float().cpu().flatten()[0].item()
+        if ckpt_path.exists():
+            st = load_checkpoint(ckpt_path)
+            where = (f"the last good checkpoint {ckpt_path} (epoch {st['epoch']}, step {st['step_in_epoch']}, "
+                     f"update {st['global_step']}) was kept")
+        else:
+            where = "no checkpoint had been written yet"
+        raise DivergenceError(
+            f"training diverged: the loss is {val} at epoch {epoch + 1}, step {step + 1} (update {gstep + 1}); "
+            f"stopped before the optimizer step, {where}. Lower the learning rate (blr/lr), set clip_grad, or use "
+            "amp bf16 instead of fp16, then start again (or --resume from the checkpoint)"
+        )
+
+    def evaluate(self, model: nn.Module, eval_ds) -> dict[str, float]:
+        return evaluate(self.task, model, eval_ds, self.recipe.batch_size, self.recipe.num_workers, self.dist,
+                        self._autocast)
+
+
+@torch.no_grad()
+def evaluate(task: Task, model: nn.Module, eval_ds, batch_size: int, num_workers: int = 0,
+             dist: "D.DistInfo | None" = None, autocast=contextlib.nullcontext) -> dict[str, float]:
+    """Run ``task.eval_batch`` over ``eval_ds`` (sharded over ranks, each image exactly once) and
+    return ``task.eval_finalize`` of the sums, reduced over ranks."""
+    dist = dist or D.DistInfo()
+    sampler = ResumableSampler(len(eval_ds), dist.rank, dist.world_size, shuffle=False, pad=False)
+    loader = torch.utils.data.DataLoader(
+        eval_ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=task.collate_fn(False),
+        pin_memory=dist.device.type == "cuda", generator=torch.Generator().manual_seed(0))
+    was = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    for batch in loader:
+        batch = task.prepare_batch(batch, dist.device, train=False)
+        with autocast():
+            out = task.eval_batch(model, batch)
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    keys = sorted(set().union(*D.all_gather_objects(sorted(sums), dist)))
+    t = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64)
+    t = D.all_reduce_sum(t, dist)
+    model.train(was)
+    return task.eval_finalize(dict(zip(keys, t.tolist())))

@@ -1,0 +1,159 @@
+"""Training recipes: every hyperparameter of a run in one flat, JSON-serialisable dataclass.
+
+A recipe is a JSON file (``hpvit/recipes/<name>.json`` ships with the package, or any path). Unknown
+keys are rejected with a :class:`~hpvit.errors.ConfigError` naming the valid ones, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+
+@dataclass
+class Recipe:
+    """Hyperparameters of a fine-tuning run (defaults: MAE's ViT-B ImageNet fine-tuning recipe).
+
+    Learning rate: ``lr`` if given, else ``blr * global_batch / 256`` (MAE's linear scaling rule),
+    with ``global_batch = batch_size * accum_steps * world_size``.
+    """
+
+    name: str = "custom"
+    source: str = ""
+    # schedule
+    epochs: int = 100
+    warmup_epochs: float = 5.0
+    batch_size: int = 32
+    accum_steps: int = 1
+    # optimizer (AdamW)
+    blr: float = 5e-4
+    lr: float | None = None
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = None
+    # regularisation
+    drop_path: float = 0.1
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    ema: bool = False
+    ema_decay: float = 0.9999
+    # data / augmentation (timm create_transform)
+    img_size: int = 224
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    remode: str = "pixel"
+    recount: int = 1
+    color_jitter: float | None = None
+    scale: tuple[float, float] = (0.08, 1.0)
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    num_workers: int = 8
+    # precision / memory
+    amp: str = "none"  # none | bf16 | fp16
+    grad_checkpointing: bool = False
+    # bookkeeping
+    seed: int = 0
+    eval_every_epochs: int = 1
+    ckpt_every_steps: int = 0  # 0: only at the end of each epoch
+    log_every_steps: int = 20
+    deterministic: bool = False
+
+    def replace(self, **changes: Any) -> "Recipe":
+        names = {f.name for f in dataclasses.fields(self)}
+        bad = sorted(set(changes) - names)
+        if bad:
+            raise ConfigError(f"unknown recipe key(s) {bad}; valid keys are {sorted(names)}")
+        r = dataclasses.replace(self, **changes)
+        r.validate()
+        return r
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> "Recipe":
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if not k.startswith("_")}  # "_comment" keys document the file
+        bad = sorted(set(d) - names)
+        if bad:
+            raise ConfigError(f"{where}: unknown recipe key(s) {bad}; valid keys are {sorted(names)}")
+        d = dict(d)
+        for k in ("betas", "scale", "mean", "std"):
+            if isinstance(d.get(k), list):
+                d[k] = tuple(d[k])
+        r = cls(**d)
+        r.validate(where)
+        return r
+
+    def validate(self, where: str = "recipe") -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{where}: {msg}")
+
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.accum_steps >= 1, f"accum_steps must be >= 1, got {self.accum_steps}")
+        need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        need(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        need(self.amp in ("none", "bf16", "fp16"), f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
+        need(self.img_size >= 8, f"img_size must be >= 8, got {self.img_size}")
+        need(0 <= self.smoothing < 1, f"smoothing must be in [0, 1), got {self.smoothing}")
+        need(self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(self.blr > 0, f"blr must be positive, got {self.blr}")
+        need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        for k in ("max_train_samples", "max_eval_samples"):
+            v = getattr(self, k)
+            need(v is None or v >= 1, f"{k} must be >= 1, got {v}")
+
+    def absolute_lr(self, world_size: int) -> float:
+        if self.lr is not None:
+            return float(self.lr)
+        return self.blr * self.global_batch(world_size) / 256
+
+    def global_batch(self, world_size: int) -> int:
+        return self.batch_size * self.accum_steps * world_size
+
+
+def list_recipes() -> list[str]:
+    d = resources.files("hpvit") / "recipes"
+    return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".json"))
+
+
+def load_recipe(name_or_path: "str | os.PathLike") -> Recipe:
+    """A packaged recipe by name (``imagenet-paper``, ``cifar-mini``) or a JSON file path."""
+    s = os.fspath(name_or_path)
+    p = Path(s)
+    if s.endswith(".json") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"recipe file {p} does not exist; give a JSON file or one of {list_recipes()}")
+        text, where = p.read_text(), str(p)
+    else:
+        f = resources.files("hpvit") / "recipes" / f"{s}.json"
+        if not f.is_file():
+            raise ConfigError(f"unknown recipe {s!r}; choose from {list_recipes()} or pass a JSON file path")
+        text, where = f.read_text(), f"recipe {s!r}"
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a JSON object of recipe keys")
+    return Recipe.from_dict(d, where)

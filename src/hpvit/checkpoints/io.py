@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import tempfile
@@ -39,7 +40,10 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{p}: not a readable safetensors file ({e}); the file is corrupt or truncated") from e
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        # argparse.Namespace: the training arguments MAE, DeiT and many scripts store next to the weights;
+        # rebuilding one only sets attributes (no code runs), so it is allowed alongside tensors.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{p}: refusing to load: the pickle needs code execution ({str(e).splitlines()[0][:200]}). hpvit only "

@@ -87,6 +87,12 @@ def load_plain(
         fmt = get_format(format)
         if fmt is None:
             raise CheckpointError(f"unknown format {format!r}; supported formats: {format_names()}")
+        if not fmt.detect(sd):
+            found = detect_format(sd)
+            raise CheckpointError(
+                f"{source}: format={format!r} was requested, but the file does not have that layout (it looked like "
+                f"format {found.NAME if found else None!r}; first keys: {sorted(sd)[:6]}); see docs/formats.md"
+            )
     else:
         fmt = detect_format(sd)
         if fmt is None:

@@ -45,6 +45,11 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower() and "weights_only" not in str(e):
+            raise CheckpointError(
+                f"{p}: cannot read the file ({str(e).splitlines()[0][:200]}); it is corrupt, truncated or not a "
+                "PyTorch/safetensors weight file"
+            ) from e
         raise CheckpointError(
             f"{p}: refusing to load: the pickle needs code execution ({str(e).splitlines()[0][:200]}). hpvit only "
             "loads plain tensors (torch.load(weights_only=True)). If you trust the file, re-save its state_dict "

@@ -3,7 +3,6 @@ multiply-add and sees fused attention)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -22,47 +21,54 @@ class StageRow:
     gflops: float
 
 
-def count_flops(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]:
-    """Total FLOPs of ``model(x)`` and FLOPs per module name (FlopCounterMode's hierarchical names)."""
+def count_flops(fn, *args) -> int:
+    """FLOPs of ``fn(*args)`` under no_grad, counted by FlopCounterMode."""
     fc = FlopCounterMode(display=False)
     with torch.no_grad(), fc:
-        model(x)
-    per = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
-    return fc.get_total_flops(), per
-
-
-def _module_flops(per: dict[str, int], suffix: str) -> int:
-    pat = re.compile(r"(^|\.)" + re.escape(suffix) + "$")
-    return sum(v for k, v in per.items() if pat.search(k))
+        fn(*args)
+    return fc.get_total_flops()
 
 
 def stage_table(model, img_size: int | tuple[int, int] = 224) -> tuple[list[StageRow], dict]:
-    """Per-stage rows (plus stem and head) for a HierarchicalViT at ``img_size`` (per image)."""
+    """Per-stage rows (plus stem and head) for a HierarchicalViT at ``img_size`` (per image).
+
+    Stage FLOPs are differences of cumulative counts (the forward stopped after each stage), so they
+    do not depend on how the model organises its modules internally.
+    """
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     x = torch.zeros(1, model.spec.in_chans, h, w)
     was_training = model.training
     model.eval()
-    total, per = count_flops(model, x)
-    model.train(was_training)
+    try:
+        total = count_flops(model, x)
+        stem_flops = count_flops(model.patch_embed, x)
+        n = model.layout.num_stages
+        cum = [count_flops(lambda s=s: model.forward_intermediates(x, indices=[s], stop_early=True, intermediates_only=True))
+               for s in range(n)]
+    finally:
+        model.train(was_training)
     gh, gw = model.patch_embed.grid(h, w)
     rows: list[StageRow] = []
-    stem_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("patch_embed", "pos_embed", "cls_token", "reg_token", "norm_pre")))
-    stem_flops = _module_flops(per, "patch_embed")
+    stem_params = sum(p.numel() for n_, p in model.named_parameters() if n_.startswith(("patch_embed", "pos_embed", "cls_token", "reg_token", "norm_pre")))
     rows.append(StageRow("stem", "-", f"{gh}x{gw}", gh * gw, "-", model.embed_dim, stem_params, stem_flops / 1e9))
     start = 0
+    prev = stem_flops
+    named = dict(model.named_parameters())
     for s, depth in enumerate(model.layout.depths):
         idx = range(start, start + depth)
         params = sum(p.numel() for i in idx for p in model.blocks[i].parameters())
-        flops = sum(_module_flops(per, f"blocks.{i}") for i in idx)
+        params += sum(p.numel() for k, p in named.items() if k.startswith(f"empty_stages.{s}."))
         wins = sorted({str(model.layout.windows[i] or "global") for i in idx}, key=lambda v: (v == "global", v))
-        wins_str = "/".join(f"{v}x{v}" if v != "global" else v for v in wins)
+        wins_str = "/".join(f"{v}x{v}" if v != "global" else v for v in wins) or "-"
         tokens = gh * gw + (model.num_prefix_tokens if s == 0 else 0)
-        rows.append(StageRow(f"stage{s + 1} (1/{model.strides[s]})", f"{idx.start + 1}-{idx.stop}", f"{gh}x{gw}", tokens, wins_str, model.embed_dim, params, flops / 1e9))
+        blocks = f"{idx.start + 1}-{idx.stop}" if depth else "0"
+        rows.append(StageRow(f"stage{s + 1} (1/{model.strides[s]})", blocks, f"{gh}x{gw}", tokens, wins_str,
+                             model.embed_dim, params, (cum[s] - prev) / 1e9))
+        prev = cum[s]
         start += depth
         gh, gw = (gh + 1) // 2, (gw + 1) // 2
-    head_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("norm.", "fc_norm", "head")))
-    accounted = sum(r.gflops for r in rows) * 1e9
-    rows.append(StageRow("head", "-", "-", 0, "-", model.embed_dim, head_params, max(total - accounted, 0) / 1e9))
+    head_params = sum(p.numel() for k, p in named.items() if k.startswith(("norm.", "fc_norm", "head")))
+    rows.append(StageRow("head", "-", "-", 0, "-", model.embed_dim, head_params, max(total - prev, 0) / 1e9))
     totals = dict(params=sum(p.numel() for p in model.parameters()), gflops=total / 1e9, img_size=(h, w))
     return rows, totals
 

@@ -45,13 +45,15 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower() and "weights_only" not in str(e):
+        refs = _pickle_globals(p)
+        if refs is None:
             raise CheckpointError(
-                f"{p}: cannot read the file ({str(e).splitlines()[0][:200]}); it is corrupt, truncated or not a "
+                f"{p}: cannot read the file (not a valid pickle/zip); it is corrupt, truncated or not a "
                 "PyTorch/safetensors weight file"
             ) from e
+        unsafe = [r for r in refs if not r.startswith(("torch.", "collections.", "_codecs.", "numpy."))] or refs
         raise CheckpointError(
-            f"{p}: refusing to load: the pickle needs code execution ({str(e).splitlines()[0][:200]}). hpvit only "
+            f"{p}: refusing to load: the pickle needs code execution (it references {unsafe[:3]}). hpvit only "
             "loads plain tensors (torch.load(weights_only=True)). If you trust the file, re-save its state_dict "
             "with torch.save(model.state_dict(), ...) or convert it to .safetensors"
         ) from e
@@ -145,3 +147,30 @@ def read_folder_config(path: str) -> dict[str, Any] | None:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{cfg}: unreadable config.json ({e}); fix or remove it") from e
     return data if isinstance(data, dict) else None
+
+
+def _pickle_globals(p: Path) -> list[str] | None:
+    """The global names a pickle (or a torch zip's data.pkl) references, read with pickletools without
+    executing anything; None when the bytes are not a readable pickle at all."""
+    import io as _io
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as z:
+                name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+                data = z.read(name)
+        else:
+            data = p.read_bytes()
+        refs: list[str] = []
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(_io.BytesIO(data)):
+            if op.name == "GLOBAL":
+                refs.append(str(arg).replace(" ", "."))
+            elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(str(arg))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                refs.append(f"{strings[-2]}.{strings[-1]}")
+        return refs
+    except Exception:
+        return None

@@ -54,7 +54,8 @@ def digest(path: Path) -> str:
 
 def check_identity(src, ref_out: torch.Tensor, x: torch.Tensor, fmt: str | None = None, **spec_overrides):
     """Convert ``src`` with the identity config and compare with the peer's output. Returns the PlainViT."""
-    before = digest(Path(src)) if isinstance(src, (str, Path)) else None
+    is_file = isinstance(src, Path) or (isinstance(src, str) and not src.startswith("timm:"))
+    before = digest(Path(src)) if is_file else None
     plain = load_plain(src, **spec_overrides)
     if fmt is not None:
         assert plain.format == fmt, plain.summary()
@@ -63,6 +64,7 @@ def check_identity(src, ref_out: torch.Tensor, x: torch.Tensor, fmt: str | None 
         ours = model(x)
     assert ours.shape == ref_out.shape
     err = rel_err(ours, ref_out)
+    print(f"[identity] {plain.format}: max relative difference {err:.2e}")  # shown with pytest -s
     assert err < TOL, f"identity differs from the peer by {err:.2e} (relative)\n{plain.summary()}"
     if before is not None:
         assert digest(Path(src)) == before, "the source was modified"
@@ -538,3 +540,16 @@ def test_validate_identity_missing_library(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "open_clip", None)  # as if not installed: importing it fails
     with pytest.raises(CheckpointError, match="open-clip-torch"):
         validate_identity(path)
+
+
+def test_timm_hub_name_reads_instance_settings(monkeypatch):
+    """timm:<name> takes heads, LayerNorm eps and activation from the timm instance (a CLIP-style ViT with
+    QuickGELU, eps 1e-5, 4 heads of 32 dims here). The hub download is replaced by a local build."""
+    m = randomize(timm.create_model("vit_base_patch32_clip_quickgelu_224", pretrained=False, img_size=64,
+                                    embed_dim=128, depth=2, num_heads=4, num_classes=5))
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: m)
+    x = image(64)
+    with torch.no_grad():
+        ref = m(x)
+    plain = check_identity("timm:vit_base_patch32_clip_quickgelu_224", ref, x, fmt="timm")
+    assert (plain.spec.num_heads, plain.spec.norm_eps, plain.spec.act) == (4, 1e-5, "quick_gelu")

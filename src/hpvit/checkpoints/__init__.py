@@ -54,7 +54,30 @@ def _from_hub(name: str) -> tuple[dict[str, torch.Tensor], str]:
             "If this machine is offline, download the file elsewhere and pass its local path instead "
             f"(e.g. `hpvit convert /path/to/{name}.safetensors ...` or hpvit.load_plain('/path/to/file.pth'))"
         ) from e
+    _HUB_OVERRIDES[f"timm:{name}"] = timm_model_overrides(m)
     return {k: v.detach().clone() for k, v in m.state_dict().items()}, f"timm:{name}"
+
+
+_HUB_OVERRIDES: dict[str, dict[str, Any]] = {}
+
+
+def timm_model_overrides(model: Any) -> dict[str, Any]:
+    """What a timm ViT *instance* shows beyond its weights: head count, LayerNorm epsilon, activation
+    (e.g. timm's OpenAI-CLIP ViTs use eps 1e-5 and QuickGELU). Empty when the model is not ViT-shaped."""
+    try:
+        blk = model.blocks[0]
+        ov: dict[str, Any] = {"num_heads": int(blk.attn.num_heads), "norm_eps": float(blk.norm1.eps)}
+        act = blk.mlp.act
+    except (AttributeError, IndexError, TypeError):
+        return {}
+    name = type(act).__name__.lower()
+    if "quick" in name:
+        ov["act"] = "quick_gelu"
+    elif name == "gelu":
+        ov["act"] = "gelu_tanh" if getattr(act, "approximate", "none") == "tanh" else "gelu"
+    elif "tanh" in name:
+        ov["act"] = "gelu_tanh"
+    return ov
 
 
 def load_plain(
@@ -76,6 +99,8 @@ def load_plain(
         obj, source = src, "<state_dict>"
     elif isinstance(src, str) and src.startswith("timm:"):
         obj, source = _from_hub(src[len("timm:"):])
+        hub_overrides = _HUB_OVERRIDES.pop(source, {})
+        spec_overrides = {**hub_overrides, **spec_overrides}
     else:
         source = os.fspath(src)
         from .io import read_folder_config, read_folder_or_file

@@ -82,3 +82,14 @@ def test_cli_bad_inputs(tmp_path, capsys):
     assert ".safetensors" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "ok.pth"), "-o", str(tmp_path / "y.safetensors"), "--config", "nope"]) == 2
     assert "unknown config preset" in capsys.readouterr().err
+
+
+def test_convert_spec_overrides(tmp_path, capsys):
+    ref = random_timm_vit(depth=4)  # ViT-Tiny: 3 heads
+    torch.save(ref.state_dict(), tmp_path / "t.pth")
+    out = tmp_path / "t.safetensors"
+    assert main(["convert", str(tmp_path / "t.pth"), "-o", str(out), "--spec", "num_heads=6", "--spec", "act=gelu_tanh"]) == 0
+    m = hpvit.load(out)
+    assert m.spec.num_heads == 6 and m.spec.act == "gelu_tanh" and m.blocks[0].attn.num_heads == 6
+    assert main(["convert", str(tmp_path / "t.pth"), "-o", str(out), "--force", "--spec", "bogus"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err

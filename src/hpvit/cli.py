@@ -32,6 +32,8 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="paper-cls", help="preset name (paper-cls, paper-det, paper-seg, identity, ...) or a JSON file")
     p.add_argument("--format", default=None, help="force the checkpoint format instead of auto-detecting it")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the source's)")
+    p.add_argument("--spec", action="append", default=[], metavar="KEY=VALUE",
+                   help="override what weights cannot show, e.g. --spec act=gelu --spec num_heads=16 (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,21 @@ def _config_arg(value: str) -> "str | HPViTConfig":
     return get_config(value)
 
 
-def _build(src: str, config: str, num_classes: int | None = None, format: str | None = None):
+def parse_spec_overrides(items: list[str]) -> dict:
+    """``["act=gelu", "num_heads=16"]`` -> ``{"act": "gelu", "num_heads": 16}`` (JSON values, else strings)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--spec expects KEY=VALUE, got {item!r} (e.g. --spec act=gelu)")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def _build(src: str, config: str, num_classes: int | None = None, format: str | None = None, spec: list[str] | None = None):
     """A model from a plain checkpoint, or from an hpvit file (whose stored config wins)."""
     from .checkpoints.native import is_hpvit_file, load
     from .models.build import from_plain
@@ -36,14 +50,14 @@ def _build(src: str, config: str, num_classes: int | None = None, format: str | 
         return load(src), None
     from .checkpoints import load_plain
 
-    plain = load_plain(src, format=format)
+    plain = load_plain(src, format=format, **parse_spec_overrides(spec))
     return from_plain(plain, config=_config_arg(config), num_classes=num_classes), plain
 
 
 def cmd_info(args) -> int:
     from .analysis import format_table, stage_table
 
-    model, plain = _build(args.src, args.config, args.num_classes, args.format)
+    model, plain = _build(args.src, args.config, args.num_classes, args.format, args.spec)
     if plain is not None:
         print(plain.summary())
     print(f"config: {model.config.name}  depths={model.layout.depths}  patch stride={model.stride}  head={model.head_type}")
@@ -62,7 +76,7 @@ def cmd_convert(args) -> int:
         raise FileExistsError(f"{out} exists; refusing to overwrite it (add --force to replace it)")
     src_path = Path(args.src)
     before = src_path.stat().st_mtime_ns if src_path.is_file() else None
-    model, plain = _build(args.src, args.config, args.num_classes, args.format)
+    model, plain = _build(args.src, args.config, args.num_classes, args.format, args.spec)
     if plain is None:
         raise ConfigError(f"{args.src} is already an hpvit file; nothing to convert")
     print(f"detected format: {plain.format}")

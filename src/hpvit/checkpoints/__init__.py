@@ -25,6 +25,7 @@ class PlainViT:
     source: str = "<state_dict>"
     format: str = "timm"
     dropped: dict[str, str] = field(default_factory=dict)
+    dropped_numel: int = 0  # values in the tensors dropped while reading the source
 
     def summary(self) -> str:
         lines = [f"source: {self.source}", f"format: {self.format}", f"spec:   {self.spec.describe()}"]
@@ -145,4 +146,6 @@ def load_plain(
         check_shapes(canon, spec, source)
     except CheckpointError as e:
         raise CheckpointError(f"{e} [read as format {fmt.NAME!r}]") from e
-    return PlainViT(state_dict=canon, spec=spec, source=source, format=fmt.NAME, dropped=dropped)
+    dropped_numel = sum(sd[k].numel() for k in dropped if k in sd)
+    return PlainViT(state_dict=canon, spec=spec, source=source, format=fmt.NAME, dropped=dropped,
+                    dropped_numel=dropped_numel)

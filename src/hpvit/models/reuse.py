@@ -55,8 +55,12 @@ class ReuseReport:
             groups[g] = groups.get(g, 0) + 1
         for g, c in groups.items():
             lines.append(f"    new {g}: {c} tensor(s)")
+        by_reason: dict[str, list[str]] = {}
         for k, why in self.dropped.items():
-            lines.append(f"    dropped {k}: {why}")
+            by_reason.setdefault(why, []).append(k)
+        for why, keys in by_reason.items():
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            lines.append(f"    dropped {shown}: {why}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -130,7 +134,7 @@ def convert_state_dict(plain: PlainViT, model: nn.Module) -> tuple[dict[str, tor
     numel = dict(
         reused=sum(out[d].numel() for d, _, _ in reused),
         new=sum(msd[k].numel() for k in new),
-        dropped=dropped_numel,
+        dropped=dropped_numel + plain.dropped_numel,
     )
     report = ReuseReport(reused=reused, new=new, dropped=dropped, source=plain.source, numel=numel)
     return full, report

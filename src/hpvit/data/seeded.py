@@ -81,7 +81,7 @@ class SeededDataset(torch.utils.data.Dataset):
         try:
             random.seed(s)
             np.random.seed(s)
-            torch.manual_seed(s)
+            torch.default_generator.manual_seed(s)  # CPU generator only: cheap, never touches CUDA
             return self.dataset[idx]
         finally:
             if not in_worker:

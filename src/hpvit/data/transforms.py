@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
+
+
+def _posterize_zero_safe(img, bits, **_):
+    """timm's posterize, also for 0 bits kept: Pillow < 11 returned a black image, newer Pillow raises."""
+    if bits >= 8:
+        return img
+    if bits <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits)
+
+
+def _patch_posterize(transform) -> None:
+    """RandAugment at high magnitude (e.g. m9 + mstd 0.5 reaching 10) asks Pillow to keep 0 bits, which
+    Pillow >= 11 rejects with "bits must be between or equal to 1 and 8"; restore the old behaviour."""
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = _posterize_zero_safe
 
 
 def build_transform(recipe, train: bool, img_size: int | None = None):
     size = img_size or recipe.img_size
     if train:
-        return create_transform(
+        tf = create_transform(
             input_size=size,
             is_training=True,
             scale=tuple(recipe.scale),
@@ -21,6 +40,8 @@ def build_transform(recipe, train: bool, img_size: int | None = None):
             mean=tuple(recipe.mean),
             std=tuple(recipe.std),
         )
+        _patch_posterize(tf)
+        return tf
     return create_transform(
         input_size=size,
         is_training=False,

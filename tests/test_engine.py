@@ -1,0 +1,367 @@
+"""The shared training engine: layer-decay groups, recipes, data errors, exact resume after a kill,
+divergence stop, and 2-process DDP on CPU (gloo). Uses a tiny random ViT and synthetic images so it
+runs everywhere in seconds; real-data training is in test_classification.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import hpvit
+from hpvit.errors import ConfigError, HPViTError
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBPROC_TIMEOUT = 300
+
+
+# ------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory) -> Path:
+    """A random 4-block, 64-wide timm ViT (patch 16, 32 px) saved as a plain state_dict."""
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=4, embed_dim=64, num_heads=2, img_size=32,
+                          num_classes=10)
+    p = tmp_path_factory.mktemp("tiny") / "tiny_vit.pth"
+    torch.save(m.state_dict(), p)
+    return p
+
+
+def _write_images(root: Path, split: str, n_per_class: int, classes=("a", "b", "c", "d"), size=20, seed=0):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed + hash(split) % 1000)
+    for ci, c in enumerate(classes):
+        d = root / split / c
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            base = torch.tensor([ci * 60.0, 255 - ci * 60.0, (ci * 97) % 255])
+            arr = (base[None, None] + 40 * torch.randn(size, size, 3, generator=g)).clamp(0, 255).to(torch.uint8)
+            Image.fromarray(arr.numpy()).save(d / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """An ImageFolder directory: train/ (4 classes x 8) and val/ (4 x 4) synthetic images."""
+    root = tmp_path_factory.mktemp("imgs")
+    _write_images(root, "train", 8)
+    _write_images(root, "val", 4)
+    return root
+
+
+def _hpvit(args: list[str], env_extra: dict | None = None, torchrun: int = 0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HPVIT_PLAIN_LOG="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    env.update(env_extra or {})
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               "-m", "hpvit"] + args
+    else:
+        cmd = [sys.executable, "-m", "hpvit"] + args
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SUBPROC_TIMEOUT, cwd=str(ROOT))
+
+
+def _train_args(init: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "cls", "--init", str(init), "--config", "paper-cls", "--data", str(data), "--out", str(out),
+            "--recipe", "cifar-mini", "--img-size", "32", "--batch-size", "4", "--workers", "0", "--threads", "1",
+            "--set", "log_every_steps=2", "--set", "warmup_epochs=0.5", *extra]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# ------------------------------------------------------------------ layer decay / weight decay
+def test_layer_decay_groups_follow_the_hierarchy(tiny_vit):
+    from hpvit.engine.optim import layer_id, param_groups
+
+    model = hpvit.from_plain(tiny_vit, "paper-cls", num_classes=10, img_size=32)
+    names = dict(model.named_parameters())
+    assert any(".downsample." in n for n in names) and any(n.endswith("rel_pos_table") for n in names)
+    depth = len(model.blocks)
+    assert depth == 4
+    for n in names:
+        lid = layer_id(n, model)
+        if n.startswith(("patch_embed", "pos_embed", "cls_token")):
+            assert lid == 0, n
+        elif n.startswith("blocks."):
+            assert lid == int(n.split(".")[1]) + 1, n  # downsample and rel-pos table go with their block
+        else:
+            assert n.startswith(("norm", "fc_norm", "head")), n
+            assert lid == depth + 1, n
+    assert layer_id("blocks.2.downsample.conv.weight", model) == 3
+    assert layer_id("blocks.0.attn.rel_pos_table", model) == 1
+
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    seen = {}
+    for g in groups:
+        assert g["lr_scale"] == pytest.approx(0.5 ** (depth + 1 - g["layer_id"]))
+        for n in g["param_names"]:
+            seen[n] = g
+    assert set(seen) == set(names)  # every trainable parameter exactly once
+    for n, p in names.items():
+        wd = seen[n]["weight_decay"]
+        if p.ndim <= 1 or n == "pos_embed" or n.endswith("rel_pos_table"):
+            assert wd == 0.0, n
+        else:
+            assert wd == 0.05, n
+    assert seen["head.weight"]["lr_scale"] == 1.0
+    assert seen["patch_embed.proj.weight"]["lr_scale"] == pytest.approx(0.5 ** (depth + 1))
+    assert seen["blocks.0.qkv.weight" if "blocks.0.qkv.weight" in seen else "blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
+
+
+def test_identity_baseline_groups(tiny_vit):
+    from hpvit.engine.optim import param_groups
+
+    model = hpvit.from_plain(tiny_vit, "identity", num_classes=10)
+    groups = param_groups(model, 0.05, 0.75)
+    by_name = {n: g for g in groups for n in g["param_names"]}
+    assert by_name["cls_token"]["layer_id"] == 0 and by_name["cls_token"]["weight_decay"] == 0.0
+    assert by_name["pos_embed"]["weight_decay"] == 0.0
+    assert by_name["blocks.3.mlp.fc1.weight"]["layer_id"] == 4
+
+
+def test_wrapped_backbone_prefix(tiny_vit):
+    """Detection/segmentation wrappers: backbone layer ids via the prefix, everything else is head."""
+    from torch import nn
+
+    from hpvit.engine.optim import param_groups
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = hpvit.from_plain(tiny_vit, "paper-cls", num_classes=0, img_size=32)
+            self.decoder = nn.Conv2d(64, 8, 1)
+
+    w = Wrapper()
+    groups = param_groups(w, 0.05, 0.5, backbone=w.backbone, backbone_prefix="backbone.")
+    by_name = {n: g for g in groups for n in g["param_names"]}
+    assert by_name["backbone.patch_embed.proj.weight"]["layer_id"] == 0
+    assert by_name["backbone.blocks.1.downsample.conv.weight"]["layer_id"] == 2
+    assert by_name["backbone.pos_embed"]["weight_decay"] == 0.0
+    assert by_name["backbone.blocks.0.attn.rel_pos_table"]["weight_decay"] == 0.0
+    assert by_name["decoder.weight"]["layer_id"] == 5 and by_name["decoder.weight"]["lr_scale"] == 1.0
+
+
+# ------------------------------------------------------------------ recipes and schedule
+def test_packaged_recipes_load():
+    from hpvit.engine.recipe import list_recipes, load_recipe
+
+    assert {"imagenet-paper", "cifar-mini"} <= set(list_recipes())
+    r = load_recipe("imagenet-paper")
+    assert (r.epochs, r.layer_decay, r.weight_decay, r.drop_path, r.mixup, r.cutmix) == (100, 0.65, 0.05, 0.1, 0.8, 1.0)
+    assert r.absolute_lr(8) == pytest.approx(5e-4 * 1024 / 256)  # 128 x 8 GPUs = MAE's 1024
+    assert "MAE" in r.source
+
+
+def test_bad_recipe_key_and_value(tmp_path):
+    from hpvit.engine.recipe import load_recipe
+
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"epochs": 2, "layer_decayy": 0.7}))
+    with pytest.raises(ConfigError, match="unknown recipe key.*layer_decayy.*valid keys"):
+        load_recipe(f)
+    f.write_text(json.dumps({"amp": "fp8"}))
+    with pytest.raises(ConfigError, match="amp must be"):
+        load_recipe(f)
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'.*cifar-mini"):
+        load_recipe("nope")
+
+
+def test_warmup_cosine_schedule():
+    from hpvit.engine.schedule import WarmupCosine
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [p], "lr_scale": 0.5}], lr=1.0)
+    s = WarmupCosine(opt, base_lr=1.0, min_lr=0.0, warmup_steps=10, total_steps=110)
+    assert s.apply(0) == 0.0 and s.apply(5) == pytest.approx(0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.25)  # lr_scale applied
+    assert s.apply(10) == pytest.approx(1.0) and s.apply(60) == pytest.approx(0.5) and s.apply(110) == pytest.approx(0.0)
+
+
+# ------------------------------------------------------------------ data
+def test_zip_read_in_place_and_dir_equivalent(tmp_path, tiny_data):
+    from hpvit.data import ImageFolderDataset, ImageFolderSource
+
+    z = tmp_path / "d.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for f in sorted(tiny_data.rglob("*.png")):
+            zf.write(f, "mydata/" + str(f.relative_to(tiny_data)))
+    sz, sd = ImageFolderSource(z), ImageFolderSource(tiny_data)
+    assert sz.classes == sd.classes == ["a", "b", "c", "d"]
+    assert sz.splits() == ["train", "val"] and sz.eval_split() == "val"
+    a, b = ImageFolderDataset(sz, "val"), ImageFolderDataset(sd, "val")
+    assert len(a) == len(b) == 16
+    for i in (0, 7, 15):
+        assert a.samples[i][1] == b.samples[i][1]
+        assert a[i][0].tobytes() == b[i][0].tobytes()
+    sub = ImageFolderDataset(sd, "train", max_samples=8, seed=3)
+    assert sorted(c for _, c in sub.samples) == [0, 0, 1, 1, 2, 2, 3, 3]  # class-balanced subset
+
+
+def test_data_errors(tmp_path, tiny_data):
+    from hpvit.data import ImageFolderSource
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        ImageFolderSource(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no train/, val/ or test/ split"):
+        ImageFolderSource(tmp_path / "empty")
+    only_train = tmp_path / "ot"
+    _write_images(only_train, "train", 1)
+    with pytest.raises(ConfigError, match="no val/ or test/ split"):
+        ImageFolderSource(only_train).eval_split()
+    only_val = tmp_path / "ov"
+    _write_images(only_val, "val", 1)
+    with pytest.raises(ConfigError, match="no 'train' split"):
+        ImageFolderSource(only_val).samples("train")
+
+
+def test_cli_reports_missing_data_clearly(tmp_path, tiny_vit, capsys):
+    from hpvit.cli import main
+
+    rc = main(["train", "cls", "--init", str(tiny_vit), "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+               "--recipe", "cifar-mini"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "hpvit: error:" in err and "does not exist" in err and "ImageFolder" in err
+    rc = main(["train", "cls", "--init", str(tiny_vit), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+               "--recipe", "cifar-mini", "--set", "bogus=1"])
+    assert rc == 2 and "unknown recipe key" in capsys.readouterr().err
+
+
+def test_seeded_dataset_is_reproducible_and_leaves_global_rng_alone(tiny_data):
+    from hpvit.data import ImageFolderDataset, ImageFolderSource, SeededDataset, build_transform
+    from hpvit.engine.recipe import load_recipe
+
+    r = load_recipe("cifar-mini").replace(img_size=32)
+    ds = SeededDataset(ImageFolderDataset(ImageFolderSource(tiny_data), "train", build_transform(r, True)), seed=1)
+    state = torch.get_rng_state()
+    x1 = ds[5][0]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(ds[5][0], x1)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[5][0], x1)
+
+
+def test_sampler_resume_and_sharding():
+    from hpvit.data import ResumableSampler
+
+    s = ResumableSampler(10, shuffle=True, seed=3)
+    s.set_epoch(2)
+    full = list(s)
+    s.set_epoch(2, start=4)
+    assert list(s) == full[4:]
+    shards = []
+    for r in range(3):
+        t = ResumableSampler(10, rank=r, world_size=3, shuffle=True, seed=3)
+        t.set_epoch(2)
+        shards.append(list(t))
+    assert all(len(x) == 4 for x in shards) and set(sum(shards, [])) == set(range(10))
+
+
+# ------------------------------------------------------------------ resume after a kill
+def test_resume_after_kill_is_bit_exact(tmp_path, tiny_vit, tiny_data):
+    """Kill (SIGKILL) a run mid-epoch, resume it, and require the final weights to equal an
+    uninterrupted run's bit for bit. Mixup, RandAugment, random erasing, drop path and EMA are on."""
+    extra = ["--epochs", "2", "--ema", "--deterministic", "--set", "ckpt_every_steps=3", "--set", "ema_decay=0.9"]
+    full = _hpvit(_train_args(tiny_vit, tiny_data, tmp_path / "full", *extra))
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    # 32 images / batch 4 = 8 steps per epoch; checkpoints at updates 3, 6, 8 (epoch end), 11, 14...
+    killed = _hpvit(_train_args(tiny_vit, tiny_data, tmp_path / "cut", *extra), {"HPVIT_FAULT_AT_STEP": "14"})
+    assert killed.returncode != 0, "the fault hook should have killed the run"
+    assert not (tmp_path / "cut" / "results.json").exists()
+    ck = torch.load(tmp_path / "cut" / "checkpoint-last.pt", weights_only=True)
+    assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 4, 12)  # mid-epoch, 2 updates lost
+
+    resumed = _hpvit(_train_args(tiny_vit, tiny_data, tmp_path / "cut", *extra, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        a, b = _weights(tmp_path / "full" / name), _weights(tmp_path / "cut" / name)
+        assert a.keys() == b.keys()
+        diff = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not diff, f"{name}: resumed weights differ from the uninterrupted run in {diff[:5]}"
+    ra = json.loads((tmp_path / "full" / "results.json").read_text())
+    rb = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert ra["top1"] == rb["top1"] and ra["rank_param_digests"] == rb["rank_param_digests"]
+    # metrics.jsonl has no duplicated steps after the resume
+    steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "train"]
+    assert steps == sorted(set(steps))
+
+    # a finished run refuses to be overwritten without --resume
+    again = _hpvit(_train_args(tiny_vit, tiny_data, tmp_path / "full", *extra))
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_resume_with_changed_settings_is_refused(tmp_path, tiny_vit, tiny_data, capsys):
+    from hpvit.cli import main
+    from hpvit.engine.checkpoint import save_checkpoint
+
+    out = tmp_path / "o"
+    save_checkpoint(out / "checkpoint-last.pt", {"recipe": json.dumps({"seed": 5}), "world_size": 1})
+    rc = main(_train_args(tiny_vit, tiny_data, out, "--resume"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot resume" in err and "seed" in err
+
+
+# ------------------------------------------------------------------ divergence
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_vit, tiny_data):
+    from hpvit.engine import DivergenceError, Trainer
+    from hpvit.engine.recipe import load_recipe
+    from hpvit.tasks.classification import ClassificationTask
+
+    recipe = load_recipe("cifar-mini").replace(img_size=32, batch_size=4, num_workers=0, ckpt_every_steps=2,
+                                               log_every_steps=1, epochs=1)
+
+    class NaNAt5(ClassificationTask):
+        calls = 0
+
+        def loss(self, model, batch):
+            NaNAt5.calls += 1
+            out = super().loss(model, batch)
+            return out * float("nan") if NaNAt5.calls == 5 else out
+
+    task = NaNAt5(str(tiny_vit), str(tiny_data), recipe)
+    out = tmp_path / "run"
+    with pytest.raises(DivergenceError) as ei:
+        Trainer(task, recipe, out).run()
+    msg = str(ei.value)
+    assert isinstance(ei.value, HPViTError)
+    assert "diverged" in msg and "nan" in msg and "update 5" in msg and "checkpoint-last.pt" in msg and "update 4" in msg
+    ck = torch.load(out / "checkpoint-last.pt", weights_only=True)
+    assert ck["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert not (out / "results.json").exists()
+
+
+# ------------------------------------------------------------------ DDP
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_stay_in_sync(tmp_path, tiny_vit, tiny_data):
+    out = tmp_path / "ddp"
+    r = _hpvit(_train_args(tiny_vit, tiny_data, out, "--epochs", "1"), torchrun=2)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2 and res["global_batch"] == 8
+    assert "2 process(es) on cpu (gloo)" in r.stderr and "per-process batch 4" in r.stderr and "global batch 8" in r.stderr
+    d = res["rank_param_digests"]
+    assert len(d) == 2 and d[0] == d[1] and res["ranks_in_sync"]
+    # the saved model is the one both ranks hold
+    from hpvit.engine.loop import param_digest
+
+    assert param_digest(hpvit.load(out / "model.safetensors")) == d[0]
+    assert res["eval_count"] == 16  # every val image evaluated exactly once across the two ranks
+    assert res["steps"] == 4  # 32 images / (2 x 4) per step

@@ -1,0 +1,186 @@
+"""The paper's plain baselines for dense prediction, and one factory for every dense backbone.
+
+The plain ViT is the *same* :class:`~hpvit.models.hierarchical.HierarchicalViT` class (one Block and
+one Attention for everything) built with a single-stage, stride-16 config; a *simple feature
+pyramid* of transposed convolutions turns the outputs of four of its blocks into maps at strides 4,
+8, 16 and 32 (Li et al. 2021, "Benchmarking detection transfer learning with ViTs"; BEiT's
+segmentation setup):
+
+    block a output (1/16) -> ConvT 2x2/2 -> LN -> GELU -> ConvT 2x2/2   -> 1/4
+    block b output (1/16) -> ConvT 2x2/2                                -> 1/8
+    block c output (1/16)                                               -> 1/16
+    block d output (1/16) -> MaxPool 2x2/2 (ceil)                       -> 1/32
+    each level -> LayerNorm2d
+
+Named dense configs:
+
+* ``plain-det``: 14x14 window attention with relative position bias, global attention in four evenly
+  spaced blocks (``baseline_global_blocks``: 3, 6, 9, 12 of 12, 1-based); pyramid from those four
+  blocks (d/4, d/2, 3d/4, d as in Li et al. 2021).
+* ``plain-seg``: global attention everywhere (BEiT); pyramid from blocks 4, 6, 8, 12 of 12 (1-based;
+  for other depths d/3, d/2, 2d/3, d).
+* ``paper-det`` / ``paper-seg`` (and any 4-stage config): the transformed model,
+  :class:`~hpvit.models.necks.PyramidBackbone`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import HPViTConfig, baseline_global_blocks
+from ..errors import ConfigError, InputError
+from ..layers import resample_abs_pos_embed
+from .necks import LayerNorm2d, PyramidBackbone
+
+PLAIN_DET = HPViTConfig(
+    name="plain-det", patch_stride=None, num_stages=1, window_sizes=(14,), global_blocks=None, pools=(),
+    head="none", keep_prefix_tokens=False, rel_pos=True,
+)
+PLAIN_SEG = HPViTConfig(
+    name="plain-seg", patch_stride=None, num_stages=1, window_sizes=(None,), pools=(), head="none",
+    keep_prefix_tokens=False, rel_pos=False,
+)
+PLAIN_CONFIGS: dict[str, HPViTConfig] = {"plain-det": PLAIN_DET, "plain-seg": PLAIN_SEG}
+DENSE_CONFIGS = ("paper-det", "paper-seg", "plain-det", "plain-seg")
+
+
+def plain_out_indices(name: str, depth: int) -> tuple[int, ...]:
+    """0-based blocks whose outputs feed the simple pyramid of plain config ``name``."""
+    if name == "plain-det":
+        return baseline_global_blocks(depth)
+    if depth == 12:
+        return (3, 5, 7, 11)
+    return tuple(sorted({max(0, round(depth * f) - 1) for f in (1 / 3, 1 / 2, 2 / 3)} | {depth - 1}))
+
+
+def plain_config(name: str, depth: int, **overrides: Any) -> HPViTConfig:
+    """The HPViTConfig of plain dense config ``name`` for a ``depth``-block ViT."""
+    cfg = PLAIN_CONFIGS[name]
+    if name == "plain-det":
+        cfg = dataclasses.replace(cfg, global_blocks=baseline_global_blocks(depth))
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """Four stride-16 maps ``(B, D, h, w)`` -> maps at strides 4, 8, 16, 32: ``(B, D, 4h, 4w)``,
+    ``(B, D, 2h, 2w)``, ``(B, D, h, w)``, ``(B, D, ceil(h/2), ceil(w/2))``, each LayerNorm-ed."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.up4 = nn.Sequential(
+            nn.ConvTranspose2d(dim, dim, 2, stride=2), LayerNorm2d(dim, eps=1e-6), nn.GELU(),
+            nn.ConvTranspose2d(dim, dim, 2, stride=2),
+        )
+        self.up2 = nn.ConvTranspose2d(dim, dim, 2, stride=2)
+        self.norms = nn.ModuleList(LayerNorm2d(dim, eps=1e-6) for _ in range(4))
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        a, b, c, d = feats
+        outs = [self.up4(a), self.up2(b), c, F.max_pool2d(d, 2, 2, ceil_mode=True)]
+        return [n(o) for n, o in zip(self.norms, outs)]
+
+
+class PlainPyramidBackbone(nn.Module):
+    """The plain ViT baseline as a dense backbone.
+
+    ``vit``: a single-stage, stride-16 :class:`HierarchicalViT` without prefix tokens (``plain-det`` /
+    ``plain-seg``); ``out_indices``: the four blocks feeding the pyramid. Input ``(B, 3, H, W)``,
+    H, W >= 32; output four ``(B, D, ., .)`` maps at strides 4, 8, 16, 32 of ``floor(H/16)``-based
+    sizes (exact when 32 divides H and W, which the detection/segmentation wrappers ensure by padding).
+    Window blocks pad their input to a multiple of the window and mask the padding (nothing cropped).
+    """
+
+    def __init__(self, vit: nn.Module, out_indices: Sequence[int]):
+        super().__init__()
+        if vit.layout.num_stages != 1 or vit.keep_prefix:
+            raise ConfigError("the plain baseline needs a single-stage config without prefix tokens (plain-det/plain-seg)")
+        if len(out_indices) != 4 or not all(0 <= i < len(vit.blocks) for i in out_indices):
+            raise ConfigError(f"out_indices must be 4 block indices in [0, {len(vit.blocks)}), got {tuple(out_indices)}")
+        self.vit = vit
+        self.out_indices = tuple(int(i) for i in out_indices)
+        d = vit.embed_dim
+        self.fpn = SimpleFeaturePyramid(d)
+        self.out_channels = [d] * 4
+        self.strides = [vit.stride // 4, vit.stride // 2, vit.stride, vit.stride * 2]
+        self.grad_checkpointing = False
+        self.kind = "plain"
+
+    @property
+    def min_input_size(self) -> int:
+        return max(32, self.vit.patch_embed.kernel)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> token map ``(B, h, w, D)`` with the (resampled) position embedding."""
+        if x.ndim != 4 or x.shape[1] != self.vit.spec.in_chans:
+            raise InputError(f"expected images (B, {self.vit.spec.in_chans}, H, W), got {tuple(x.shape)}")
+        m = self.min_input_size
+        if x.shape[-2] < m or x.shape[-1] < m:
+            raise InputError(f"input {x.shape[-2]}x{x.shape[-1]} is smaller than the plain baseline's minimum {m}x{m}")
+        v = self.vit
+        t = v.patch_embed(x)
+        if v.pos_embed is not None:
+            gh, gw = v.pos_grid
+            grid = v.pos_embed[:, v.pos_embed_prefix:].view(1, gh, gw, -1)
+            t = t + resample_abs_pos_embed(grid, tuple(t.shape[1:3]))
+        return v.norm_pre(t)
+
+    def forward_blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of blocks ``out_indices`` as NCHW maps ``(B, D, floor(H/16), floor(W/16))``."""
+        t = self.embed(x)
+        feats = []
+        last = max(self.out_indices)
+        for i, blk in enumerate(self.vit.blocks[: last + 1]):
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                t = checkpoint(blk, t, use_reentrant=False)
+            else:
+                t = blk(t)
+            if i in self.out_indices:
+                feats.append(t.permute(0, 3, 1, 2))
+        return feats
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.fpn(self.forward_blocks(x))
+
+
+def build_dense_backbone(init, config: str = "paper-det", fmt: str | None = None, **overrides: Any) -> nn.Module:
+    """A dense backbone (4 maps at strides 4..32) from a plain checkpoint.
+
+    ``config``: ``paper-det`` / ``paper-seg`` (or any 4-stage preset / HPViTConfig / dict) for the
+    transformed model, ``plain-det`` / ``plain-seg`` for the paper's plain baselines. ``overrides``:
+    HPViTConfig fields (``drop_path_rate``, ``img_size``...).
+    """
+    import hpvit
+
+    if isinstance(init, nn.Module):
+        raise ConfigError("build_dense_backbone takes a plain checkpoint (path, timm:<name> or state dict)")
+    if isinstance(config, str) and config in PLAIN_CONFIGS:
+        plain = hpvit.load_plain(init, format=fmt)
+        cfg = plain_config(config, plain.spec.depth, **overrides)
+        vit = hpvit.from_plain(plain, cfg)
+        return PlainPyramidBackbone(vit, plain_out_indices(config, plain.spec.depth))
+    vit = hpvit.from_plain(init, config, format=fmt, **overrides)
+    if vit.keep_prefix or len(vit.feature_info) != 4:
+        raise ConfigError(
+            f"config {getattr(vit.config, 'name', config)!r} has {len(vit.feature_info)} stage(s); dense tasks need a "
+            f"4-stage config or a plain baseline: choose from {DENSE_CONFIGS}"
+        )
+    return PyramidBackbone(vit)
+
+
+def backbone_from_config(spec, config: dict, kind: str, out_indices: Sequence[int] | None = None) -> nn.Module:
+    """Rebuild an (untrained) dense backbone from a saved ``HPViTConfig`` dict and plain spec (for loading)."""
+    from .hierarchical import HierarchicalViT
+
+    vit = HierarchicalViT(spec, HPViTConfig.from_dict(config))
+    if kind == "plain":
+        return PlainPyramidBackbone(vit, out_indices)
+    return PyramidBackbone(vit)

@@ -1,0 +1,385 @@
+"""Semantic segmentation: UperNet on a transformed backbone (``paper-seg``) or on the paper's plain
+baseline (``plain-seg``: transposed-conv pyramid from blocks 4/6/8/12), trained with the shared engine.
+
+``hpvit train seg --init SRC --config paper-seg|plain-seg --data ROOT --layout camvid --out DIR``
+``hpvit eval seg --model DIR --data ROOT [--mode whole|slide] [--out EVAL_DIR]``
+
+Metrics (scored at the labels' full resolution, ignored pixels excluded): ``mIoU``, ``mAcc``, ``aAcc``
+(pixel accuracy) and per class ``IoU.<name>`` / ``Acc.<name>``, in percent. Classes absent from both
+labels and predictions are left out of the means (mmseg's convention). The output directory gets
+``results.json`` and ``predictions.png`` (image | ground truth | prediction in the dataset palette).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.segmentation import IGNORE, SegDataset, collate_seg, colorize, get_layout
+from ..engine.recipe import Recipe
+from ..engine.task import Task
+from ..errors import ConfigError
+from .detection import _dist_info, add_common_train_args, build_dense_recipe
+
+TASK = "seg"
+TRAIN_HELP = "train UperNet on a transformed or plain ViT backbone (CamVid / ADE20K / Cityscapes layouts)"
+EVAL_HELP = "mIoU / mAcc (and per class) of a trained segmenter, whole-image or sliding-window inference"
+MODEL_FILE = "model.safetensors"
+
+SEG_DEFAULTS = dict(name="seg-default", epochs=20, warmup_epochs=1.0, batch_size=4, lr=2e-4, min_lr=1e-6,
+                    weight_decay=0.05, layer_decay=0.65, drop_path=0.1, smoothing=0.0, mixup=0.0, cutmix=0.0,
+                    auto_augment=None, reprob=0.0, img_size=512, num_workers=2, log_every_steps=10)
+
+
+# -------------------------------------------------------------------- model
+class UperNetSegmenter(nn.Module):
+    """Dense backbone + :class:`~hpvit.models.necks.UperNetHead`.
+
+    ``forward(x)``: ``(B, 3, H, W)`` (any H, W >= 32) -> logits ``(B, K, H, W)``. The input is zero-padded
+    bottom/right to a multiple of 32 (so both backbones' levels line up exactly), the 1/4-resolution
+    logits are upsampled bilinearly to the padded size and the padding is cropped off again.
+    """
+
+    size_divisor = 32
+
+    def __init__(self, body: nn.Module, num_classes: int, channels: int = 128):
+        super().__init__()
+        from ..models.necks import UperNetHead
+
+        self.body = body
+        self.head = UperNetHead(body.out_channels, num_classes, channels)
+        self.num_classes = num_classes
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        x = (x - self.mean) / self.std
+        d = self.size_divisor
+        ph, pw = (-h) % d, (-w) % d
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        logits = self.head(self.body(x))
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits[..., :h, :w]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.body.set_grad_checkpointing(enable)
+
+
+def build_segmenter(init, config: str, num_classes: int, img_size: int, drop_path: float = 0.0,
+                    fmt: str | None = None, channels: int = 128) -> UperNetSegmenter:
+    from ..models.plain import build_dense_backbone
+
+    body = build_dense_backbone(init, config, fmt=fmt, drop_path_rate=drop_path, img_size=img_size)
+    return UperNetSegmenter(body, num_classes, channels)
+
+
+def load_segmenter(path) -> tuple[UperNetSegmenter, dict[str, Any]]:
+    from ..checkpoints.spec import PlainSpec
+    from ..models.dense_io import read_dense
+    from ..models.plain import backbone_from_config
+
+    sd, meta = read_dense(path, "seg")
+    body = backbone_from_config(PlainSpec.from_dict(meta["spec"]), meta["config"], meta["backbone"], meta["out_indices"])
+    model = UperNetSegmenter(body, meta["num_classes"], meta["head_channels"])
+    model.load_state_dict(sd, strict=True)
+    return model, meta
+
+
+# -------------------------------------------------------------------- inference and metrics
+@torch.no_grad()
+def predict_logits(model: nn.Module, img: torch.Tensor, out_size: tuple[int, int], mode: str = "whole",
+                   crop: int = 512, stride: int | None = None) -> torch.Tensor:
+    """Logits ``(K, *out_size)`` for one image ``(3, h, w)``.
+
+    ``whole``: one forward pass over the whole image. ``slide``: ``crop x crop`` windows every ``stride``
+    pixels (default 2/3 of the crop; the last window is aligned to the border), logits averaged where
+    windows overlap; images smaller than the crop are run whole. Either way the logits are then
+    resized bilinearly to ``out_size`` (the label's resolution).
+    """
+    x = img[None]
+    h, w = x.shape[-2:]
+    if mode == "whole" or (h <= crop and w <= crop):
+        logits = model(x)
+    elif mode == "slide":
+        stride = stride or max(1, crop * 2 // 3)
+        k = model.num_classes
+        logits = x.new_zeros(1, k, h, w)
+        count = x.new_zeros(1, 1, h, w)
+        ys = list(range(0, max(h - crop, 0) + 1, stride))
+        xs = list(range(0, max(w - crop, 0) + 1, stride))
+        if ys[-1] + crop < h:
+            ys.append(h - crop)
+        if xs[-1] + crop < w:
+            xs.append(w - crop)
+        for y0 in ys:
+            for x0 in xs:
+                y1, x1 = min(y0 + crop, h), min(x0 + crop, w)
+                logits[..., y0:y1, x0:x1] += model(x[..., y0:y1, x0:x1])
+                count[..., y0:y1, x0:x1] += 1
+        logits = logits / count
+    else:
+        raise ConfigError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
+    logits = logits.float()
+    if tuple(logits.shape[-2:]) != tuple(out_size):
+        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+    return logits[0]
+
+
+def confusion_sums(pred: torch.Tensor, label: torch.Tensor, k: int) -> dict[str, float]:
+    """Per-class intersection, prediction and label areas over the non-ignored pixels (summable)."""
+    valid = label != IGNORE
+    cm = torch.bincount(label[valid] * k + pred[valid], minlength=k * k).view(k, k).double()
+    inter, area_gt, area_pred = cm.diag(), cm.sum(1), cm.sum(0)
+    out = {"pixels": float(valid.sum())}
+    for c in range(k):
+        out[f"inter_{c:03d}"] = float(inter[c])
+        out[f"gt_{c:03d}"] = float(area_gt[c])
+        out[f"pred_{c:03d}"] = float(area_pred[c])
+    return out
+
+
+def seg_metrics(sums: dict[str, float], classes: tuple[str, ...] | list[str]) -> dict[str, float]:
+    k = len(classes)
+    inter = np.array([sums.get(f"inter_{c:03d}", 0.0) for c in range(k)])
+    gt = np.array([sums.get(f"gt_{c:03d}", 0.0) for c in range(k)])
+    pred = np.array([sums.get(f"pred_{c:03d}", 0.0) for c in range(k)])
+    union = gt + pred - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, inter / union, np.nan)
+        acc = np.where(gt > 0, inter / gt, np.nan)
+    out = {
+        "mIoU": float(100 * np.nanmean(iou)) if np.isfinite(iou).any() else 0.0,
+        "mAcc": float(100 * np.nanmean(acc)) if np.isfinite(acc).any() else 0.0,
+        "aAcc": float(100 * inter.sum() / max(gt.sum(), 1.0)),
+        "eval_images": sums.get("images", 0.0),
+        "eval_loss": sums.get("loss_sum", 0.0) / max(sums.get("pixels", 0.0), 1.0),
+    }
+    for c, name in enumerate(classes):
+        out[f"IoU.{name}"] = float(100 * iou[c]) if math.isfinite(iou[c]) else float("nan")
+        out[f"Acc.{name}"] = float(100 * acc[c]) if math.isfinite(acc[c]) else float("nan")
+    return out
+
+
+def draw_segmentation(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], palette, path: Path) -> Path:
+    """One row per image: image | ground truth | prediction (palette colours; ignored pixels black)."""
+    from PIL import Image
+
+    tiles = []
+    for img, lab, pred in rows:
+        h, w = lab.shape
+        im = F.interpolate(img[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+        im = (im.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+        tiles.append(np.concatenate([im, colorize(lab.numpy(), palette), colorize(pred.numpy(), palette)], axis=1))
+    wmax = max(t.shape[1] for t in tiles)
+    tiles = [np.pad(t, ((0, 4), (0, wmax - t.shape[1]), (0, 0)), constant_values=255) for t in tiles]
+    Image.fromarray(np.concatenate(tiles, axis=0)).save(path)
+    return path
+
+
+# -------------------------------------------------------------------- task
+class SegmentationTask(Task):
+    name = "seg"
+    primary_metric = "mIoU"
+
+    def __init__(self, init: str, config: str, data: str, layout: str, recipe: Recipe, out: "str | Path",
+                 train_split: str = "train", val_split: str | None = "val", base_size: int | None = None,
+                 mode: str = "whole", head_channels: int = 128, fmt: str | None = None,
+                 max_train: int | None = None, max_val: int | None = None, vis_images: int = 3):
+        self.init, self.config, self.data, self.layout_name = init, config, data, layout
+        self.layout = get_layout(layout)
+        self.recipe, self.out, self.fmt = recipe, Path(out), fmt
+        self.train_split, self.val_split, self.base_size, self.mode = train_split, val_split, base_size, mode
+        self.head_channels, self.max_train, self.max_val, self.vis_images = head_channels, max_train, max_val, vis_images
+        r = recipe
+        idx = list(range(max_train)) if max_train else None
+        self.train_ds = SegDataset(data, layout, train_split, True, r.img_size, base_size, indices=idx)
+        self.val_ds = None
+        if val_split:
+            vidx = list(range(max_val)) if max_val else None
+            self.val_ds = SegDataset(data, layout, val_split, False, r.img_size, base_size, indices=vidx)
+
+    @property
+    def classes(self):
+        return self.layout.classes
+
+    def datasets(self):
+        return self.train_ds, self.val_ds
+
+    def build_model(self):
+        r = self.recipe
+        return build_segmenter(self.init, self.config, len(self.classes), r.img_size, r.drop_path, self.fmt,
+                               self.head_channels)
+
+    def collate_fn(self, train):
+        return collate_seg
+
+    def prepare_batch(self, batch, device, train):
+        imgs, labs = batch
+        if isinstance(imgs, torch.Tensor):
+            return imgs.to(device, non_blocking=True), labs.to(device, non_blocking=True)
+        return [i.to(device) for i in imgs], [l.to(device) for l in labs]
+
+    def loss(self, model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x).float(), y, ignore_index=IGNORE)
+
+    def param_group_kwargs(self, model):
+        return {"backbone": model.body.vit, "backbone_prefix": "body.vit."}
+
+    def eval_batch(self, model, batch):
+        imgs, labs = batch
+        if isinstance(imgs, torch.Tensor):
+            imgs, labs = list(imgs), list(labs)
+        k = len(self.classes)
+        sums: dict[str, float] = {"images": float(len(imgs)), "loss_sum": 0.0}
+        for img, lab in zip(imgs, labs):
+            logits = predict_logits(model, img, tuple(lab.shape), self.mode, self.recipe.img_size)
+            pred = logits.argmax(0)
+            s = confusion_sums(pred, lab, k)
+            valid = lab != IGNORE
+            if valid.any():
+                sums["loss_sum"] += float(F.cross_entropy(logits[None], lab[None], ignore_index=IGNORE, reduction="sum"))
+            for key, v in s.items():
+                sums[key] = sums.get(key, 0.0) + v
+        return sums
+
+    def eval_finalize(self, sums):
+        return seg_metrics(sums, self.classes)
+
+    def results(self, model):
+        res = {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3), "backbone": model.body.kind,
+               "inference": self.mode, "classes": list(self.classes)}
+        if self.val_ds is not None:
+            res["predictions_png"] = str(visualize(model, self.val_ds, self.vis_images, self.mode, self.recipe.img_size,
+                                                   self.layout.palette, self.out / "predictions.png"))
+        return res
+
+    def describe(self):
+        return {"init": str(self.init), "config": self.config, "data": str(self.data), "layout": self.layout_name,
+                "train_split": self.train_split, "val_split": self.val_split, "base_size": self.base_size,
+                "inference": self.mode, "head_channels": self.head_channels, "train_images": len(self.train_ds),
+                "val_images": len(self.val_ds) if self.val_ds is not None else 0}
+
+    def meta(self, model):
+        body = model.body
+        return {"task": "seg", "backbone": body.kind, "config_name": self.config, "config": body.vit.config.to_dict(),
+                "spec": body.vit.spec.to_dict(), "out_indices": list(getattr(body, "out_indices", []) or []),
+                "num_classes": model.num_classes, "classes": list(self.classes), "layout": self.layout_name,
+                "crop": self.recipe.img_size, "base_size": self.base_size, "head_channels": self.head_channels}
+
+    def save_model(self, model, out_dir, ema=None):
+        from ..models.dense_io import save_dense
+
+        paths = [save_dense(model, out_dir / MODEL_FILE, self.meta(model))]
+        if ema is not None:
+            paths.append(save_dense(ema, out_dir / "model_ema.safetensors", self.meta(ema)))
+        return paths
+
+
+@torch.no_grad()
+def visualize(model, ds: SegDataset, n: int, mode: str, crop: int, palette, path: Path) -> Path:
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    rows = []
+    for i in range(min(n, len(ds))):
+        img, lab = ds[i]
+        pred = predict_logits(model, img.to(dev), tuple(lab.shape), mode, crop).argmax(0).cpu()
+        rows.append((img, lab, pred))
+    model.train(was)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return draw_segmentation(rows, palette, path)
+
+
+# -------------------------------------------------------------------- command line
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset root folder")
+    p.add_argument("--layout", default="camvid", choices=("camvid", "ade20k", "cityscapes"),
+                   help="folder layout and label convention (docs/dense.md)")
+    p.add_argument("--base-size", type=int, default=None,
+                   help="resize images so the longer side is this (before scale jitter / for evaluation); default: original")
+    p.add_argument("--mode", default="whole", choices=("whole", "slide"), help="inference: whole image or sliding window")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    add_common_train_args(p, "paper-seg", "paper-seg (transformed backbone, default) or plain-seg (the BEiT-style plain baseline)")
+    _add_data_args(p)
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val", help="evaluation split ('' for none)")
+    p.add_argument("--max-train-images", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--max-val-images", type=int, default=None, help="use only the first N validation images")
+    p.add_argument("--head-channels", type=int, default=128, help="UperNet width (512 in mmseg's ViT-B configs)")
+
+
+def run_train(args) -> int:
+    from ..engine.loop import Trainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = build_dense_recipe(args, SEG_DEFAULTS)
+    task = SegmentationTask(args.init, args.config, args.data, args.layout, recipe, args.out, args.train_split,
+                            args.val_split or None, args.base_size, args.mode, args.head_channels, args.format,
+                            args.max_train_images, args.max_val_images)
+    run_cfg = {k: v for k, v in vars(args).items() if k != "func"}
+    Trainer(task, recipe, args.out, resume=args.resume, device=args.device, run_config=run_cfg).run()
+    return 0
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a `hpvit train seg` output directory or its model.safetensors")
+    _add_data_args(p)
+    p.add_argument("--split", default="val")
+    p.add_argument("--max-val-images", type=int, default=None)
+    p.add_argument("--crop", type=int, default=None, help="sliding-window size (default: the training crop)")
+    p.add_argument("--out", default=None, help="output directory (default: MODEL_DIR/eval)")
+    p.add_argument("--vis-images", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None)
+
+
+def run_eval(args) -> int:
+    from ..engine import distributed as D
+    from ..engine.loop import evaluate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, meta = load_segmenter(args.model)
+    mp = Path(args.model)
+    out = Path(args.out) if args.out else (mp if mp.is_dir() else mp.parent) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    layout = get_layout(args.layout)
+    if list(layout.classes) != list(meta["classes"]):
+        raise ConfigError(f"the model was trained on the {meta['layout']} classes; --layout {args.layout} has different "
+                          "classes")
+    base = args.base_size if args.base_size is not None else meta["base_size"]
+    crop = args.crop or meta["crop"]
+    idx = list(range(args.max_val_images)) if args.max_val_images else None
+    ds = SegDataset(args.data, args.layout, args.split, False, crop, base, indices=idx)
+    task = SegmentationTask.__new__(SegmentationTask)
+    task.layout, task.mode, task.recipe = layout, args.mode, Recipe().replace(img_size=crop)
+    dist = D.init_distributed(args.device)
+    try:
+        model.to(dist.device)
+        t = time.time()
+        m = evaluate(task, model, ds, 1, 0, dist)
+        if dist.is_main:
+            png = visualize(model, ds, args.vis_images, args.mode, crop, layout.palette, out / "predictions.png")
+            m.update({"model": str(args.model), "data": str(args.data), "split": args.split, "inference": args.mode,
+                      "base_size": base, "crop": crop, "eval_time_s": round(time.time() - t, 2),
+                      "predictions_png": str(png)})
+            (out / "results.json").write_text(json.dumps(m, indent=2))
+            print(json.dumps({k: v for k, v in m.items() if not k.startswith(("IoU.", "Acc."))}, indent=2))
+    finally:
+        D.cleanup(dist)
+    return 0

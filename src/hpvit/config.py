@@ -19,6 +19,32 @@ POOL_KINDS = ("avgconv", "avg", "conv", "max")
 HEAD_KINDS = ("avg", "token", "auto", "none")
 
 
+SPLITS = ("paper", "fast", "lite")
+
+
+def efficiency_depth_split(depth: int, split: str) -> tuple[int, ...]:
+    """Stage depths of the efficiency presets (4 stages; every block reused, all 4 levels kept).
+
+    The cost of a block grows with its stage's token count (1/4: 16x, 1/8: 4x, 1/32: 1/4 of a 1/16
+    block), so these move blocks out of the high-resolution stages:
+
+    * ``fast``: ``(1, 1, depth - 4, 2)`` -- one window block at 1/4 and at 1/8 (12 -> 1-1-8-2).
+    * ``lite``: ``(0, 0, depth - 2, 2)`` -- the 1/4 level is the stride-4 patch embedding and the 1/8
+      level its pooled map; the transformer starts at 1/16 (12 -> 0-0-10-2). Costs about a plain ViT.
+
+    See docs/performance.md for the measurements behind them.
+    """
+    if split == "fast":
+        if depth < 5:
+            raise ConfigError(f"the 'fast' split needs at least 5 blocks, the plain ViT has {depth}")
+        return (1, 1, depth - 4, 2)
+    if split == "lite":
+        if depth < 3:
+            raise ConfigError(f"the 'lite' split needs at least 3 blocks, the plain ViT has {depth}")
+        return (0, 0, depth - 2, 2)
+    raise ConfigError(f"unknown depth_split {split!r}; choose from {SPLITS}")
+
+
 def default_depth_split(depth: int, num_stages: int = 4) -> tuple[int, ...]:
     """Blocks per stage for a ``depth``-block plain ViT split into ``num_stages`` stages.
 
@@ -52,6 +78,8 @@ class HPViTConfig:
             exactly H/stride for H divisible by the stride (16x16 kernel, stride 4 -> padding 6).
         depths: blocks per stage; ``None`` = :func:`default_depth_split` (2-2-6-2 for 12 blocks).
         num_stages: used with ``depths=None``.
+        depth_split: rule for ``depths=None``: ``paper`` (:func:`default_depth_split`, 2-2-6-2) or an
+            efficiency split, ``fast`` / ``lite`` (:func:`efficiency_depth_split`; 4 stages only).
         window_sizes: window size per stage (``None`` = global attention).
         global_blocks: optional 0-based block indices forced to global attention (every other block
             uses its stage's window). ``"det"`` = the paper's detection layout: the plain baseline has
@@ -75,6 +103,7 @@ class HPViTConfig:
     patch_padding: int | None = None
     depths: tuple[int, ...] | None = None
     num_stages: int = 4
+    depth_split: str = "paper"
     window_sizes: tuple[int | None, ...] = (7, 7, None, None)
     global_blocks: tuple[int, ...] | str | None = None
     rel_pos: bool = True
@@ -122,9 +151,21 @@ class HPViTConfig:
     # ------------------------------------------------------------------ resolution
     def resolve(self, depth: int) -> "ResolvedLayout":
         """Per-block layout for a ``depth``-block plain ViT; raises ConfigError on inconsistencies."""
-        depths = tuple(self.depths) if self.depths is not None else default_depth_split(depth, self.num_stages)
-        if any(d < 1 for d in depths):
-            raise ConfigError(f"every stage needs at least one block, got depths={depths}")
+        if self.depth_split not in SPLITS:
+            raise ConfigError(f"unknown depth_split {self.depth_split!r}; choose from {SPLITS}")
+        if self.depths is not None:
+            depths = tuple(self.depths)
+        elif self.depth_split == "paper":
+            depths = default_depth_split(depth, self.num_stages)
+        else:
+            if self.num_stages != 4:
+                raise ConfigError(f"depth_split={self.depth_split!r} needs 4 stages, got num_stages={self.num_stages}")
+            depths = efficiency_depth_split(depth, self.depth_split)
+        if any(not isinstance(d, int) or d < 0 for d in depths) or not any(depths):
+            raise ConfigError(
+                f"stage depths must be non-negative ints with at least one block in total, got depths={depths} "
+                "(a 0-block stage is allowed: its pyramid level is the output of the pooling layer into it)"
+            )
         if sum(depths) != depth:
             raise ConfigError(
                 f"depths={depths} sum to {sum(depths)} blocks but the plain ViT has {depth}; every pre-trained "
@@ -214,6 +255,10 @@ PRESETS: dict[str, HPViTConfig] = {
         pools=("avgconv", "avgconv", "max"),
         head="none",
     ),
+    # efficiency presets: paper-cls with fewer blocks in the expensive high-resolution stages
+    # (measured in docs/performance.md); all four levels 1/4..1/32 and every pre-trained block kept
+    "fast-cls": HPViTConfig(name="fast-cls", depth_split="fast"),
+    "lite-cls": HPViTConfig(name="lite-cls", depth_split="lite"),
     "identity": HPViTConfig(
         name="identity",
         patch_stride=None,

@@ -1,6 +1,6 @@
 """Building blocks shared by the hierarchical model and the plain baseline."""
 
-from .attention import Attention, Block, Mlp, window_partition, window_unpartition
+from .attention import Attention, Block, Mlp, pad_partition, unpartition_crop, window_partition, window_unpartition
 from .patch_embed import PatchEmbed
 from .pooling import Downsample
 from .pos_embed import resample_abs_pos_embed
@@ -14,4 +14,6 @@ __all__ = [
     "resample_abs_pos_embed",
     "window_partition",
     "window_unpartition",
+    "pad_partition",
+    "unpartition_crop",
 ]

@@ -31,6 +31,35 @@ def window_unpartition(x: torch.Tensor, ws: int, b: int, h: int, w: int) -> torc
     return x.reshape(b, h, w, d)
 
 
+def pad_partition(x: torch.Tensor, ws: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(B, H, W, D)`` -> windows ``(B * nW, ws * ws, D)`` (always a fresh tensor) and ``key_ok``.
+
+    H and W are zero-padded up to multiples of ``ws`` first; ``key_ok`` is ``(nW, ws * ws)`` bool, True
+    for real tokens (``None`` when nothing was padded). Window ``j`` of image ``b`` is row ``b * nW + j``.
+    """
+    b, h, w, d = x.shape
+    ph, pw = (-h) % ws, (-w) % ws
+    key_ok = None
+    if ph or pw:
+        x = F.pad(x, (0, 0, 0, pw, 0, ph))
+        valid = torch.zeros(h + ph, w + pw, dtype=torch.bool, device=x.device)
+        valid[:h, :w] = True
+        key_ok = window_partition(valid.view(1, h + ph, w + pw, 1), ws).view(-1, ws * ws)
+    xw = window_partition(x, ws)
+    if xw._base is not None:  # a single window per image: reshape returned a view; callers may write in place
+        xw = xw.clone()
+    return xw, key_ok
+
+
+def unpartition_crop(xw: torch.Tensor, ws: int, b: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`pad_partition`: windows -> ``(B, H, W, D)`` map with the padding cropped."""
+    hp, wp = h + (-h) % ws, w + (-w) % ws
+    x = window_unpartition(xw, ws, b, hp, wp)
+    if hp != h or wp != w:
+        x = x[:, :h, :w].contiguous()
+    return x
+
+
 def relative_position_index(ws: int) -> torch.Tensor:
     """``(ws*ws, ws*ws)`` index into a ``((2ws-1)^2, heads)`` table, Swin's convention."""
     coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
@@ -84,6 +113,16 @@ class Attention(nn.Module):
         n = self.window_size * self.window_size
         return self.rel_pos_table[self.rel_pos_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
 
+    def window_mask(self, key_ok: torch.Tensor | None) -> torch.Tensor | None:
+        """Additive logits mask for windowed attention: the relative-position bias ``(1, heads, N, N)``
+        plus ``-inf`` on padded keys, ``(nW, heads|1, N, N)`` when ``key_ok`` (``(nW, N)``) is given."""
+        bias = self.rel_pos_bias()
+        if key_ok is None:
+            return None if bias is None else bias.unsqueeze(0)
+        pad = torch.zeros(key_ok.shape, dtype=torch.float32, device=key_ok.device).masked_fill(~key_ok, float("-inf"))
+        pad = pad[:, None, None, :]
+        return pad if bias is None else pad + bias.unsqueeze(0)
+
     def _attend(self, x: torch.Tensor, mask: torch.Tensor | None, groups: int = 1) -> torch.Tensor:
         """Attention over sequences ``x: (B', N, D)``; ``mask`` is added to the logits.
 
@@ -124,21 +163,10 @@ class Attention(nn.Module):
             raise ValueError("window attention needs a (B, H, W, D) map, got a sequence")
         b, h, w, d = x.shape
         ws = self.window_size
-        ph, pw = (-h) % ws, (-w) % ws
-        bias = self.rel_pos_bias()
-        if ph or pw:
-            x = F.pad(x, (0, 0, 0, pw, 0, ph))
-            hp, wp = h + ph, w + pw
-            valid = torch.zeros(hp, wp, dtype=torch.bool, device=x.device)
-            valid[:h, :w] = True
-            key_ok = window_partition(valid.view(1, hp, wp, 1), ws).view(-1, 1, 1, ws * ws)  # (nW, 1, 1, N)
-            mask = torch.zeros(key_ok.shape, dtype=torch.float32, device=x.device).masked_fill(~key_ok, float("-inf"))
-            if bias is not None:
-                mask = mask + bias.unsqueeze(0)
-            out = self._attend(window_partition(x, ws), mask, groups=key_ok.shape[0])
-            return window_unpartition(out, ws, b, hp, wp)[:, :h, :w].contiguous()
-        out = self._attend(window_partition(x, ws), None if bias is None else bias.unsqueeze(0))
-        return window_unpartition(out, ws, b, h, w)
+        xw, key_ok = pad_partition(x, ws)
+        mask = self.window_mask(key_ok)
+        groups = 1 if key_ok is None else key_ok.shape[0]
+        return unpartition_crop(self._attend(xw, mask, groups=groups), ws, b, h, w)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, window={self.window_size}, rel_pos={self.rel_pos_table is not None}"
@@ -158,6 +186,8 @@ class Mlp(nn.Module):
             x = x * torch.sigmoid(1.702 * x)
         elif self.act_name == "gelu_tanh":
             x = F.gelu(x, approximate="tanh")
+        elif not torch.is_grad_enabled():
+            x = torch.ops.aten.gelu_(x)  # inference: no new (B, L, 4D) buffer
         else:
             x = F.gelu(x)
         return self.fc2(self.drop(x))
@@ -179,12 +209,15 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, images: int | None = None) -> torch.Tensor:
+        """``images``: how many images the leading dim holds (default: one per row); windows
+        ``(B * nW, N, D)`` pass ``images=B`` so that a whole image's windows are dropped together."""
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+        n = x.shape[0] if images is None else images
+        shape = (n,) + (1,) * x.ndim
+        return (x.view(n, -1, *x.shape[1:]) * x.new_empty(shape).bernoulli_(keep).div_(keep)).view_as(x)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -235,3 +268,50 @@ class Block(nn.Module):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+    def forward_tokens(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, groups: int = 1, images: int | None = None
+    ) -> torch.Tensor:
+        """The block (without ``downsample``) on sequences ``(B', N, D)``, each attended on its own:
+        a global block gets ``(B, L, D)``, a windowed one the windows ``(B * nW, ws * ws, D)`` of
+        :func:`pad_partition` with ``mask = attn.window_mask(key_ok)`` (``groups = nW`` when padded)
+        and ``images = B`` (stochastic depth drops whole images)."""
+        x = x + self.drop_path1(self.ls1(self.attn._attend(self.norm1(x), mask, groups)), images)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))), images)
+        return x
+
+    @torch.no_grad()
+    def forward_tokens_(self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
+        """Inference version of :meth:`forward_tokens` that works ``chunk`` sequences (windowed) or tokens
+        (global, MLP half only) at a time (0 = all at once), so that no intermediate is larger than a
+        chunk's, and adds the residuals in place.
+
+        Windowed blocks update ``x`` (windows ``(B * nW, N, D)`` from :func:`pad_partition`, which the
+        caller owns) in place; ``mask`` is ``(nW|1, heads|1, N, N)``. Global blocks leave ``x`` untouched
+        and return a new tensor. Returns the output.
+        """
+        if self.attn.window_size is None:
+            x = (x + self.drop_path1(self.ls1(self.attn._attend(self.norm1(x), mask, 1)))).contiguous()
+            flat = x.view(-1, x.shape[-1])
+            step = chunk if chunk > 0 else flat.shape[0]
+            for i in range(0, flat.shape[0], step):
+                xc = flat[i : i + step]
+                xc += self.drop_path2(self.ls2(self.mlp(self.norm2(xc))))
+            return x
+        n = x.shape[0]
+        step = chunk if 0 < chunk < n else n
+        for i in range(0, n, step):
+            xc = x[i : i + step]
+            m = self._mask_rows(mask, i, xc.shape[0])
+            xc += self.drop_path1(self.ls1(self.attn._attend(self.norm1(xc), m, 1)))
+            xc += self.drop_path2(self.ls2(self.mlp(self.norm2(xc))))
+        return x
+
+    @staticmethod
+    def _mask_rows(mask: torch.Tensor | None, start: int, rows: int) -> torch.Tensor | None:
+        """The per-window mask rows for windows ``start .. start+rows`` of a flattened ``(B, nW)`` batch."""
+        if mask is None or mask.shape[0] == 1:
+            return mask
+        nw = mask.shape[0]
+        idx = torch.arange(start, start + rows, device=mask.device) % nw
+        return mask.index_select(0, idx)

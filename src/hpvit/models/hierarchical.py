@@ -19,7 +19,26 @@ from torch.utils.checkpoint import checkpoint
 from ..checkpoints.spec import PlainSpec
 from ..config import HPViTConfig, get_config
 from ..errors import ConfigError, InputError
-from ..layers import Block, Downsample, PatchEmbed, resample_abs_pos_embed
+from ..layers import Block, Downsample, PatchEmbed, pad_partition, resample_abs_pos_embed, unpartition_crop
+
+# Inference on CPU works through large stages this many bytes of MLP hidden activations at a time
+# (tokens per chunk = CHUNK_BYTES / (4 * mlp_hidden): 2048 for ViT-B). Buffers this small are recycled
+# by the C allocator instead of being mmap-ed and page-faulted afresh (glibc mmaps blocks > 32 MiB).
+CHUNK_BYTES = 24 * 2**20
+
+
+
+class StagePool(nn.Module):
+    """The pooling layer into a stage that has no blocks (efficiency presets with 0-block stages).
+    Stages with blocks keep their pool in ``blocks.{first}.downsample``; this one is stored as
+    ``empty_stages.{stage}.downsample``. Its output is that stage's pyramid level."""
+
+    def __init__(self, downsample: Downsample):
+        super().__init__()
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.downsample(x)
 
 
 def _as_hw(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -91,15 +110,14 @@ class HierarchicalViT(nn.Module):
 
         act = cfg.act or spec.act
         dpr = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, spec.depth)]
-        stage_starts = {sum(layout.depths[:s]): s for s in range(1, layout.num_stages)}
+        stage_starts = {sum(layout.depths[:s]): s for s in range(1, layout.num_stages) if layout.depths[s] > 0}
+        empty: dict[str, nn.Module] = {}
+        for s in range(1, layout.num_stages):
+            if layout.depths[s] == 0:
+                empty[str(s)] = StagePool(self._make_pool(cfg, s - 1, d))
         blocks = []
         for i in range(spec.depth):
-            down = None
-            if i in stage_starts:
-                kind = cfg.pools[stage_starts[i] - 1]
-                if cfg.reparameterized and kind == "avgconv":
-                    kind = "conv"
-                down = Downsample(kind, d, cfg.pool_conv)
+            down = self._make_pool(cfg, stage_starts[i] - 1, d) if i in stage_starts else None
             blocks.append(
                 Block(
                     d, spec.num_heads, spec.mlp_hidden, qkv_bias=spec.qkv_bias, qk_norm=spec.qk_norm,
@@ -108,6 +126,19 @@ class HierarchicalViT(nn.Module):
                     norm_eps=spec.norm_eps, fused_attn=cfg.fused_attn, downsample=down,
                 )
             )
+        self.empty_stages = nn.ModuleDict(empty) if empty else None
+        # per stage: runs of consecutive blocks sharing a window size, as (start, stop, window)
+        self._segments: list[list[tuple[int, int, int | None]]] = []
+        for s in range(layout.num_stages):
+            start = sum(layout.depths[:s])
+            segs: list[tuple[int, int, int | None]] = []
+            for i in range(start, start + layout.depths[s]):
+                if segs and layout.windows[i] == segs[-1][2]:
+                    segs[-1] = (segs[-1][0], i + 1, segs[-1][2])
+                else:
+                    segs.append((i, i + 1, layout.windows[i]))
+            self._segments.append(segs)
+        self.chunk_tokens = max(1, CHUNK_BYTES // (4 * spec.mlp_hidden))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(d, eps=spec.norm_eps) if spec.final_norm == "norm" else nn.Identity()
         self.fc_norm = nn.LayerNorm(d, eps=spec.norm_eps) if spec.final_norm == "fc_norm" else nn.Identity()
@@ -123,10 +154,22 @@ class HierarchicalViT(nn.Module):
         self._reuse_report = None
 
         red = [stride * 2**s for s in range(layout.num_stages)]
+
+        def _module(s: int) -> str:
+            if layout.depths[s]:
+                return f"blocks.{layout.stage_ends[s]}"
+            return "patch_embed" if s == 0 else f"empty_stages.{s}"
+
         self.feature_info = [
-            dict(num_chs=d, reduction=red[s], module=f"blocks.{layout.stage_ends[s]}", stage=s)
-            for s in range(layout.num_stages)
+            dict(num_chs=d, reduction=red[s], module=_module(s), stage=s) for s in range(layout.num_stages)
         ]
+
+    @staticmethod
+    def _make_pool(cfg: HPViTConfig, k: int, d: int) -> Downsample:
+        kind = cfg.pools[k]
+        if cfg.reparameterized and kind == "avgconv":
+            kind = "conv"
+        return Downsample(kind, d, cfg.pool_conv)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -187,16 +230,68 @@ class HierarchicalViT(nn.Module):
             x = x + torch.cat([self.pos_embed[:, : self.pos_embed_prefix], pos], dim=1)
         return self.norm_pre(x)
 
-    def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-            return checkpoint(blk, x, use_reentrant=False)
-        return blk(x)
+    def _run_block(self, blk: Block, t: torch.Tensor, mask: torch.Tensor | None, groups: int, images: int) -> torch.Tensor:
+        """One block (without its downsample) on sequences ``t``: global ``(B, L, D)`` or windows
+        ``(B * nW, N, D)`` with ``groups = nW`` when ``mask`` is per window (padding)."""
+        windowed = blk.attn.window_size is not None
+        n_seq = t.shape[1]
+        if not torch.is_grad_enabled() and not self.training:
+            # inference: residuals in place, big stages in chunks (on CPU, where it saves page faults)
+            chunk = 0
+            if t.device.type == "cpu":
+                chunk = max(1, self.chunk_tokens // n_seq) if windowed else self.chunk_tokens
+            return blk.forward_tokens_(t, mask, chunk)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            per_image = t.shape[0] // images
+            step = max(1, self.chunk_tokens // (per_image * n_seq)) * per_image
+            if windowed and step < t.shape[0]:
+                # windows are independent: checkpoint whole images' windows a few at a time, so the
+                # recomputation in backward holds one chunk's activations, not the stage's
+                outs = []
+                for i in range(0, t.shape[0], step):
+                    tc = t[i : i + step]
+                    m = Block._mask_rows(mask, i, tc.shape[0])
+                    outs.append(checkpoint(blk.forward_tokens, tc, m, 1, tc.shape[0] // per_image, use_reentrant=False))
+                return torch.cat(outs)
+            return checkpoint(blk.forward_tokens, t, mask, groups, images, use_reentrant=False)
+        return blk.forward_tokens(t, mask, groups, images)
+
+    def _run_segment(self, x: torch.Tensor, start: int, stop: int, ws: int | None) -> torch.Tensor:
+        """Blocks ``start..stop-1`` sharing window ``ws``. Windowed runs partition the map once, keep the
+        tokens in window order through all their blocks, and restore the map once at the end."""
+        if ws is None:
+            if x.ndim == 3:  # identity: the plain token sequence with prefix tokens
+                for blk in self.blocks[start:stop]:
+                    x = self._run_block(blk, x, None, 1, x.shape[0])
+                return x
+            b, h, w, d = x.shape
+            t = x.reshape(b, h * w, d)
+            for blk in self.blocks[start:stop]:
+                t = self._run_block(blk, t, None, 1, b)
+            return t.view(b, h, w, d)
+        b, h, w, d = x.shape
+        xw, key_ok = pad_partition(x, ws)
+        groups = 1 if key_ok is None else key_ok.shape[0]
+        for blk in self.blocks[start:stop]:
+            xw = self._run_block(blk, xw, blk.attn.window_mask(key_ok), groups, b)
+        return unpartition_crop(xw, ws, b, h, w)
+
+    def _run_stage(self, x: torch.Tensor, s: int) -> torch.Tensor:
+        """Stage ``s``: its pooling layer (none for stage 0), then its blocks. Returns the stage output."""
+        if self.layout.depths[s] == 0:
+            return self.empty_stages[str(s)](x) if s > 0 else x
+        for start, stop, ws in self._segments[s]:
+            down = self.blocks[start].downsample
+            if down is not None:
+                x = down(x)
+            x = self._run_segment(x, start, stop, ws)
+        return x
 
     # ------------------------------------------------------------------ forward API
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._embed(x)
-        for blk in self.blocks:
-            x = self._run_block(blk, x)
+        for s in range(self.layout.num_stages):
+            x = self._run_stage(x, s)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -244,14 +339,13 @@ class HierarchicalViT(nn.Module):
             take = [i % n for i in indices]
         if output_fmt not in ("NCHW", "NHWC"):
             raise ConfigError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        ends = {self.layout.stage_ends[s]: s for s in take}
-        last = max(ends) if stop_early else len(self.blocks) - 1
+        last = max(take) if stop_early else n - 1
         gh, gw = self.patch_embed.grid(x.shape[-2], x.shape[-1])
         x = self._embed(x)
         feats = []
-        for i, blk in enumerate(self.blocks[: last + 1]):
-            x = self._run_block(blk, x)
-            if i in ends:
+        for s in range(last + 1):
+            x = self._run_stage(x, s)
+            if s in take:
                 y = self.norm(x) if norm else x
                 if y.ndim == 3:  # identity: drop prefix tokens, restore the grid
                     y = y[:, self.num_prefix_tokens:]
@@ -267,6 +361,8 @@ class HierarchicalViT(nn.Module):
         for blk in self.blocks:
             if blk.downsample is not None:
                 blk.downsample.reparameterize()
+        for stage in (self.empty_stages or {}).values():
+            stage.downsample.reparameterize()
         self.config = self.config.replace(reparameterized=True)
         return self
 

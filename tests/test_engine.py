@@ -365,3 +365,19 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path, tiny_vit, tiny_data):
     assert param_digest(hpvit.load(out / "model.safetensors")) == d[0]
     assert res["eval_count"] == 16  # every val image evaluated exactly once across the two ranks
     assert res["steps"] == 4  # 32 images / (2 x 4) per step
+
+
+def test_accumulation_bf16_checkpointing_ema_smoke(tmp_path, tiny_vit, tiny_data, capsys):
+    """Gradient accumulation + bf16 autocast + gradient checkpointing + EMA + identity baseline in one run."""
+    from hpvit.cli import main
+
+    out = tmp_path / "o"
+    args = _train_args(tiny_vit, tiny_data, out, "--epochs", "1", "--accum-steps", "2", "--amp", "bf16",
+                       "--grad-checkpointing", "--ema")
+    args[args.index("paper-cls")] = "identity"
+    assert main(args) == 0, capsys.readouterr().err[-2000:]
+    err = capsys.readouterr().err
+    assert "per-process batch 4 x accum 2, global batch 8" in err
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 4 and "ema_top1" in res and res["config"]["recipe"]["amp"] == "bf16"
+    assert (out / "model_ema.safetensors").is_file()

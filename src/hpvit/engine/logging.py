@@ -49,7 +49,11 @@ class Progress:
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+            dt = time.time() - self.t0
+            post = {k: f"{v:.4g}" for k, v in metrics.items()}
+            if dt > 0 and self.unit_scale > 1:
+                post["img/s"] = f"{(self.n - self.n0) * self.unit_scale / dt:.1f}"
+            self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
             return
         if self.n % self.every == 0 or self.n == self.total:

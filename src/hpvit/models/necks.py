@@ -63,9 +63,13 @@ class PyramidBackbone(nn.Module):
 
 
 def _conv_gn_relu(cin: int, cout: int, k: int, groups: int) -> nn.Sequential:
+    # at least 4 channels per group: the 1x1 pyramid-pooling branch must still have >1 value per group
+    g = max(1, min(groups, cout // 4))
+    while cout % g:
+        g -= 1
     return nn.Sequential(
         nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
-        nn.GroupNorm(min(groups, cout), cout),
+        nn.GroupNorm(g, cout),
         nn.ReLU(inplace=True),
     )
 

@@ -22,14 +22,14 @@ def test_tiny_real_cifar_training_and_eval(tmp_path, deit_tiny_path, capsys):
     out = tmp_path / "run"
     rc = main(["train", "cls", "--init", str(deit_tiny_path), "--config", "paper-cls", "--data", str(data),
                "--out", str(out), "--recipe", "cifar-mini", "--epochs", "1", "--img-size", "32", "--batch-size", "16",
-               "--max-train-samples", "128", "--max-eval-samples", "64", "--workers", "0", "--threads", "1"])
+               "--max-train-samples", "192", "--max-eval-samples", "64", "--workers", "0", "--threads", "1"])
     assert rc == 0, capsys.readouterr().err[-3000:]
     err = capsys.readouterr().err
-    assert "128 train / 64 eval images" in err and "global batch 16" in err
+    assert "192 train / 64 eval images" in err and "global batch 16" in err
 
     res = json.loads((out / "results.json").read_text())
     assert RESULT_KEYS <= set(res), RESULT_KEYS - set(res)
-    assert res["epochs"] == 1 and res["train_images"] == 128 and res["eval_images"] == 64 and res["steps"] == 8
+    assert res["epochs"] == 1 and res["train_images"] == 192 and res["eval_images"] == 64 and res["steps"] == 12
     assert 0 <= res["top1"] <= res["top5"] <= 100 and res["eval_count"] == 64
     assert res["images_per_s"] > 0 and res["wall_time_s"] > 0
     assert res["config"]["recipe"]["name"] == "cifar-mini" and res["config"]["task"]["config"]["name"] == "paper-cls"

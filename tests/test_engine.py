@@ -58,6 +58,16 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def run_data(tiny_data) -> tuple[Path, list[str]]:
+    """Data for the subprocess runs: 32 real CIFAR-10 training images (+16 test images) read from the zip
+    in place when ../shared/data is present, else the synthetic folder (same sizes)."""
+    zp = Path(os.environ.get("HPVIT_SHARED_DATA", ROOT.parent / "shared" / "data")) / "cifar10" / "cifar10.zip"
+    if zp.is_file():
+        return zp, ["--max-train-samples", "32", "--max-eval-samples", "16"]
+    return tiny_data, []
+
+
 def _hpvit(args: list[str], env_extra: dict | None = None, torchrun: int = 0) -> subprocess.CompletedProcess:
     env = dict(os.environ, HPVIT_PLAIN_LOG="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     env.update(env_extra or {})
@@ -271,21 +281,22 @@ def test_sampler_resume_and_sharding():
 
 
 # ------------------------------------------------------------------ resume after a kill
-def test_resume_after_kill_is_bit_exact(tmp_path, tiny_vit, tiny_data):
+def test_resume_after_kill_is_bit_exact(tmp_path, tiny_vit, run_data):
     """Kill (SIGKILL) a run mid-epoch, resume it, and require the final weights to equal an
     uninterrupted run's bit for bit. Mixup, RandAugment, random erasing, drop path and EMA are on."""
-    extra = ["--epochs", "2", "--ema", "--deterministic", "--set", "ckpt_every_steps=3", "--set", "ema_decay=0.9"]
-    full = _hpvit(_train_args(tiny_vit, tiny_data, tmp_path / "full", *extra))
+    data, subset = run_data
+    extra = ["--epochs", "2", "--ema", "--deterministic", "--set", "ckpt_every_steps=3", "--set", "ema_decay=0.9", *subset]
+    full = _hpvit(_train_args(tiny_vit, data, tmp_path / "full", *extra))
     assert full.returncode == 0, full.stderr[-3000:]
 
     # 32 images / batch 4 = 8 steps per epoch; checkpoints at updates 3, 6, 8 (epoch end), 11, 14...
-    killed = _hpvit(_train_args(tiny_vit, tiny_data, tmp_path / "cut", *extra), {"HPVIT_FAULT_AT_STEP": "14"})
+    killed = _hpvit(_train_args(tiny_vit, data, tmp_path / "cut", *extra), {"HPVIT_FAULT_AT_STEP": "14"})
     assert killed.returncode != 0, "the fault hook should have killed the run"
     assert not (tmp_path / "cut" / "results.json").exists()
     ck = torch.load(tmp_path / "cut" / "checkpoint-last.pt", weights_only=True)
     assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 4, 12)  # mid-epoch, 2 updates lost
 
-    resumed = _hpvit(_train_args(tiny_vit, tiny_data, tmp_path / "cut", *extra, "--resume"))
+    resumed = _hpvit(_train_args(tiny_vit, data, tmp_path / "cut", *extra, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
 
@@ -303,7 +314,7 @@ def test_resume_after_kill_is_bit_exact(tmp_path, tiny_vit, tiny_data):
     assert steps == sorted(set(steps))
 
     # a finished run refuses to be overwritten without --resume
-    again = _hpvit(_train_args(tiny_vit, tiny_data, tmp_path / "full", *extra))
+    again = _hpvit(_train_args(tiny_vit, data, tmp_path / "full", *extra))
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
@@ -350,9 +361,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_vit, tiny_
 
 # ------------------------------------------------------------------ DDP
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_stay_in_sync(tmp_path, tiny_vit, tiny_data):
+def test_ddp_two_cpu_processes_stay_in_sync(tmp_path, tiny_vit, run_data):
+    data, subset = run_data
     out = tmp_path / "ddp"
-    r = _hpvit(_train_args(tiny_vit, tiny_data, out, "--epochs", "1"), torchrun=2)
+    r = _hpvit(_train_args(tiny_vit, data, out, "--epochs", "1", *subset), torchrun=2)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     res = json.loads((out / "results.json").read_text())
     assert res["world_size"] == 2 and res["global_batch"] == 8

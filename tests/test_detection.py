@@ -1,0 +1,255 @@
+"""Detection / instance segmentation: Mask R-CNN over paper-det / plain-det, COCO data validation, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import random_timm_vit
+
+from hpvit.data.coco import CocoFormatError, CocoInstances, CocoSource, collate_detection, parse_range
+from hpvit.models.plain import build_dense_backbone
+from hpvit.tasks.detection import STAT_NAMES, build_detector, coco_metrics
+
+from conftest import shared_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_sd(tmp_path_factory):
+    m = random_timm_vit(0, depth=4)
+    p = tmp_path_factory.mktemp("vit") / "tiny.pth"
+    torch.save(m.state_dict(), p)
+    return p
+
+
+@pytest.fixture(scope="module")
+def coco8():
+    return shared_path("coco", "coco8-seg")
+
+
+def _write(tmp_path: Path, d: dict, name: str = "ann.json") -> Path:
+    p = tmp_path / name
+    p.write_text(json.dumps(d))
+    return p
+
+
+@pytest.fixture
+def good_ann(coco8):
+    return json.loads((coco8 / "instances_coco8seg_train.json").read_text())
+
+
+# ------------------------------------------------------------------ annotation validation
+def test_bad_annotation_files_give_clear_errors(tmp_path, coco8, good_ann):
+    imgs = coco8 / "images" / "train"
+    with pytest.raises(CocoFormatError, match="does not exist"):
+        CocoSource(tmp_path / "none.json", imgs)
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(CocoFormatError, match="not valid JSON"):
+        CocoSource(tmp_path / "broken.json", imgs)
+    with pytest.raises(CocoFormatError, match=r"missing or non-list section\(s\) \['annotations'\]"):
+        CocoSource(_write(tmp_path, {k: v for k, v in good_ann.items() if k != "annotations"}), imgs)
+    with pytest.raises(CocoFormatError, match="'annotations' is empty"):
+        CocoSource(_write(tmp_path, dict(good_ann, annotations=[])), imgs)
+    d = json.loads(json.dumps(good_ann))
+    d["images"][1]["file_name"] = "no_such_image.jpg"
+    with pytest.raises(CocoFormatError, match=r"1 of 4 image file\(s\) are missing .*no_such_image\.jpg"):
+        CocoSource(_write(tmp_path, d), imgs)
+    d = json.loads(json.dumps(good_ann))
+    d["annotations"][2]["segmentation"] = [[10.0, 10.0, 20.0, 20.0]]
+    aid = d["annotations"][2]["id"]
+    with pytest.raises(CocoFormatError, match=rf"annotation id {aid} .*invalid polygon 0 with 4 coordinates"):
+        CocoSource(_write(tmp_path, d), imgs)
+    d = json.loads(json.dumps(good_ann))
+    d["annotations"][0]["segmentation"] = [[1.0, 2.0, 3.0, 4.0, 5.0]]
+    with pytest.raises(CocoFormatError, match="invalid polygon 0 with 5 coordinates"):
+        CocoSource(_write(tmp_path, d), imgs)
+    d = json.loads(json.dumps(good_ann))
+    d["annotations"][0]["segmentation"] = []
+    with pytest.raises(CocoFormatError, match="empty 'segmentation'"):
+        CocoSource(_write(tmp_path, d), imgs)
+    d = json.loads(json.dumps(good_ann))
+    d["annotations"][0]["category_id"] = 9999
+    with pytest.raises(CocoFormatError, match="category_id 9999, which is not in 'categories'"):
+        CocoSource(_write(tmp_path, d), imgs)
+    d = json.loads(json.dumps(good_ann))
+    d["annotations"][0]["image_id"] = 12345
+    with pytest.raises(CocoFormatError, match="image_id 12345, which is not in 'images'"):
+        CocoSource(_write(tmp_path, d), imgs)
+    d = json.loads(json.dumps(good_ann))
+    d["annotations"][0]["bbox"] = [5, 5, 0, 10]
+    with pytest.raises(CocoFormatError, match="empty bbox"):
+        CocoSource(_write(tmp_path, d), imgs)
+    d = json.loads(json.dumps(good_ann))
+    im = d["images"][0]
+    d["annotations"][0]["segmentation"] = {"size": [im["height"] + 1, im["width"]], "counts": [1]}
+    with pytest.raises(CocoFormatError, match="RLE size"):
+        CocoSource(_write(tmp_path, d), imgs)
+    with pytest.raises(CocoFormatError, match="selects no image"):
+        parse_range("10:20", 4)
+
+
+def test_rle_masks_negatives_and_crowd_are_counted(tmp_path, coco8, good_ann):
+    from pycocotools import mask as mask_utils
+
+    d = json.loads(json.dumps(good_ann))
+    im0 = d["images"][0]
+    a0 = next(a for a in d["annotations"] if a["image_id"] == im0["id"])
+    src = CocoSource(_write(tmp_path, good_ann, "orig.json"), coco8 / "images" / "train")
+    poly_mask = src.masks_of(im0)[0][0]
+    # the same object as uncompressed and compressed RLE decodes to the same mask
+    rle = mask_utils.encode(__import__("numpy").asfortranarray(poly_mask))
+    counts = rle["counts"].decode()
+    a0["segmentation"] = {"size": [im0["height"], im0["width"]], "counts": counts}
+    crowd = dict(a0, id=99999, iscrowd=1)
+    d["annotations"].append(crowd)
+    last = d["images"][-1]["id"]
+    d["annotations"] = [a for a in d["annotations"] if a["image_id"] != last]  # one image without annotations
+    s = CocoSource(_write(tmp_path, d), coco8 / "images" / "train")
+    assert (s.masks_of(im0)[0][0] == poly_mask).all()
+    assert "1 image(s) without annotations kept as negatives; 1 crowd region(s)" in s.summary()
+    ds = CocoInstances(s, None, False, img_size=96)
+    img, t = ds[len(ds) - 1]
+    assert t["boxes"].shape == (0, 4) and t["masks"].shape[0] == 0 and max(img.shape[-2:]) == 96
+
+
+def test_dataset_resize_flip_lsj(coco8):
+    s = CocoSource(coco8 / "instances_coco8seg_train.json", coco8 / "images" / "train")
+    ev = CocoInstances(s, None, False, img_size=128)
+    img, t = ev[0]
+    assert max(img.shape[-2:]) == 128 and t["masks"].shape[-2:] == img.shape[-2:]
+    assert (t["boxes"][:, 2] <= img.shape[-1] + 1e-3).all() and (t["boxes"][:, 3] <= img.shape[-2] + 1e-3).all()
+    lsj = CocoInstances(s, None, True, img_size=96, lsj=True)
+    for i in range(len(lsj)):
+        img, t = lsj[i]
+        assert img.shape[-2:] == (96, 96) and t["masks"].shape[-2:] == (96, 96)
+        assert len(t["boxes"]) == len(t["labels"]) == len(t["masks"])
+        assert ((t["boxes"][:, 2:] - t["boxes"][:, :2]) >= 1).all()
+
+
+# ------------------------------------------------------------------ model
+@pytest.mark.parametrize("config", ["paper-det", "plain-det"])
+def test_backbone_levels_on_odd_rectangular_input(tiny_vit_sd, config):
+    bb = build_dense_backbone(str(tiny_vit_sd), config).eval()
+    with torch.no_grad():
+        feats = bb(torch.rand(1, 3, 64, 160))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(16, 40), (8, 20), (4, 10), (2, 5)]
+    assert [f.shape[1] for f in feats] == bb.out_channels
+    if config == "paper-det":
+        windows = [blk.attn.window_size for blk in bb.vit.blocks]
+        assert windows == [7, None, None, None]  # 4 blocks: baseline globals (0, 1, 2, 3), first one windowed
+        with torch.no_grad():
+            assert [tuple(f.shape[-2:]) for f in bb(torch.rand(1, 3, 67, 101))] == [(16, 25), (8, 13), (4, 7), (2, 4)]
+    else:
+        assert [blk.attn.window_size for blk in bb.vit.blocks] == [None] * 4
+        assert bb.out_indices == (0, 1, 2, 3)
+
+
+def test_plain_det_layout_for_12_blocks():
+    from hpvit.config import baseline_global_blocks
+    from hpvit.models.plain import plain_config
+
+    cfg = plain_config("plain-det", 12)
+    lay = cfg.resolve(12)
+    assert [i for i, w in enumerate(lay.windows) if w is None] == list(baseline_global_blocks(12)) == [2, 5, 8, 11]
+    assert all(w == 14 for i, w in enumerate(lay.windows) if i not in (2, 5, 8, 11))
+
+
+def test_maskrcnn_loss_decreases_and_odd_sizes(tiny_vit_sd, coco8):
+    torch.manual_seed(0)
+    s = CocoSource(coco8 / "instances_coco8seg_train.json", coco8 / "images" / "train")
+    images, targets = collate_detection([CocoInstances(s, None, False, img_size=96)[i] for i in (0,)])
+    m = build_detector(str(tiny_vit_sd), "paper-det", len(s.cat_ids), 96, fpn_channels=64,
+                       rcnn=dict(box_batch_size_per_image=32, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_train=200,
+                                 rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=100, representation_size=128))
+    m.train()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-4)
+    tg = [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets]
+    losses = []
+    for _ in range(4):
+        torch.manual_seed(1)  # the same RoI sampling every step: only the weights change
+        loss = sum(m(images, tg).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0], losses
+    m.eval()
+    with torch.no_grad():
+        out = m([torch.rand(3, 67, 101), torch.rand(3, 45, 130)])
+    for o, (h, w) in zip(out, ((67, 101), (45, 130))):
+        assert set(o) >= {"boxes", "labels", "scores", "masks"}
+        if len(o["boxes"]):
+            assert o["masks"].shape[-2:] == (h, w)
+            assert (o["boxes"][:, 2] <= w + 1e-3).all() and (o["boxes"][:, 3] <= h + 1e-3).all()
+
+
+def test_coco_metrics_perfect_and_empty(coco8):
+    s = CocoSource(coco8 / "instances_coco8seg_val.json", coco8 / "images" / "val")
+    gt = s.coco_gt()
+    preds = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
+              "segmentation": gt.annToRLE(a)} for a in gt.dataset["annotations"]]
+    for p in preds:
+        p["segmentation"] = dict(p["segmentation"], counts=p["segmentation"]["counts"].decode()
+                                 if isinstance(p["segmentation"]["counts"], bytes) else p["segmentation"]["counts"])
+    m = coco_metrics(gt, preds)
+    assert m["bbox_AP"] == pytest.approx(100.0) and m["segm_AP"] == pytest.approx(100.0)
+    assert set(m) == {f"{t}_{n}" for t in ("bbox", "segm") for n in STAT_NAMES}
+    z = coco_metrics(gt, [])
+    assert z["bbox_AP"] == 0.0 and z["segm_AP50"] == 0.0
+
+
+# ------------------------------------------------------------------ command line on real data
+def _cli(*args, env=None, check=True):
+    cmd = [sys.executable, "-m", "hpvit", *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HPVIT_PLAIN_LOG="1", **(env or {})),
+                       cwd=ROOT)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return r
+
+
+def test_cli_train_eval_resume_on_coco8(tmp_path, coco8, deit_tiny_path):
+    common = ["train", "det", "--init", deit_tiny_path, "--config", "paper-det",
+              "--ann", coco8 / "instances_coco8seg_train.json", "--images", coco8 / "images" / "train",
+              "--val-ann", coco8 / "instances_coco8seg_val.json", "--val-images-dir", coco8 / "images" / "val",
+              "--img-size", "128", "--batch-size", "2", "--epochs", "1", "--workers", "0", "--threads", "1",
+              "--ckpt-every-steps", "1", "--rcnn", "box_batch_size_per_image=64", "--rcnn", "rpn_post_nms_top_n_train=200"]
+    a = tmp_path / "a"
+    _cli(*common, "--out", a)
+    res = json.loads((a / "results.json").read_text())
+    for t in ("bbox", "segm"):
+        for n in STAT_NAMES:
+            assert f"{t}_{n}" in res
+    assert res["steps"] == 2 and res["eval_images"] == 4
+    assert isinstance(json.loads((a / "predictions.json").read_text()), list)
+    assert (a / "predictions.png").stat().st_size > 0
+    # killed after update 1 (mid-epoch), resumed: the same final weights as the uninterrupted run
+    b = tmp_path / "b"
+    r = _cli(*common, "--out", b, env={"HPVIT_FAULT_AT_STEP": "1"}, check=False)
+    assert r.returncode != 0 and (b / "checkpoint-last.pt").is_file() and not (b / "results.json").exists()
+    _cli(*common, "--out", b, "--resume")
+    assert json.loads((b / "results.json").read_text())["rank_param_digests"] == res["rank_param_digests"]
+    # eval det: results.json with the COCO summary, predictions json, PNG
+    out = tmp_path / "ev"
+    _cli("eval", "det", "--model", a, "--ann", coco8 / "instances_coco8seg_val.json", "--images",
+         coco8 / "images" / "val", "--out", out, "--threads", "1")
+    ev = json.loads((out / "results.json").read_text())
+    assert {"bbox_AP", "bbox_AP50", "segm_AP", "segm_AR100"} <= set(ev)
+    assert ev["bbox_AP"] == pytest.approx(res["bbox_AP"]) and ev["segm_AP"] == pytest.approx(res["segm_AP"])
+    assert (out / "predictions.png").is_file() and (out / "predictions.json").is_file()
+    # a broken annotation file is refused before any training, naming the problem
+    bad = json.loads((coco8 / "instances_coco8seg_train.json").read_text())
+    bad["images"][0]["file_name"] = "missing.jpg"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    r = _cli(*[c if c != coco8 / "instances_coco8seg_train.json" else tmp_path / "bad.json" for c in common],
+             "--out", tmp_path / "c", check=False)
+    assert r.returncode == 2 and "missing.jpg" in r.stderr

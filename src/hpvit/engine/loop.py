@@ -151,8 +151,10 @@ class Trainer:
             optimizer.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             scaler.load_state_dict(ckpt["scaler"])
-            if ema is not None:
+            if ema is not None and ckpt["ema"] is not None:
                 ema.load_state_dict(ckpt["ema"])
+            elif ema is not None:
+                log("the checkpoint has no EMA weights (EMA was off): the EMA starts from the resumed weights", main)
             epoch, step_in_epoch, gstep = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
             train_time, images_seen, prior_wall = ckpt["train_time"], ckpt["images_seen"], ckpt["wall_time"]
             history = json.loads(ckpt["history"])

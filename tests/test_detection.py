@@ -14,6 +14,8 @@ import torch
 
 from helpers import random_timm_vit
 
+pytest.importorskip("pycocotools", reason="detection needs pycocotools (pip install 'hpvit[dense]')")
+
 from hpvit.data.coco import CocoFormatError, CocoInstances, CocoSource, collate_detection, parse_range
 from hpvit.models.plain import build_dense_backbone
 from hpvit.tasks.detection import STAT_NAMES, build_detector, coco_metrics
@@ -217,12 +219,15 @@ def _cli(*args, env=None, check=True):
     return r
 
 
+@pytest.mark.slow
 def test_cli_train_eval_resume_on_coco8(tmp_path, coco8, deit_tiny_path):
     common = ["train", "det", "--init", deit_tiny_path, "--config", "paper-det",
               "--ann", coco8 / "instances_coco8seg_train.json", "--images", coco8 / "images" / "train",
               "--val-ann", coco8 / "instances_coco8seg_val.json", "--val-images-dir", coco8 / "images" / "val",
-              "--img-size", "128", "--batch-size", "2", "--epochs", "1", "--workers", "0", "--threads", "1",
-              "--ckpt-every-steps", "1", "--rcnn", "box_batch_size_per_image=64", "--rcnn", "rpn_post_nms_top_n_train=200"]
+              "--img-size", "96", "--batch-size", "2", "--epochs", "1", "--workers", "0", "--threads", "1",
+              "--ckpt-every-steps", "1", "--rcnn", "box_batch_size_per_image=32", "--rcnn", "rpn_post_nms_top_n_train=100",
+              "--rcnn", "rpn_pre_nms_top_n_test=200", "--rcnn", "rpn_post_nms_top_n_test=100",
+              "--rcnn", "representation_size=128"]
     a = tmp_path / "a"
     _cli(*common, "--out", a)
     res = json.loads((a / "results.json").read_text())

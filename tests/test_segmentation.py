@@ -175,6 +175,7 @@ def _cli(*args, env=None, check=True):
     return r
 
 
+@pytest.mark.slow
 def test_cli_train_eval_and_exact_resume(tmp_path, camvid_crops, deit_tiny_path):
     common = ["train", "seg", "--init", deit_tiny_path, "--data", camvid_crops, "--layout", "camvid",
               "--base-size", "80", "--img-size", "64", "--batch-size", "2", "--epochs", "2", "--workers", "0",

@@ -201,6 +201,7 @@ class CocoSource:
 
     def masks_of(self, img: dict) -> tuple[np.ndarray, list[dict]]:
         """Non-crowd annotations of ``img`` and their masks ``(N, H, W)`` uint8 at the original size."""
+        _pycocotools()
         from pycocotools import mask as mask_utils
 
         h, w = img["height"], img["width"]
@@ -219,6 +220,7 @@ class CocoSource:
 
     def coco_gt(self, indices: Sequence[int] | None = None):
         """A pycocotools ``COCO`` object over the images ``indices`` (all when None)."""
+        _pycocotools()
         from pycocotools.coco import COCO
 
         imgs = self.images if indices is None else [self.images[i] for i in indices]
@@ -234,6 +236,14 @@ class CocoSource:
         with contextlib.redirect_stdout(io.StringIO()):
             gt.createIndex()
         return gt
+
+
+def _pycocotools():
+    try:
+        import pycocotools  # noqa: F401
+    except ImportError as e:
+        raise HPViTError("COCO masks and evaluation need pycocotools: pip install 'hpvit[dense]' "
+                         "(or pip install pycocotools)") from e
 
 
 def load_rgb(path: Path):

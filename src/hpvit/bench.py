@@ -180,14 +180,13 @@ def time_round_robin(
     timer = Timer(device)
     times: dict[str, list[float]] = {k: [] for k in workloads}
     for r in range(warmup + iters):
+        last = {}
         for name, fn in workloads.items():
-            t = timer(fn)
+            last[name] = t = timer(fn)
             if r >= warmup:
                 times[name].append(t)
-        tag = "warm-up" if r < warmup else "round"
-        log(f"  {tag} {r + 1 - (0 if r < warmup else warmup)}: " + ", ".join(
-            f"{k.split('/')[-1] if k.startswith('hpvit') else k.split('_')[0]}={t * 1e3:.0f}ms"
-            for k, t in ((k, v[-1] if v else float('nan')) for k, v in times.items())))
+        tag = f"warm-up {r + 1}" if r < warmup else f"round {r + 1 - warmup}"
+        log(f"  {tag}: " + ", ".join(f"{k}={t * 1e3:.0f}ms" for k, t in last.items()))
     return times
 
 

@@ -300,3 +300,21 @@ def test_timm_hub_offline_error(monkeypatch):
         timm.create_model("hpvit_base_patch16_224.mae", pretrained=True)
     with pytest.raises(hpvit.OfflineError, match="local path"):
         hpvit.load_plain("timm:vit_base_patch16_224.mae")
+
+
+def test_small_maps_do_not_run_mlps_on_window_padding(sd4):
+    """At 64 px the 16x16 stage-1 map would pad to 21x21 windows: the MLPs must still only see the
+    16x16 real tokens, so the cost stays close to the unpadded 56 px model's (scaled by token count)."""
+    from hpvit.analysis import count_flops
+
+    m = hpvit.from_plain(tiny_plain(depth=4, dim=64), "paper-cls").eval()
+    f56 = count_flops(m, torch.zeros(1, 3, 56, 56))
+    f64 = count_flops(m, torch.zeros(1, 3, 64, 64))
+    # tokens grow by (16*16)/(14*14) = 1.31; padded MLPs would make it (21*21)/(14*14) = 2.25
+    assert f64 / f56 < 1.6
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        t = m._embed(x)
+        for blk in m.blocks:
+            t = blk(t)
+        assert torch.allclose(m(x), m.forward_head(m.norm(t)), atol=1e-5)

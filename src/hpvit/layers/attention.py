@@ -265,6 +265,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
             x = self.downsample(x)
+        return self.forward_map(x)
+
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The block without ``downsample`` on a map ``(B, H, W, D)`` (or a sequence): window attention
+        pads and crops inside, so the MLP only ever sees real tokens."""
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x

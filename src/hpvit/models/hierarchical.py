@@ -26,6 +26,10 @@ from ..layers import Block, Downsample, PatchEmbed, pad_partition, resample_abs_
 # by the C allocator instead of being mmap-ed and page-faulted afresh (glibc mmaps blocks > 32 MiB).
 CHUNK_BYTES = 24 * 2**20
 
+# A run of windowed blocks keeps its tokens in window order (one partition per run) unless padding would
+# add more than this factor of tokens; then each block pads inside its attention only (see _run_segment).
+PAD_FALLBACK = 1.10
+
 
 
 class StagePool(nn.Module):
@@ -272,6 +276,16 @@ class HierarchicalViT(nn.Module):
                 t = self._run_block(blk, t, None, 1, b)
             return t.view(b, h, w, d)
         b, h, w, d = x.shape
+        hp, wp = h + (-h) % ws, w + (-w) % ws
+        if hp * wp > PAD_FALLBACK * h * w:
+            # padding would be a large share of the windows (small or odd maps): keeping the map in window
+            # order would run the MLPs on the padding too, so pad only inside each block's attention
+            for blk in self.blocks[start:stop]:
+                if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                    x = checkpoint(blk.forward_map, x, use_reentrant=False)
+                else:
+                    x = blk.forward_map(x)
+            return x
         xw, key_ok = pad_partition(x, ws)
         groups = 1 if key_ok is None else key_ok.shape[0]
         for blk in self.blocks[start:stop]:

@@ -15,6 +15,7 @@ import torch
 from helpers import random_timm_vit
 
 pytest.importorskip("pycocotools", reason="detection needs pycocotools (pip install 'hpvit[dense]')")
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 from hpvit.data.coco import CocoFormatError, CocoInstances, CocoSource, collate_detection, parse_range
 from hpvit.models.plain import build_dense_backbone

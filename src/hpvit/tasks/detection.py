@@ -193,7 +193,8 @@ def coco_metrics(gt, preds: list[dict]) -> dict[str, float]:
 
 def draw_predictions(images: list[torch.Tensor], outputs: list[dict], names: list[str], path: Path,
                      score_thresh: float = 0.3, max_per_image: int = 20) -> Path:
-    """Boxes, masks and class names drawn on ``images`` (float (3, h, w) in [0, 1]), side by side in one PNG."""
+    """Boxes, masks and "class score" labels drawn on ``images`` (float (3, h, w) in [0, 1]), side by side in
+    one PNG: detections scoring >= ``score_thresh`` (at most ``max_per_image``), else the 3 best."""
     from PIL import Image
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
@@ -202,7 +203,10 @@ def draw_predictions(images: list[torch.Tensor], outputs: list[dict], names: lis
     wmax = max(im.shape[-1] for im in images)
     for im, out in zip(images, outputs):
         img = (im.detach().cpu().clamp(0, 1) * 255).to(torch.uint8)
-        keep = (out["scores"].detach().cpu() >= score_thresh).nonzero().flatten()[:max_per_image]
+        scores = out["scores"].detach().cpu()
+        keep = (scores >= score_thresh).nonzero().flatten()[:max_per_image]
+        if not len(keep):  # a weak model: still show its 3 best guesses (the labels carry their scores)
+            keep = scores.argsort(descending=True)[:3]
         if len(keep):
             boxes = out["boxes"].detach().float().cpu()[keep]
             labels = [f"{names[int(l) - 1]} {float(s):.2f}" for l, s in

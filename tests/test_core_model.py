@@ -314,7 +314,7 @@ def test_small_maps_do_not_run_mlps_on_window_padding(sd4):
     assert f64 / f56 < 1.6
     x = torch.randn(1, 3, 64, 80)
     with torch.no_grad():
-        t = m._embed(x)
+        t = m.embed(x)
         for blk in m.blocks:
             t = blk(t)
         assert torch.allclose(m(x), m.forward_head(m.norm(t)), atol=1e-5)

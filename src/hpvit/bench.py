@@ -89,7 +89,7 @@ class NaiveHPViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
         with torch.enable_grad():
-            y = m._embed(x)
+            y = m.embed(x)
             for s in range(m.layout.num_stages):
                 if m.layout.depths[s] == 0 and s > 0:
                     y = m.empty_stages[str(s)](y)

@@ -207,7 +207,10 @@ class HierarchicalViT(nn.Module):
         grid = self.pos_embed[:, self.pos_embed_prefix:].view(1, gh, gw, -1)
         return resample_abs_pos_embed(grid, (h, w))
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` -> the first stage's input: a map ``(B, H0, W0, D)`` with the (resampled)
+        position embedding and ``norm_pre`` applied, or, when prefix tokens are kept (``identity``), the
+        plain ViT's token sequence ``(B, prefix + H0 * W0, D)``. Validates the input size."""
         self._check_input(x)
         x = self.patch_embed(x)  # (B, H0, W0, D)
         b, h, w, d = x.shape
@@ -305,7 +308,7 @@ class HierarchicalViT(nn.Module):
 
     # ------------------------------------------------------------------ forward API
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._embed(x)
+        x = self.embed(x)
         for s in range(self.layout.num_stages):
             x = self._run_stage(x, s)
         return self.norm(x)
@@ -357,7 +360,7 @@ class HierarchicalViT(nn.Module):
             raise ConfigError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         last = max(take) if stop_early else n - 1
         gh, gw = self.patch_embed.grid(x.shape[-2], x.shape[-1])
-        x = self._embed(x)
+        x = self.embed(x)
         feats = []
         for s in range(last + 1):
             x = self._run_stage(x, s)

@@ -35,7 +35,6 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import HPViTConfig, baseline_global_blocks
 from ..errors import ConfigError, InputError
-from ..layers import resample_abs_pos_embed
 from .necks import LayerNorm2d, PyramidBackbone
 
 PLAIN_DET = HPViTConfig(
@@ -125,13 +124,7 @@ class PlainPyramidBackbone(nn.Module):
         m = self.min_input_size
         if x.shape[-2] < m or x.shape[-1] < m:
             raise InputError(f"input {x.shape[-2]}x{x.shape[-1]} is smaller than the plain baseline's minimum {m}x{m}")
-        v = self.vit
-        t = v.patch_embed(x)
-        if v.pos_embed is not None:
-            gh, gw = v.pos_grid
-            grid = v.pos_embed[:, v.pos_embed_prefix:].view(1, gh, gw, -1)
-            t = t + resample_abs_pos_embed(grid, tuple(t.shape[1:3]))
-        return v.norm_pre(t)
+        return self.vit.embed(x)
 
     def forward_blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The outputs of blocks ``out_indices`` as NCHW maps ``(B, D, floor(H/16), floor(W/16))``."""

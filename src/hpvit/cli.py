@@ -17,6 +17,25 @@ from .errors import HPViTError
 TASK_MODULES = ("classification", "detection", "segmentation")
 
 
+def parse_key_values(items: list[str] | None, flag: str = "--set") -> dict:
+    """``["a=1", "b=gelu"]`` -> ``{"a": 1, "b": "gelu"}``: values parse as JSON when they can, else stay
+    strings. Used by every ``KEY=VALUE`` flag (``--spec``, ``--set``, ``--rcnn``)."""
+    import json
+
+    from .errors import ConfigError
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
 def _task_modules():
     mods = []
     for name in TASK_MODULES:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import parse_key_values
 from .config import HPViTConfig, get_config
 from .errors import ConfigError
 
@@ -27,20 +28,6 @@ def _config_arg(value: str) -> "str | HPViTConfig":
     return get_config(value)
 
 
-def parse_spec_overrides(items: list[str]) -> dict:
-    """``["act=gelu", "num_heads=16"]`` -> ``{"act": "gelu", "num_heads": 16}`` (JSON values, else strings)."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--spec expects KEY=VALUE, got {item!r} (e.g. --spec act=gelu)")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
-
-
 def _build(src: str, config: str, num_classes: int | None = None, format: str | None = None, spec: list[str] | None = None):
     """A model from a plain checkpoint, or from an hpvit file (whose stored config wins)."""
     from .checkpoints.native import is_hpvit_file, load
@@ -50,7 +37,7 @@ def _build(src: str, config: str, num_classes: int | None = None, format: str | 
         return load(src), None
     from .checkpoints import load_plain
 
-    plain = load_plain(src, format=format, **parse_spec_overrides(spec))
+    plain = load_plain(src, format=format, **parse_key_values(spec, "--spec"))
     return from_plain(plain, config=_config_arg(config), num_classes=num_classes), plain
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..engine.recipe import Recipe, load_recipe
 from ..engine.task import Task
+from ..cli import parse_key_values
 
 TASK = "cls"
 TRAIN_HELP = "fine-tune a classifier on an ImageFolder directory or zip (train/ + val/ or test/)"
@@ -186,19 +187,6 @@ def classification_metrics(s: dict[str, float]) -> dict[str, float]:
 
 
 # -------------------------------------------------------------------- command line
-def _parse_set(items: list[str] | None) -> dict[str, Any]:
-    out = {}
-    for it in items or []:
-        if "=" not in it:
-            raise ConfigError(f"--set expects KEY=VALUE, got {it!r}")
-        k, v = it.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
-
-
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", required=True, help="plain ViT checkpoint (file, HF folder, timm:<name>) or an hpvit .safetensors")
     p.add_argument("--config", default="paper-cls", help="paper-cls (default), identity (the plain baseline), ... or a JSON file")
@@ -237,7 +225,7 @@ def build_recipe(args) -> Recipe:
              "ema": args.ema, "grad_checkpointing": args.grad_checkpointing, "num_workers": args.workers,
              "seed": args.seed, "deterministic": args.deterministic}
     changes = {k: v for k, v in flags.items() if v is not None}
-    changes.update(_parse_set(args.set))
+    changes.update(parse_key_values(args.set, "--set"))
     return r.replace(**changes) if changes else r
 
 

@@ -30,6 +30,7 @@ from ..data.coco import CocoFormatError, CocoInstances, CocoSource, collate_dete
 from ..engine.recipe import Recipe, load_recipe
 from ..engine.task import Task
 from ..errors import ConfigError
+from ..cli import parse_key_values
 
 TASK = "det"
 TRAIN_HELP = "train Mask R-CNN (FPN) on a transformed or plain ViT backbone with COCO-format data"
@@ -359,19 +360,6 @@ def visualize(model: MaskRCNNModel, ds: CocoInstances, names: list[str], path: P
 
 
 # -------------------------------------------------------------------- command line
-def _parse_set(items):
-    out = {}
-    for it in items or []:
-        if "=" not in it:
-            raise ConfigError(f"--set expects KEY=VALUE, got {it!r}")
-        k, v = it.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
-
-
 def add_common_train_args(p: argparse.ArgumentParser, default_config: str, configs: str) -> None:
     p.add_argument("--init", required=True, help="plain ViT checkpoint (file, HF folder, timm:<name>)")
     p.add_argument("--config", default=default_config, help=configs)
@@ -406,7 +394,7 @@ def build_dense_recipe(args, defaults: dict[str, Any]) -> Recipe:
              "grad_checkpointing": args.grad_checkpointing, "num_workers": args.workers, "seed": args.seed,
              "eval_every_epochs": args.eval_every, "ckpt_every_steps": args.ckpt_every_steps}
     changes = {k: v for k, v in flags.items() if v is not None}
-    changes.update(_parse_set(args.set))
+    changes.update(parse_key_values(args.set, "--set"))
     return r.replace(**changes) if changes else r
 
 
@@ -432,7 +420,7 @@ def run_train(args) -> int:
     recipe = build_dense_recipe(args, DET_DEFAULTS)
     task = DetectionTask(args.init, args.config, args.ann, args.images, recipe, args.out, args.train_images,
                          args.val_ann, args.val_images_dir, args.val_images, args.lsj, args.format,
-                         rcnn=_parse_set(args.rcnn))
+                         rcnn=parse_key_values(args.rcnn, "--rcnn"))
     run_cfg = {k: v for k, v in vars(args).items() if k != "func"}
     Trainer(task, recipe, args.out, resume=args.resume, device=args.device, run_config=run_cfg).run()
     return 0

@@ -31,3 +31,13 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_sd(tmp_path_factory):
+    """A random 4-block ViT-Tiny-width plain checkpoint, saved as a state-dict file."""
+    from helpers import random_timm_vit
+
+    p = tmp_path_factory.mktemp("vit") / "tiny.pth"
+    torch.save(random_timm_vit(0, depth=4).state_dict(), p)
+    return p

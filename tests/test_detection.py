@@ -27,14 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_vit_sd(tmp_path_factory):
-    m = random_timm_vit(0, depth=4)
-    p = tmp_path_factory.mktemp("vit") / "tiny.pth"
-    torch.save(m.state_dict(), p)
-    return p
-
-
-@pytest.fixture(scope="module")
 def coco8():
     return shared_path("coco", "coco8-seg")
 

@@ -25,15 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_vit_sd(tmp_path_factory):
-    """A random 4-block ViT-Tiny-width plain checkpoint (state dict file)."""
-    m = random_timm_vit(0, depth=4)
-    p = tmp_path_factory.mktemp("vit") / "tiny.pth"
-    torch.save(m.state_dict(), p)
-    return p
-
-
-@pytest.fixture(scope="module")
 def camvid_crops(tmp_path_factory):
     """A CamVid-layout folder of real CamVid crops: 4 train, 2 val, 101x75 (odd, rectangular)."""
     src = shared_path("camvid")

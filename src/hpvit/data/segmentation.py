@@ -64,12 +64,8 @@ class Layout:
     notes: str = ""
 
 
-def _camvid_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
-    img_dir, lab_dir = root / split, root / f"{split}annot"
-    for d in (img_dir, lab_dir):
-        if not d.is_dir():
-            raise SegDataError(f"CamVid layout: {d} does not exist; ROOT must hold {split}/ and {split}annot/ "
-                               "(images and label PNGs of the same names)")
+def _pair_by_stem(img_dir: Path, lab_dir: Path) -> list[tuple[Path, Path]]:
+    """(image, label PNG of the same stem) pairs; every image must have its label."""
     out, missing = [], []
     for p in sorted(img_dir.iterdir()):
         if p.suffix.lower() not in IMG_EXTS:
@@ -80,6 +76,15 @@ def _camvid_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
         raise SegDataError(f"{len(missing)} image(s) in {img_dir} have no label PNG in {lab_dir}, e.g. {missing[:3]}; "
                            "add the labels or remove those images")
     return out
+
+
+def _camvid_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    img_dir, lab_dir = root / split, root / f"{split}annot"
+    for d in (img_dir, lab_dir):
+        if not d.is_dir():
+            raise SegDataError(f"CamVid layout: {d} does not exist; ROOT must hold {split}/ and {split}annot/ "
+                               "(images and label PNGs of the same names)")
+    return _pair_by_stem(img_dir, lab_dir)
 
 
 def _camvid_map(lab: np.ndarray) -> np.ndarray:
@@ -94,15 +99,7 @@ def _ade_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     for d in (img_dir, lab_dir):
         if not d.is_dir():
             raise SegDataError(f"ADE20K layout: {d} does not exist; ROOT must hold images/{sub}/ and annotations/{sub}/")
-    out, missing = [], []
-    for p in sorted(img_dir.iterdir()):
-        if p.suffix.lower() not in IMG_EXTS:
-            continue
-        lab = lab_dir / (p.stem + ".png")
-        (out.append((p, lab)) if lab.is_file() else missing.append(p.name))
-    if missing:
-        raise SegDataError(f"{len(missing)} image(s) in {img_dir} have no label in {lab_dir}, e.g. {missing[:3]}")
-    return out
+    return _pair_by_stem(img_dir, lab_dir)
 
 
 def _ade_map(lab: np.ndarray) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from ..errors import ConfigError
 from ..engine.recipe import Recipe, load_recipe
 from ..engine.task import Task
 from ..cli import parse_key_values
+from ._cli import run_training
 
 TASK = "cls"
 TRAIN_HELP = "fine-tune a classifier on an ImageFolder directory or zip (train/ + val/ or test/)"
@@ -230,15 +230,11 @@ def build_recipe(args) -> Recipe:
 
 
 def run_train(args) -> int:
-    from ..engine.loop import Trainer
-
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = build_recipe(args)
     task = ClassificationTask(args.init, args.data, recipe, args.config, args.num_classes, args.head, args.format)
-    run_cfg = {k: v for k, v in vars(args).items() if k != "func"}
-    Trainer(task, recipe, args.out, resume=args.resume, device=args.device, run_config=run_cfg).run()
-    return 0
+    return run_training(task, recipe, args)
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:

@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.coco import CocoFormatError, CocoInstances, CocoSource, collate_detection, parse_range
+from ..data.coco import CocoInstances, CocoSource, collate_detection, parse_range
 from ..engine.recipe import Recipe, load_recipe
 from ..engine.task import Task
 from ..errors import ConfigError
 from ..cli import parse_key_values
+from ._cli import eval_out_dir, run_training
 
 TASK = "det"
 TRAIN_HELP = "train Mask R-CNN (FPN) on a transformed or plain ViT backbone with COCO-format data"
@@ -413,17 +414,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
-    from ..engine.loop import Trainer
-
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = build_dense_recipe(args, DET_DEFAULTS)
     task = DetectionTask(args.init, args.config, args.ann, args.images, recipe, args.out, args.train_images,
                          args.val_ann, args.val_images_dir, args.val_images, args.lsj, args.format,
                          rcnn=parse_key_values(args.rcnn, "--rcnn"))
-    run_cfg = {k: v for k, v in vars(args).items() if k != "func"}
-    Trainer(task, recipe, args.out, resume=args.resume, device=args.device, run_config=run_cfg).run()
-    return 0
+    return run_training(task, recipe, args)
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -446,8 +443,7 @@ def run_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, meta = load_detector(args.model)
-    mp = Path(args.model)
-    out = Path(args.out) if args.out else (mp if mp.is_dir() else mp.parent) / "eval"
+    out = eval_out_dir(args.model, args.out)
     src = CocoSource(args.ann, args.images)
     if src.cat_ids != meta["cat_ids"]:
         raise ConfigError(f"{args.ann}: its categories differ from the model's ({len(src.cat_ids)} vs "

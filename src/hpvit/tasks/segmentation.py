@@ -28,7 +28,8 @@ from ..data.segmentation import IGNORE, SegDataset, collate_seg, colorize, get_l
 from ..engine.recipe import Recipe
 from ..engine.task import Task
 from ..errors import ConfigError
-from .detection import _dist_info, add_common_train_args, build_dense_recipe
+from ._cli import eval_out_dir, run_training
+from .detection import add_common_train_args, build_dense_recipe
 
 TASK = "seg"
 TRAIN_HELP = "train UperNet on a transformed or plain ViT backbone (CamVid / ADE20K / Cityscapes layouts)"
@@ -323,17 +324,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
-    from ..engine.loop import Trainer
-
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = build_dense_recipe(args, SEG_DEFAULTS)
     task = SegmentationTask(args.init, args.config, args.data, args.layout, recipe, args.out, args.train_split,
                             args.val_split or None, args.base_size, args.mode, args.head_channels, args.format,
                             args.max_train_images, args.max_val_images)
-    run_cfg = {k: v for k, v in vars(args).items() if k != "func"}
-    Trainer(task, recipe, args.out, resume=args.resume, device=args.device, run_config=run_cfg).run()
-    return 0
+    return run_training(task, recipe, args)
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -355,8 +352,7 @@ def run_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, meta = load_segmenter(args.model)
-    mp = Path(args.model)
-    out = Path(args.out) if args.out else (mp if mp.is_dir() else mp.parent) / "eval"
+    out = eval_out_dir(args.model, args.out)
     out.mkdir(parents=True, exist_ok=True)
     layout = get_layout(args.layout)
     if list(layout.classes) != list(meta["classes"]):

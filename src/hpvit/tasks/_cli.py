@@ -1,0 +1,22 @@
+"""Command-line plumbing shared by the task modules (train/eval commands)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run_training(task, recipe, args) -> int:
+    """Run ``task`` with the shared engine; the whole command line is recorded in results.json."""
+    from ..engine.loop import Trainer
+
+    run_cfg = {k: v for k, v in vars(args).items() if k != "func"}
+    Trainer(task, recipe, args.out, resume=args.resume, device=args.device, run_config=run_cfg).run()
+    return 0
+
+
+def eval_out_dir(model: str, out: str | None) -> Path:
+    """``--out`` if given, else ``eval/`` next to the model (its run directory, or the file's folder)."""
+    if out:
+        return Path(out)
+    mp = Path(model)
+    return (mp if mp.is_dir() else mp.parent) / "eval"

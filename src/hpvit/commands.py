@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -53,6 +52,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _warn_non_finite(state_dict: dict, src: str) -> list[str]:
+    """Print a warning naming the tensors of ``src`` that hold NaN or inf values; returns their names."""
+    bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        print(f"hpvit: warning: {len(bad)} tensor(s) of {src} hold NaN or inf values, e.g. {bad[:3]}; the converted "
+              "model will output NaN. The source checkpoint is damaged (or diverged in training): use another copy",
+              file=sys.stderr)
+    return bad
+
+
 def cmd_convert(args) -> int:
     from .checkpoints.native import save
 
@@ -68,6 +77,7 @@ def cmd_convert(args) -> int:
         raise ConfigError(f"{args.src} is already an hpvit file; nothing to convert")
     print(f"detected format: {plain.format}")
     print(plain.summary())
+    _warn_non_finite(plain.state_dict, args.src)
     print(model.reuse_report().summary())
     if args.validate:
         from .checkpoints import validate as _validate
@@ -189,12 +199,13 @@ def cmd_demo(args) -> int:
         ax.axis("off")
     fig.suptitle(f"hpvit {model.config.name} from {plain.source} — feature maps (first 3 principal components)", fontsize=10)
     fig.tight_layout()
+    from .checkpoints.io import atomic_write
+
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, out)
-    plt.close(fig)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), force=True)
+    finally:
+        plt.close(fig)
     print()
     print(f"input: {img_name}; pyramid: " + ", ".join(f"1/{s} {tuple(m.shape)}" for s, m in zip(model.strides, maps)))
     print(f"wrote {out} in {time.time() - t0:.1f}s")

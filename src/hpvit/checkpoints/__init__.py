@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -40,23 +42,67 @@ class PlainViT:
         return "\n".join(lines)
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection within ``timeout`` seconds (True behind a proxy,
+    which cannot be probed this way). Lets an offline machine fail in seconds instead of retrying for a minute."""
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    u = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((u.hostname or "huggingface.co", u.port or (443 if u.scheme != "http" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_cache_only() -> Iterator[None]:
+    """huggingface_hub in offline mode: weights come from the local cache or fail at once."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - timm always brings it
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def _from_hub(name: str) -> tuple[dict[str, torch.Tensor], str]:
     import timm
 
+    offline = not _hub_reachable()
     try:
-        m = timm.create_model(name, pretrained=True)
+        with _hub_cache_only() if offline else contextlib.nullcontext():
+            m = timm.create_model(name, pretrained=True)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise CheckpointError(f"timm:{name}: timm has no model named {name!r} (see timm.list_models('vit_*'))") from e
-        raise
+        if not offline:
+            raise
+        raise _offline_error(name, e, offline) from e
     except Exception as e:  # network errors come in many types (OSError, requests, huggingface_hub...)
-        raise OfflineError(
-            f"timm:{name}: downloading the pretrained weights failed ({type(e).__name__}: {str(e)[:200]}). "
-            "If this machine is offline, download the file elsewhere and pass its local path instead "
-            f"(e.g. `hpvit convert /path/to/{name}.safetensors ...` or hpvit.load_plain('/path/to/file.pth'))"
-        ) from e
+        raise _offline_error(name, e, offline) from e
     _HUB_OVERRIDES[f"timm:{name}"] = timm_model_overrides(m)
     return {k: v.detach().clone() for k, v in m.state_dict().items()}, f"timm:{name}"
+
+
+def _offline_error(name: str, e: Exception, offline: bool) -> OfflineError:
+    why = ("the Hugging Face Hub cannot be reached from this machine and the weights are not in the local cache"
+           if offline else f"downloading the pretrained weights failed ({type(e).__name__}: {str(e)[:200]})")
+    return OfflineError(
+        f"timm:{name}: {why}. If this machine is offline, download the file elsewhere and pass its local path instead "
+        f"(e.g. `hpvit convert /path/to/{name}.safetensors ...` or hpvit.load_plain('/path/to/file.pth'))"
+    )
 
 
 _HUB_OVERRIDES: dict[str, dict[str, Any]] = {}

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import pickle
-import tempfile
+import secrets
+import shutil
+import stat
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OutputError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 WRAPPER_KEYS = ("model", "state_dict", "model_state", "module", "model_ema", "teacher")
@@ -92,28 +96,114 @@ def unwrap_state_dict(obj: dict[str, Any], source: str = "<state_dict>") -> dict
     return tensors
 
 
+TEMP_SUFFIX = ".hpvit-tmp"
+
+
+def temp_path_for(dst: Path) -> Path:
+    """A fresh temporary name next to ``dst``: ``.<name>.<pid>.<random>.hpvit-tmp`` (same folder, so the final
+    rename is atomic; the pid lets :func:`clean_stale_temps` tell a dead writer's leftovers from a live one's)."""
+    return dst.with_name(f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temps(folder: "str | os.PathLike", name: str | None = None) -> list[Path]:
+    """Delete hpvit temp files in ``folder`` (only those for target ``name`` when given) whose writing process
+    is gone (killed mid-write). Returns the deleted paths. Files of live processes are left alone."""
+    d = Path(folder)
+    if not d.is_dir():
+        return []
+    removed = []
+    for f in d.glob(f".{name or '*'}.*{TEMP_SUFFIX}"):
+        parts = f.name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        try:
+            f.unlink()
+            removed.append(f)
+        except OSError:
+            pass
+    return removed
+
+
+def _target_mode(dst: Path) -> int:
+    """The mode a new ``dst`` gets: that of the file it replaces, else 0o666 minus the umask (like ``open``)."""
+    try:
+        return stat.S_IMODE(dst.stat().st_mode)
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
+def write_error(dst: Path, e: BaseException) -> OutputError:
+    """An :class:`OutputError` for a failed write of ``dst``: names the target (never a temp file) and the fix."""
+    free = ""
+    try:
+        free = f"; {shutil.disk_usage(dst.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        pass
+    err = getattr(e, "errno", None)
+    text = str(e)
+    if err == errno.ENOSPC or "unexpected pos" in text or "failed writing" in text or "No space left" in text:
+        return OutputError(f"cannot write {dst}: the disk is full{free}; free some space or choose an output on "
+                           "another disk, then run again")
+    if err in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "the file system is read-only" if err == errno.EROFS else "permission denied"
+        return OutputError(f"cannot write {dst}: {why}; choose a writable output folder (or fix the folder's "
+                           "permissions)")
+    return OutputError(f"cannot write {dst} ({type(e).__name__}: {text.splitlines()[0][:200] if text else ''}); "
+                       f"check that {dst.parent} is writable and has free space{free}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], force: bool = False) -> Path:
     """Call ``write(tmp_path)`` then atomically rename onto ``path``.
 
     The destination is never left half-written: either the old file (or nothing) or the complete new one.
-    Refuses to replace an existing file unless ``force``.
+    The temp file (``.<name>.<pid>.<random>.hpvit-tmp``) sits next to ``path``; leftovers of killed writers
+    are removed on the next write of the same target. The result keeps the mode of the file it replaces,
+    else gets the umask's default. Refuses to replace an existing file unless ``force``. Failures to write
+    (read-only folder, disk full...) raise :class:`~hpvit.errors.OutputError` naming ``path``.
     """
     dst = Path(path)
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} exists; refusing to overwrite it (use --force / force=True to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=str(dst.parent))
-    os.close(fd)
     try:
-        write(tmp)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(dst, e) from e
+    clean_stale_temps(dst.parent, dst.name)
+    mode = _target_mode(dst)
+    tmp = temp_path_for(dst)
+    try:
+        write(str(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, FileExistsError):
+            raise write_error(dst, e) from e
         raise
     return dst
+
+
+def write_text_atomic(path: "str | os.PathLike", text: str) -> Path:
+    """Replace the text file ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text), force=True)
 
 
 def read_folder_or_file(path: str) -> dict[str, Any]:

@@ -72,13 +72,34 @@ def load(path: "str | os.PathLike", map_location: str = "cpu"):
             f"{path}: no hpvit metadata; this is not a file written by hpvit.save. For a plain ViT checkpoint use "
             "hpvit.from_plain(path, config=...) (or `hpvit convert`)"
         )
-    cfg = HPViTConfig.from_dict(json.loads(meta["hpvit_config"]))
-    spec = PlainSpec.from_dict(json.loads(meta["hpvit_spec"]))
-    model = HierarchicalViT(spec, cfg, num_classes=int(meta["num_classes"]))
+    try:
+        cfg = HPViTConfig.from_dict(json.loads(meta["hpvit_config"]))
+        spec = PlainSpec.from_dict(json.loads(meta["hpvit_spec"]))
+        model = HierarchicalViT(spec, cfg, num_classes=int(meta.get("num_classes", "")))
+    except Exception as e:  # bad JSON, unknown/invalid fields, impossible sizes: the metadata was altered
+        raise CheckpointError(
+            f"{path}: the hpvit metadata (config / spec / num_classes) is damaged and cannot rebuild the model "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); the file was edited or corrupted. "
+            "Re-create it from the original checkpoint with `hpvit convert` (or save the model again with hpvit.save)"
+        ) from e
     if meta.get("head_type") and meta["head_type"] != model.head_type:
         model.head_type = meta["head_type"]
     sd = load_file(os.fspath(path), device=map_location)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing, unexpected = model.load_state_dict(sd, strict=False) if _shapes_fit(model, sd, path) else ([], [])
     if missing or unexpected:
-        raise CheckpointError(f"{path}: tensors do not match the stored config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise CheckpointError(f"{path}: tensors do not match the stored config (missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}); the file was edited or corrupted. Re-create it with `hpvit convert`")
     return model
+
+
+def _shapes_fit(model, sd: dict, path) -> bool:
+    """Raise CheckpointError naming the tensors whose shapes differ from what the stored config builds."""
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (config needs {tuple(own[k].shape)})" for k, v in sd.items()
+             if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise CheckpointError(
+            f"{path}: {len(wrong)} tensor(s) have shapes the stored config does not build, e.g. {wrong[:3]}; the "
+            "metadata or the tensors were edited. Re-create the file from the original checkpoint with `hpvit convert`"
+        )
+    return True

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..checkpoints.io import atomic_write
+
 
 def log(msg: str, enabled: bool = True) -> None:
     if enabled:
@@ -124,7 +126,7 @@ def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "to
     b.set_title("evaluation")
     b.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), force=True)
+    finally:
+        plt.close(fig)

@@ -19,14 +19,11 @@ def save_dense(model: nn.Module, path: "str | os.PathLike", meta: dict[str, Any]
     """Write ``model``'s weights to ``path`` (.safetensors) and ``meta`` next to it (``path`` with .json)."""
     from safetensors.torch import save_model
 
+    from ..checkpoints.io import atomic_write, write_text_atomic
+
     p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    save_model(model, str(tmp), metadata={"hpvit_dense": json.dumps(meta)})
-    os.replace(tmp, p)
-    jp = p.with_suffix(".json")
-    jtmp = jp.with_name(jp.name + ".tmp")
-    jtmp.write_text(json.dumps(meta, indent=2))
-    os.replace(jtmp, jp)
+    atomic_write(p, lambda tmp: save_model(model, tmp, metadata={"hpvit_dense": json.dumps(meta)}), force=True)
+    write_text_atomic(p.with_suffix(".json"), json.dumps(meta, indent=2))
     return p
 
 

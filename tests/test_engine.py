@@ -313,9 +313,9 @@ def test_resume_after_kill_is_bit_exact(tmp_path, tiny_vit, run_data):
              if json.loads(l)["kind"] == "train"]
     assert steps == sorted(set(steps))
 
-    # a finished run refuses to be overwritten without --resume
+    # a finished run refuses to be overwritten without --overwrite
     again = _hpvit(_train_args(tiny_vit, data, tmp_path / "full", *extra))
-    assert again.returncode == 2 and "--resume" in again.stderr
+    assert again.returncode == 2 and "finished run" in again.stderr and "--overwrite" in again.stderr
 
 
 def test_resume_with_changed_settings_is_refused(tmp_path, tiny_vit, tiny_data, capsys):

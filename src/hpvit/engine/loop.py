@@ -16,10 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoints.io import write_text_atomic
+from ..data.check import SkipBadImages, describe_bad, find_bad_items, unwrap_worker_error, write_skipped
 from ..data.seeded import ResumableSampler, SeededDataset
-from ..errors import ConfigError, HPViTError
+from ..errors import ConfigError, DataError, HPViTError, RunDirError
 from . import distributed as D
 from .checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .rundir import SKIPPED_NAME, claim_run_dir
 from .ema import ModelEMA
 from .logging import MetricsFile, Progress, log, plot_curves
 from .optim import build_optimizer
@@ -28,8 +31,10 @@ from .schedule import WarmupCosine
 from .task import Task
 
 # recipe keys that fix the data order / optimisation trajectory: a resumed run must match them
-RESUME_KEYS = ("seed", "batch_size", "accum_steps", "max_train_samples", "epochs", "warmup_epochs", "blr", "lr",
-               "layer_decay", "weight_decay", "img_size", "amp")
+RESUME_KEYS = ("seed", "batch_size", "accum_steps", "max_train_samples", "epochs", "warmup_epochs",
+               "layer_decay", "weight_decay", "img_size")
+# keys a resumed run may change (what the divergence advice tells the user to change); each change is noted
+ADJUSTABLE_ON_RESUME = ("lr", "blr", "min_lr", "clip_grad", "amp")
 
 
 class DivergenceError(HPViTError):
@@ -55,13 +60,18 @@ class Trainer:
     """Fine-tunes ``task``'s model with ``recipe``, writing everything into ``out_dir``.
 
     Files: ``checkpoint-last.pt`` (atomic; resume point), ``metrics.jsonl``, ``results.json``,
-    ``curves.png`` and the task's final model files.
+    ``curves.png``, the task's final model files and, with ``skip_bad_images``, ``skipped-images.txt``.
+    The folder is claimed with :func:`~hpvit.engine.rundir.claim_run_dir` for the whole run (one run per
+    folder; a finished run is replaced only with ``overwrite``). Before the first step every evaluation
+    image is decoded and every training image's header is read (:func:`~hpvit.data.check.check_datasets`).
     """
 
     def __init__(self, task: Task, recipe: Recipe, out_dir: "str | os.PathLike", resume: bool = False,
-                 device: str | None = None, run_config: dict[str, Any] | None = None):
+                 device: str | None = None, run_config: dict[str, Any] | None = None, overwrite: bool = False,
+                 skip_bad_images: bool = False, check_data: bool = True):
         self.task, self.recipe, self.out = task, recipe, Path(out_dir)
-        self.resume, self.device_arg = resume, device
+        self.resume, self.device_arg, self.overwrite = resume, device, overwrite
+        self.skip_bad_images, self.check_data = skip_bad_images, check_data
         self.run_config = run_config or {}
 
     # ---------------------------------------------------------------- setup
@@ -82,10 +92,29 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         self.dist = D.init_distributed(self.device_arg)
+        run_dir = None
         try:
+            run_dir = self._claim()
             return self._run()
         finally:
+            if run_dir is not None:
+                run_dir.release()
             D.cleanup(self.dist)
+
+    def _claim(self):
+        """The main process claims the output folder; every process fails together when it cannot."""
+        run_dir, err = None, None
+        if self.dist.is_main:
+            try:
+                run_dir = claim_run_dir(self.out, resume=self.resume, overwrite=self.overwrite)
+            except HPViTError as e:
+                err = e
+        errs = D.all_gather_objects(None if err is None else str(err), self.dist)
+        if err is not None:
+            raise err
+        if errs[0] is not None:
+            raise RunDirError(errs[0])
+        return run_dir
 
     def _run(self) -> dict[str, Any]:
         r, dist = self.recipe, self.dist
@@ -97,12 +126,6 @@ class Trainer:
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
                 torch.backends.cudnn.benchmark = False
         ckpt_path = self.out / LAST
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        if ckpt_path.exists() and not self.resume:
-            raise FileExistsError(
-                f"{self.out} already holds a run ({ckpt_path.name}); pass --resume to continue it or choose another --out"
-            )
         ckpt = None
         if self.resume:
             if ckpt_path.exists():
@@ -122,6 +145,12 @@ class Trainer:
         _seed_all(r.seed + dist.rank)
 
         train_ds, eval_ds = self.task.datasets()
+        skipped_file = self.out / SKIPPED_NAME
+        if main and ckpt is None and skipped_file.exists():
+            skipped_file.unlink()  # a new run lists its own skipped images
+        bad = self._check_data(train_ds, eval_ds, skipped_file) if self.check_data else []
+        if self.skip_bad_images:
+            train_ds = SkipBadImages(train_ds, skipped_file, exclude=bad)
         train_ds = SeededDataset(train_ds, seed=r.seed)
         sampler = ResumableSampler(len(train_ds), dist.rank, dist.world_size, shuffle=True, seed=r.seed)
         batches = sampler.per_rank() // r.batch_size
@@ -150,7 +179,9 @@ class Trainer:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
+            if json.loads(ckpt["recipe"]).get("amp") == r.amp:
+                scaler.load_state_dict(ckpt["scaler"])
+            sched.base_lr, sched.min_lr = lr, r.min_lr  # a resumed run may lower the lr (divergence advice)
             if ema is not None and ckpt["ema"] is not None:
                 ema.load_state_dict(ckpt["ema"])
             elif ema is not None:
@@ -208,7 +239,7 @@ class Trainer:
                 cur_lr = sched.apply(gstep)
                 step_loss = 0.0
                 for micro in range(r.accum_steps):
-                    batch = self.task.prepare_batch(next(it), dist.device, train=True)
+                    batch = self.task.prepare_batch(self._next(it), dist.device, train=True)
                     sync = micro == r.accum_steps - 1
                     ctx = net.no_sync() if (dist.enabled and not sync) else contextlib.nullcontext()
                     with ctx:
@@ -293,9 +324,7 @@ class Trainer:
                 **self.task.results(model),
                 "config": {"recipe": r.to_dict(), "task": self.task.describe(), "run": self.run_config},
             }
-            tmp = self.out / ".results.json.tmp"
-            tmp.write_text(json.dumps(results, indent=2, default=str))
-            os.replace(tmp, self.out / "results.json")
+            write_text_atomic(self.out / "results.json", json.dumps(results, indent=2, default=str))
             plot_curves(metrics.read(), self.out / "curves.png", self.task.primary_metric)
             log(f"done: {self.task.primary_metric} {results.get(self.task.primary_metric, float('nan')):.4g}, "
                 f"wall {wall:.0f}s, {results['images_per_s']:.1f} img/s; results in {self.out / 'results.json'}", main)
@@ -303,9 +332,56 @@ class Trainer:
         return results
 
     # ---------------------------------------------------------------- helpers
+    @staticmethod
+    def _next(it):
+        """The next batch; a data error raised in a DataLoader worker is re-raised with its own message."""
+        try:
+            return next(it)
+        except DataError as e:
+            raise unwrap_worker_error(e) from None
+
+    def _check_data(self, train_ds, eval_ds, skipped_file: Path) -> list[int]:
+        """Before the first step: decode every evaluation sample and open every training image's header (main
+        process; every process raises the same :class:`DataError` naming the files on failure). Returns the
+        training indices to leave out (only with ``skip_bad_images``; they are listed in ``skipped_file``)."""
+        result: tuple[str, Any] = ("ok", [])
+        if self.dist.is_main:
+            try:
+                result = ("ok", self._find_bad(train_ds, eval_ds, skipped_file))
+            except DataError as e:
+                result = ("error", str(e))
+        result = D.broadcast_object(result, self.dist)
+        if result[0] == "error":
+            raise DataError(result[1])
+        return result[1]
+
+    def _find_bad(self, train_ds, eval_ds, skipped_file: Path) -> list[int]:
+        workers = self.recipe.num_workers
+        if eval_ds is not None:
+            bad = find_bad_items(eval_ds, True, "checking the evaluation images", workers)
+            if bad:
+                raise DataError(describe_bad(bad, "evaluation", len(eval_ds),
+                                             "Fix or remove these files (evaluation images are never skipped)"))
+        bad = find_bad_items(train_ds, False, "checking the training images", workers)
+        if not bad:
+            return []
+        fatal = [b for b in bad if not b.unreadable]
+        if fatal or not self.skip_bad_images:
+            hint = "Fix or remove these files" + ("" if fatal else ", or pass --skip-bad-images to train without "
+                                                  f"them (they are then listed in {skipped_file})")
+            raise DataError(describe_bad(fatal or bad, "training", len(train_ds), hint))
+        write_skipped(skipped_file, [(b.path, b.message) for b in bad])
+        log(f"--skip-bad-images: {len(bad)} unreadable training image(s) left out, listed in {skipped_file}", True)
+        return [b.index for b in bad]
+
     def _check_resume(self, ckpt: dict[str, Any]) -> None:
         old = json.loads(ckpt["recipe"])
         new = self.recipe.to_dict()
+        changed = [k for k in ADJUSTABLE_ON_RESUME if json.dumps(old.get(k)) != json.dumps(new.get(k))]
+        if changed:
+            log("resuming with changed " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+                + ": the run continues from the checkpoint with the new value(s) (no longer bit-identical to an "
+                "uninterrupted run)", self.dist.is_main)
         diff = {k: (old.get(k), new.get(k)) for k in RESUME_KEYS if json.dumps(old.get(k)) != json.dumps(new.get(k))}
         ws = int(os.environ.get("WORLD_SIZE", "1"))
         if ckpt["world_size"] != ws:
@@ -314,7 +390,8 @@ class Trainer:
             raise ConfigError(
                 f"cannot resume {self.out}: the run was started with different settings "
                 + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                + "; resume with the original flags or start a new run in another --out"
+                + "; resume with the original flags (only " + ", ".join(ADJUSTABLE_ON_RESUME) + " may change on "
+                "--resume), or start over with --overwrite or in another --out"
             )
 
     def _diverged(self, loss: torch.Tensor, epoch: int, step: int, gstep: int, ckpt_path: Path) -> None:
@@ -323,12 +400,16 @@ class Trainer:
             st = load_checkpoint(ckpt_path)
             where = (f"the last good checkpoint {ckpt_path} (epoch {st['epoch']}, step {st['step_in_epoch']}, "
                      f"update {st['global_step']}) was kept")
+            advice = ("Continue from it with a lower learning rate: the same command plus --resume --lr <smaller> "
+                      "(or --set blr=<smaller>); --set clip_grad=1.0 and --amp bf16 instead of fp16 may also be "
+                      "changed on --resume")
         else:
             where = "no checkpoint had been written yet"
+            advice = ("Run the same command again with a lower learning rate (--lr <smaller> or --set blr=<smaller>), "
+                      "--set clip_grad=1.0, or --amp bf16 instead of fp16")
         raise DivergenceError(
             f"training diverged: the loss is {val} at epoch {epoch + 1}, step {step + 1} (update {gstep + 1}); "
-            f"stopped before the optimizer step, {where}. Lower the learning rate (blr/lr), set clip_grad, or use "
-            "amp bf16 instead of fp16, then start again (or --resume from the checkpoint)"
+            f"stopped before the optimizer step, {where}. {advice}"
         )
 
     def evaluate(self, model: nn.Module, eval_ds) -> dict[str, float]:

@@ -6,11 +6,13 @@ from pathlib import Path
 
 
 def run_training(task, recipe, args) -> int:
-    """Run ``task`` with the shared engine; the whole command line is recorded in results.json."""
+    """Run ``task`` with the shared engine in the folder ``args.out`` (claimed for this run; ``--overwrite`` and
+    ``--skip-bad-images`` are honoured when the command defines them); the command line goes into results.json."""
     from ..engine.loop import Trainer
 
     run_cfg = {k: v for k, v in vars(args).items() if k != "func"}
-    Trainer(task, recipe, args.out, resume=args.resume, device=args.device, run_config=run_cfg).run()
+    Trainer(task, recipe, args.out, resume=args.resume, device=args.device, run_config=run_cfg,
+            overwrite=getattr(args, "overwrite", False), skip_bad_images=getattr(args, "skip_bad_images", False)).run()
     return 0
 
 

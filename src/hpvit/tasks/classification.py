@@ -215,6 +215,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (finished or not); without it such a run is never replaced")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out training images that cannot be decoded and list them in OUT/skipped-images.txt "
+                        "(default: such an image is an error naming the file)")
 
 
 def build_recipe(args) -> Recipe:

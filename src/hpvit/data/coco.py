@@ -3,7 +3,8 @@
 :class:`CocoSource` reads and *validates* an annotation file once: every problem (unreadable json,
 missing sections, no annotations, image files that do not exist, annotations pointing at unknown
 images or categories, malformed boxes, polygons with fewer than 3 points or an odd number of
-coordinates, RLE masks whose size differs from the image) raises :class:`CocoFormatError` naming the
+coordinates, degenerate polygons (zero area, or entirely outside the image), RLE masks whose size
+differs from the image) raises :class:`CocoFormatError` naming the
 file, the annotation/image id and what to fix. Nothing is skipped silently: images without any
 annotation are kept as negatives and crowd regions are left out of the training targets (pycocotools
 ignores them in evaluation); both are counted in :meth:`CocoSource.summary`.
@@ -29,10 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import HPViTError
+from ..errors import DataError, HPViTError
+from .images import decode_image, probe_image
 
 
-class CocoFormatError(HPViTError):
+class CocoFormatError(DataError):
     """A COCO annotation file or image folder is malformed or inconsistent."""
 
 
@@ -175,6 +177,10 @@ class CocoSource:
                     raise CocoFormatError(
                         f"{where}: annotation id {aid} (image {name}): invalid polygon {k} with {len(poly)} coordinates "
                         "(needs an even count and at least 3 points = 6 numbers); fix or delete the annotation")
+                problem = _polygon_problem(poly, img["width"], img["height"])
+                if problem:
+                    raise CocoFormatError(f"{where}: annotation id {aid} (image {name}): polygon {k} {problem}; fix or "
+                                          "delete the annotation")
         elif isinstance(seg, dict):
             size, counts = seg.get("size"), seg.get("counts")
             if not (isinstance(size, list) and len(size) == 2 and isinstance(counts, (list, str))):
@@ -238,6 +244,18 @@ class CocoSource:
         return gt
 
 
+def _polygon_problem(poly: list, width: int, height: int) -> str | None:
+    """Why a flat ``[x1, y1, x2, y2, ...]`` polygon cannot be a mask in a ``width x height`` image, or None."""
+    xs, ys = poly[0::2], poly[1::2]
+    area = 0.5 * abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs))))
+    if area <= 0:
+        return "has zero area (its points are identical or on one line)"
+    if max(xs) <= 0 or max(ys) <= 0 or min(xs) >= width or min(ys) >= height:
+        return (f"lies entirely outside the {width}x{height} image (x {min(xs):g}..{max(xs):g}, "
+                f"y {min(ys):g}..{max(ys):g})")
+    return None
+
+
 def _pycocotools():
     try:
         import pycocotools  # noqa: F401
@@ -247,13 +265,8 @@ def _pycocotools():
 
 
 def load_rgb(path: Path):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:  # unreadable / truncated file
-        raise CocoFormatError(f"cannot read image {path} ({type(e).__name__}: {e}); replace or remove it") from e
+    """The image at ``path`` as RGB; :class:`~hpvit.errors.BadImageError` naming it when it cannot be decoded."""
+    return decode_image(path)
 
 
 class CocoInstances(torch.utils.data.Dataset):
@@ -273,13 +286,28 @@ class CocoInstances(torch.utils.data.Dataset):
     def image_info(self, i: int) -> dict:
         return self.source.images[self.indices[i]]
 
+    def _check_size(self, info: dict, size: tuple[int, int]) -> None:
+        if size != (info["width"], info["height"]):
+            path = self.source.images_dir / info["file_name"]
+            raise CocoFormatError(f"image {path} is {size[0]}x{size[1]} but {self.source.ann_file} says "
+                                  f"{info['width']}x{info['height']}; fix its width/height in the json", str(path))
+
+    def check_item(self, i: int, full: bool) -> None:
+        """Decode image ``i`` and build its masks (``full``), or only compare its header size with the json."""
+        info = self.image_info(i)
+        path = self.source.images_dir / info["file_name"]
+        if full:
+            self._check_size(info, load_rgb(path).size)
+            self.source.masks_of(info)
+        else:
+            w, h, _ = probe_image(path)
+            self._check_size(info, (w, h))
+
     def __getitem__(self, i: int):
         src = self.source
         info = self.image_info(i)
         pil = load_rgb(src.images_dir / info["file_name"])
-        if pil.size != (info["width"], info["height"]):
-            raise CocoFormatError(f"image {info['file_name']} is {pil.size[0]}x{pil.size[1]} but the json says "
-                                  f"{info['width']}x{info['height']}; fix width/height in {src.ann_file}")
+        self._check_size(info, pil.size)
         masks_np, anns = src.masks_of(info)
         img = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
         masks = torch.from_numpy(masks_np)

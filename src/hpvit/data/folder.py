@@ -8,16 +8,17 @@ so indices match ``torchvision.datasets.ImageFolder``.
 
 from __future__ import annotations
 
-import io
 import os
 import threading
 import zipfile
+from zlib import error as zlib_error
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from ..errors import ConfigError
+from ..errors import BadImageError, ConfigError
+from .images import FIX, decode_image, display_name, probe_image
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 EVAL_SPLITS = ("val", "test")
@@ -76,8 +77,14 @@ class ImageFolderSource:
         elif zipfile.is_zipfile(self.root):
             self.zip = _ZipReader(self.root)
             self._scan_zip()
+        elif _looks_like_zip(self.root):
+            raise ConfigError(
+                f"data path {self.root} is a zip archive that cannot be read (truncated or corrupt: its table of "
+                "contents at the end is missing); copy or download it again and check its size"
+            )
         else:
-            raise ConfigError(f"data path {self.root} is neither a directory nor a zip archive")
+            raise ConfigError(f"data path {self.root} is neither a directory nor a zip archive; pass an ImageFolder "
+                              "directory or a .zip of one")
         if "train" not in self._by_split and not any(s in self._by_split for s in EVAL_SPLITS):
             raise ConfigError(
                 f"{self.root}: no train/, val/ or test/ split with <class>/<image> files found; expected ImageFolder "
@@ -145,13 +152,38 @@ class ImageFolderSource:
             out.append((member, self.class_to_idx[cname]))
         return out
 
+    def name_of(self, member: str) -> str:
+        """How errors name ``member``: its path, or ``archive.zip!member``."""
+        return display_name(member, self.root if self.zip is not None else None)
+
+    def _bytes(self, member: str) -> bytes:
+        try:
+            return self.zip.read(member)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib_error) as e:
+            name = self.name_of(member)
+            raise BadImageError(f"image {name} cannot be read from the archive ({type(e).__name__}: {e}); the zip is "
+                                f"damaged: copy it again, or {FIX}", name) from e
+
     def open_image(self, member: str) -> Image.Image:
-        if self.zip is not None:
-            data = self.zip.read(member)
-            img = Image.open(io.BytesIO(data))
-        else:
-            img = Image.open(member)
-        return img.convert("RGB")
+        """The image ``member`` decoded to RGB; :class:`BadImageError` naming the file when it cannot be."""
+        src = self._bytes(member) if self.zip is not None else member
+        return decode_image(src, self.name_of(member))
+
+    def probe(self, member: str) -> tuple[int, int, str]:
+        """``(width, height, mode)`` from the header of ``member`` (fast; nothing decoded)."""
+        src = self._bytes(member) if self.zip is not None else member
+        return probe_image(src, self.name_of(member))
+
+
+def _looks_like_zip(path: Path) -> bool:
+    """A file that starts like a zip archive (``PK\\x03\\x04``) or is named ``.zip``."""
+    if path.suffix.lower() == ".zip":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def balanced_subset(samples: list[tuple[str, int]], n: int | None, seed: int) -> list[tuple[str, int]]:
@@ -188,6 +220,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def check_item(self, idx: int, full: bool) -> None:
+        """Decode sample ``idx`` (``full``) or read its header only; BadImageError naming the file."""
+        member = self.samples[idx][0]
+        if full:
+            self.source.open_image(member)
+        else:
+            self.source.probe(member)
 
     def __getitem__(self, idx: int):
         member, target = self.samples[idx]

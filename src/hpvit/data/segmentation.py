@@ -11,9 +11,15 @@ Layouts (``--layout``; see docs/dense.md):
   ``ROOT/gtFine/{split}/CITY/X_gtFine_labelTrainIds.png`` (19 train ids, 255 ignored; create them with
   cityscapesscripts' ``createTrainIdLabelImgs``).
 
+Each layout declares the raw label value of its first class and its *ignore value* (the raw value
+meaning "not labelled"): camvid 0.. / 11, ade20k 1.. / 0, cityscapes 0.. / 255. ``--ignore-value N``
+(``SegDataset(ignore_value=N)``) replaces the layout's ignore value, e.g. for a CamVid copy that marks
+void as 255. Labels are read at their full bit depth (8- or 16-bit PNGs): any other value outside the
+classes -- 16-bit values above 255 included -- is an error naming the file, never wrapped or ignored.
 Inside hpvit every label map uses 0..K-1 for classes and :data:`IGNORE` (255) for ignored pixels.
 Problems (a missing root or split, an image without its label, a label of another size, label values
-outside the classes) raise :class:`SegDataError` naming the file and the fix; nothing is skipped.
+outside the classes, unreadable files) raise :class:`SegDataError` (or
+:class:`~hpvit.errors.BadImageError` for an image that cannot be decoded) naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -28,13 +34,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import HPViTError
+from ..errors import DataError
+from .images import decode_image, probe_image
 
 IGNORE = 255
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 
 
-class SegDataError(HPViTError):
+class SegDataError(DataError):
     """A segmentation dataset folder is missing, incomplete or holds invalid labels."""
 
 
@@ -59,9 +66,31 @@ class Layout:
     classes: tuple[str, ...]
     palette: tuple[tuple[int, int, int], ...]
     pairs: Callable[[Path, str], list[tuple[Path, Path]]]
-    label_map: Callable[[np.ndarray], np.ndarray]
+    first_class: int  # raw label value of class 0
+    ignore_value: int  # raw label value meaning "not labelled" (default of --ignore-value)
     splits: tuple[str, ...] = ("train", "val")
-    notes: str = ""
+
+    @property
+    def notes(self) -> str:
+        k = len(self.classes)
+        return f"labels {self.first_class}..{self.first_class + k - 1}, {self.ignore_value} = ignored"
+
+    def map_labels(self, raw: np.ndarray, path: Path, ignore_value: int | None = None) -> np.ndarray:
+        """Raw label values (any integer dtype) -> int64 0..K-1 with IGNORE; SegDataError naming ``path`` for
+        any value that is neither a class nor the ignore value."""
+        ign = self.ignore_value if ignore_value is None else ignore_value
+        raw = raw.astype(np.int64)
+        out = raw - self.first_class
+        k = len(self.classes)
+        ignored = raw == ign
+        bad = np.unique(raw[((out < 0) | (out >= k)) & ~ignored])
+        if len(bad):
+            raise SegDataError(
+                f"label {path} holds value(s) {bad[:8].tolist()} outside the {self.name} classes "
+                f"{self.first_class}..{self.first_class + k - 1} (ignore value {ign}); fix the label, choose the right "
+                "--layout, or declare the value to ignore with --ignore-value", str(path))
+        out[ignored] = IGNORE
+        return out
 
 
 def _pair_by_stem(img_dir: Path, lab_dir: Path) -> list[tuple[Path, Path]]:
@@ -87,12 +116,6 @@ def _camvid_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     return _pair_by_stem(img_dir, lab_dir)
 
 
-def _camvid_map(lab: np.ndarray) -> np.ndarray:
-    lab = lab.copy()
-    lab[lab == 11] = IGNORE
-    return lab
-
-
 def _ade_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     sub = {"train": "training", "val": "validation"}.get(split, split)
     img_dir, lab_dir = root / "images" / sub, root / "annotations" / sub
@@ -100,12 +123,6 @@ def _ade_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
         if not d.is_dir():
             raise SegDataError(f"ADE20K layout: {d} does not exist; ROOT must hold images/{sub}/ and annotations/{sub}/")
     return _pair_by_stem(img_dir, lab_dir)
-
-
-def _ade_map(lab: np.ndarray) -> np.ndarray:
-    out = lab.astype(np.int32) - 1  # 0 ("other") -> -1 -> ignore; 1..150 -> 0..149
-    out[out < 0] = IGNORE
-    return out.astype(np.uint8)
 
 
 def _cityscapes_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
@@ -130,12 +147,13 @@ LAYOUTS: dict[str, Layout] = {
         ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist"),
         ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0), (192, 128, 128),
          (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)),
-        _camvid_pairs, _camvid_map, ("train", "val", "test"), "labels 0..10, 11 = void",
+        _camvid_pairs, 0, 11, ("train", "val", "test"),  # 11 = void
     ),
-    "ade20k": Layout("ade20k", tuple(f"ade_{i:03d}" for i in range(1, 151)), tuple(_palette(150)), _ade_pairs, _ade_map,
-                     ("train", "val"), "labels 1..150, 0 = other (ignored)"),
-    "cityscapes": Layout("cityscapes", CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, _cityscapes_pairs, lambda a: a,
-                         ("train", "val"), "19 train ids, 255 ignored"),
+    # ADE20K: 0 = "other" (mmseg's reduce_zero_label)
+    "ade20k": Layout("ade20k", tuple(f"ade_{i:03d}" for i in range(1, 151)), tuple(_palette(150)), _ade_pairs, 1, 0,
+                     ("train", "val")),
+    "cityscapes": Layout("cityscapes", CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, _cityscapes_pairs, 0, 255,
+                         ("train", "val")),
 }
 
 
@@ -145,30 +163,43 @@ def get_layout(name: str) -> Layout:
     return LAYOUTS[name]
 
 
-def read_pair(img_path: Path, lab_path: Path, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(image float (3, H, W) in [0, 1], label int64 (H, W) with 0..K-1 and IGNORE)``."""
-    from PIL import Image
+LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
 
-    try:
-        with Image.open(img_path) as im:
-            img = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-        with Image.open(lab_path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
-                raise SegDataError(f"label {lab_path} is a {im.mode} image; labels must be single-channel PNGs of class ids")
-            lab = np.asarray(im, dtype=np.uint8 if im.mode in ("L", "P") else np.int32).copy()
-    except SegDataError:
-        raise
-    except Exception as e:
-        raise SegDataError(f"cannot read {img_path} / {lab_path} ({type(e).__name__}: {e})") from e
-    if img.shape[:2] != lab.shape[:2]:
-        raise SegDataError(f"image {img_path.name} is {img.shape[1]}x{img.shape[0]} but its label {lab_path} is "
-                           f"{lab.shape[1]}x{lab.shape[0]}; labels must match their images pixel for pixel")
-    lab = layout.label_map(lab).astype(np.int64)
-    k = len(layout.classes)
-    bad = np.unique(lab[(lab >= k) & (lab != IGNORE)])
-    if len(bad):
-        raise SegDataError(f"label {lab_path} holds value(s) {bad[:8].tolist()} outside the {layout.name} classes "
-                           f"0..{k - 1} ({layout.notes}); fix the label or choose the right --layout")
+
+def _check_label_mode(mode: str, lab_path: Path) -> None:
+    if mode not in LABEL_MODES:
+        raise SegDataError(f"label {lab_path} is a {mode} image; labels must be single-channel (8- or 16-bit) PNGs of "
+                           "class ids", str(lab_path))
+
+
+def _check_sizes(img_path: Path, img_wh: tuple[int, int], lab_path: Path, lab_wh: tuple[int, int]) -> None:
+    if img_wh != lab_wh:
+        raise SegDataError(f"image {img_path.name} is {img_wh[0]}x{img_wh[1]} but its label {lab_path} is "
+                           f"{lab_wh[0]}x{lab_wh[1]}; labels must match their images pixel for pixel", str(lab_path))
+
+
+def read_label(lab_path: Path) -> np.ndarray:
+    """The raw label values of ``lab_path`` at full bit depth (8-bit, palette or 16-bit PNG)."""
+    lab = decode_image(lab_path, str(lab_path), mode=None)
+    _check_label_mode(lab.mode, lab_path)
+    return np.asarray(lab).astype(np.int64)
+
+
+def probe_pair(img_path: Path, lab_path: Path) -> None:
+    """Header-only check of a pair: both files open, the label is single-channel, the sizes match."""
+    iw, ih, _ = probe_image(img_path)
+    lw, lh, mode = probe_image(lab_path)
+    _check_label_mode(mode, lab_path)
+    _check_sizes(img_path, (iw, ih), lab_path, (lw, lh))
+
+
+def read_pair(img_path: Path, lab_path: Path, layout: Layout,
+              ignore_value: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image float (3, H, W) in [0, 1], label int64 (H, W) with 0..K-1 and IGNORE)``."""
+    img = np.asarray(decode_image(img_path), dtype=np.uint8).copy()
+    lab = read_label(lab_path)
+    _check_sizes(img_path, (img.shape[1], img.shape[0]), lab_path, (lab.shape[1], lab.shape[0]))
+    lab = layout.map_labels(lab, lab_path, ignore_value)
     return torch.from_numpy(img).permute(2, 0, 1).float().div_(255), torch.from_numpy(lab)
 
 
@@ -191,7 +222,7 @@ class SegDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: "str | os.PathLike", layout: str, split: str, train: bool, crop: int = 512,
                  base_size: int | None = None, scale_range: tuple[float, float] = (0.5, 2.0), flip: float = 0.5,
-                 indices: Sequence[int] | None = None):
+                 indices: Sequence[int] | None = None, ignore_value: int | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise SegDataError(f"dataset root {self.root} does not exist; pass --data ROOT")
@@ -203,6 +234,14 @@ class SegDataset(torch.utils.data.Dataset):
         self.pairs = pairs if indices is None else [pairs[i] for i in indices]
         self.train, self.crop, self.base_size = train, crop, base_size
         self.scale_range, self.flip = scale_range, flip
+        self.ignore_value = ignore_value  # None: the layout's
+
+    def check_item(self, i: int, full: bool) -> None:
+        """Read pair ``i`` completely with every label check (``full``), or only the two headers."""
+        if full:
+            read_pair(*self.pairs[i], self.layout, self.ignore_value)
+        else:
+            probe_pair(*self.pairs[i])
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -216,7 +255,7 @@ class SegDataset(torch.utils.data.Dataset):
         return max(1, round(h * s)), max(1, round(w * s))
 
     def __getitem__(self, i: int):
-        img, lab = read_pair(*self.pairs[i], self.layout)
+        img, lab = read_pair(*self.pairs[i], self.layout, self.ignore_value)
         h, w = lab.shape
         if not self.train:
             img, _ = resize_pair(img, None, self._base(h, w))

@@ -196,7 +196,8 @@ class SegmentationTask(Task):
     def __init__(self, init: str, config: str, data: str, layout: str, recipe: Recipe, out: "str | Path",
                  train_split: str = "train", val_split: str | None = "val", base_size: int | None = None,
                  mode: str = "whole", head_channels: int = 128, fmt: str | None = None,
-                 max_train: int | None = None, max_val: int | None = None, vis_images: int = 3):
+                 max_train: int | None = None, max_val: int | None = None, vis_images: int = 3,
+                 ignore_value: int | None = None):
         self.init, self.config, self.data, self.layout_name = init, config, data, layout
         self.layout = get_layout(layout)
         self.recipe, self.out, self.fmt = recipe, Path(out), fmt
@@ -204,11 +205,14 @@ class SegmentationTask(Task):
         self.head_channels, self.max_train, self.max_val, self.vis_images = head_channels, max_train, max_val, vis_images
         r = recipe
         idx = list(range(max_train)) if max_train else None
-        self.train_ds = SegDataset(data, layout, train_split, True, r.img_size, base_size, indices=idx)
+        self.ignore_value = ignore_value
+        self.train_ds = SegDataset(data, layout, train_split, True, r.img_size, base_size, indices=idx,
+                                   ignore_value=ignore_value)
         self.val_ds = None
         if val_split:
             vidx = list(range(max_val)) if max_val else None
-            self.val_ds = SegDataset(data, layout, val_split, False, r.img_size, base_size, indices=vidx)
+            self.val_ds = SegDataset(data, layout, val_split, False, r.img_size, base_size, indices=vidx,
+                                     ignore_value=ignore_value)
 
     @property
     def classes(self):
@@ -277,7 +281,8 @@ class SegmentationTask(Task):
         return {"task": "seg", "backbone": body.kind, "config_name": self.config, "config": body.vit.config.to_dict(),
                 "spec": body.vit.spec.to_dict(), "out_indices": list(getattr(body, "out_indices", []) or []),
                 "num_classes": model.num_classes, "classes": list(self.classes), "layout": self.layout_name,
-                "crop": self.recipe.img_size, "base_size": self.base_size, "head_channels": self.head_channels}
+                "crop": self.recipe.img_size, "base_size": self.base_size, "head_channels": self.head_channels,
+                "ignore_value": self.ignore_value}
 
     def save_model(self, model, out_dir, ema=None):
         from ..models.dense_io import save_dense
@@ -311,6 +316,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-size", type=int, default=None,
                    help="resize images so the longer side is this (before scale jitter / for evaluation); default: original")
     p.add_argument("--mode", default="whole", choices=("whole", "slide"), help="inference: whole image or sliding window")
+    p.add_argument("--ignore-value", type=int, default=None,
+                   help="raw label value meaning 'not labelled' (default per layout: camvid 11, ade20k 0, "
+                        "cityscapes 255); any other value outside the classes is an error")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -329,7 +337,7 @@ def run_train(args) -> int:
     recipe = build_dense_recipe(args, SEG_DEFAULTS)
     task = SegmentationTask(args.init, args.config, args.data, args.layout, recipe, args.out, args.train_split,
                             args.val_split or None, args.base_size, args.mode, args.head_channels, args.format,
-                            args.max_train_images, args.max_val_images)
+                            args.max_train_images, args.max_val_images, ignore_value=args.ignore_value)
     return run_training(task, recipe, args)
 
 
@@ -361,7 +369,8 @@ def run_eval(args) -> int:
     base = args.base_size if args.base_size is not None else meta["base_size"]
     crop = args.crop or meta["crop"]
     idx = list(range(args.max_val_images)) if args.max_val_images else None
-    ds = SegDataset(args.data, args.layout, args.split, False, crop, base, indices=idx)
+    ignore = args.ignore_value if args.ignore_value is not None else meta.get("ignore_value")
+    ds = SegDataset(args.data, args.layout, args.split, False, crop, base, indices=idx, ignore_value=ignore)
     task = SegmentationTask.__new__(SegmentationTask)
     task.layout, task.mode, task.recipe = layout, args.mode, Recipe().replace(img_size=crop)
     dist = D.init_distributed(args.device)

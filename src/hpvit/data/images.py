@@ -48,7 +48,7 @@ def _guarded(name: str) -> Iterator[None]:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad files
         text = str(e).splitlines()[0][:200] if str(e) else ""
-        what = "is truncated" if "truncated" in text else "cannot be decoded"
+        what = "is truncated" if "truncated" in text.lower() else "cannot be decoded"
         raise BadImageError(f"image {name} {what} ({type(e).__name__}: {text}); {FIX}", name) from e
     finally:
         Image.MAX_IMAGE_PIXELS = saved

@@ -430,7 +430,14 @@ def evaluate(task: Task, model: nn.Module, eval_ds, batch_size: int, num_workers
     was = model.training
     model.eval()
     sums: dict[str, float] = {}
-    for batch in loader:
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        except DataError as e:  # from a worker: drop the worker's traceback, keep the message naming the file
+            raise unwrap_worker_error(e) from None
         batch = task.prepare_batch(batch, dist.device, train=False)
         with autocast():
             out = task.eval_batch(model, batch)

@@ -453,3 +453,22 @@ def test_every_new_error_is_an_hpvit_error():
 
     back = pickle.loads(pickle.dumps(e))
     assert str(back) == "image x is truncated" and back.path == "x"
+
+
+def test_cli_turns_leftover_file_system_errors_into_one_line(monkeypatch, capsys):
+    import hpvit.commands
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/predictions.png")
+
+    monkeypatch.setattr(hpvit.commands, "cmd_info", full)
+    assert main(["info", "whatever.pth"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hpvit: error: /runs/x/predictions.png: the disk is full") and "Traceback" not in err
+
+    def other(args):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(hpvit.commands, "cmd_info", other)
+    with pytest.raises(OSError):  # not something the user can fix by choosing another folder: not hidden
+        main(["info", "whatever.pth"])

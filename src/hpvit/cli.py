@@ -8,6 +8,7 @@ each ``hpvit.tasks.<module>`` that defines ``TASK = "<name>"`` plus ``add_train_
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from typing import Callable
@@ -34,6 +35,17 @@ def parse_key_values(items: list[str] | None, flag: str = "--set") -> dict:
         except json.JSONDecodeError:
             out[k.strip()] = v
     return out
+
+
+OS_ERRNOS = (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT)
+
+
+def os_error_message(e: OSError) -> str:
+    """``PATH: what happened; what to do`` for the file-system errors a user can fix."""
+    what = e.filename or "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{what}: the disk is full (or over quota); free some space or use another disk, then run again"
+    return f"{what}: {e.strerror or 'permission denied'}; check the path's permissions or choose a writable folder"
 
 
 def _task_modules():
@@ -82,7 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="plain checkpoint, hpvit .safetensors file, or timm:<model name>")
     _add_common_model_args(p)
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--similarity", default=None, metavar="IMAGES",
+                   help="folder or zip of images: per stage, cosine similarity of the transformed model's output to "
+                        "the plain model's output after the same block (and top-1 agreement when both classify)")
+    p.add_argument("--max-images", type=int, default=32, help="images used by --similarity (default 32)")
+    p.add_argument("--plain", default=None, help="with --similarity: the plain checkpoint to compare with (default: SRC)")
     p.set_defaults(func=cmd_info)
+
+    from .tasks import adapt as _adapt
+
+    p = sub.add_parser("adapt", help=_adapt.HELP)
+    _adapt.add_args(p)
+    p.set_defaults(func=_adapt.run)
 
     try:
         from .bench import add_bench_args, run_bench
@@ -116,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         rc = func(args)
     except (HPViTError, FileExistsError, FileNotFoundError) as e:
         print(f"hpvit: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a write outside hpvit's own helpers (a PNG, a JSON): disk full, read-only folder...
+        if e.errno not in OS_ERRNOS:
+            raise
+        print(f"hpvit: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hpvit: interrupted", file=sys.stderr)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..checkpoints.io import atomic_write
+from ..checkpoints.io import atomic_write, write_error, write_text_atomic
 
 
 def log(msg: str, enabled: bool = True) -> None:
@@ -80,7 +80,7 @@ class MetricsFile:
         if not self.enabled or not self.path.exists():
             return
         keep = [ln for ln in self.read() if ln.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def reset(self) -> None:
         if self.enabled and self.path.exists():
@@ -89,8 +89,11 @@ class MetricsFile:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise write_error(self.path, e) from e
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints.io import write_text_atomic
 from ..errors import ConfigError
 from ..engine.recipe import Recipe, load_recipe
 from ..engine.task import Task
@@ -167,7 +168,7 @@ class ClassificationTask(Task):
         r = self.recipe
         pre = {"img_size": r.img_size, "interpolation": r.interpolation, "crop_pct": r.crop_pct,
                "mean": list(r.mean), "std": list(r.std), "classes": self.classes}
-        (out_dir / PREPROC_FILE).write_text(json.dumps(pre, indent=2))
+        write_text_atomic(out_dir / PREPROC_FILE, json.dumps(pre, indent=2))
         return paths
 
 

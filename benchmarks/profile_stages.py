@@ -36,7 +36,7 @@ def main() -> None:
         rec("embed", t)
         for s in range(m.layout.num_stages):
             t = time.perf_counter()
-            y = m._run_stage(y, s)
+            y, _ = m._run_stage(y, s)
             rec(f"stage{s + 1}", t)
         t = time.perf_counter()
         m.forward_head(m.norm(y))

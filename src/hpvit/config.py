@@ -15,7 +15,9 @@ from typing import Any
 
 from .errors import ConfigError
 
-POOL_KINDS = ("avgconv", "avg", "conv", "max")
+POOL_KINDS = ("avgconv", "avg", "conv", "max", "gap")
+POOL_PADDINGS = ("zeros", "replicate")
+CLASS_TOKEN_MODES = ("drop", "join")
 HEAD_KINDS = ("avg", "token", "auto", "none")
 
 
@@ -86,12 +88,22 @@ class HPViTConfig:
             four evenly spaced global blocks; the first becomes windowed, the last three stay global.
         rel_pos: zero-initialised relative position bias in window attention.
         pools: pooling layer between consecutive stages (len = stages - 1): ``avgconv`` (3x3/2 average
-            pool + parallel 3x3/2 conv initialised to zero), ``avg``, ``conv`` or ``max`` (2x2/2).
+            pool + parallel 3x3/2 conv initialised to zero), ``avg``, ``conv``, ``max`` (2x2/2) or ``gap``
+            (global average pooling: the next stage runs on a single token; the paper's literal reading
+            of "the last pooling layer is modified to a simple global average pooling").
         pool_conv: ``depthwise`` or ``full`` parallel conv of ``avgconv``/``conv``.
+        pool_padding: border handling of the 3x3/2 pools: ``zeros`` (zero padding counted in the average,
+            which shrinks the top row and left column) or ``replicate`` (edge tokens repeated, so a
+            constant map stays constant); both re-parameterize exactly.
+        class_token: ``drop`` (hierarchical stages carry no prefix tokens) or ``join``: the pre-trained
+            class (and register) tokens, with their own position embedding, join the sequence at the
+            first global-attention block and pass through later pooling layers unchanged; every block
+            after the join must be global. Needs a source with a class token.
         head: ``avg`` (global average pooling), ``token`` (class token), ``auto`` (as the source
             model: token if it has a class token and no fc_norm) or ``none``.
         keep_prefix_tokens: keep class/register tokens in the sequence (only for all-global layouts).
-        img_size: the resolution the position embedding is resampled for (other sizes interpolate).
+        img_size: the default input resolution (training crop; the position embedding stays at the source
+            grid and is interpolated to each input's grid at run time).
         drop_path_rate: stochastic depth, linearly increasing over blocks.
         reparameterized: the avg+conv pools are already merged (set by ``reparameterize()``).
         act: override of the MLP activation (``gelu``, ``quick_gelu``); ``None`` = the source's.
@@ -109,6 +121,8 @@ class HPViTConfig:
     rel_pos: bool = True
     pools: tuple[str, ...] = ("avgconv", "avgconv", "avgconv")
     pool_conv: str = "depthwise"
+    pool_padding: str = "zeros"
+    class_token: str = "drop"
     head: str = "avg"
     keep_prefix_tokens: bool = False
     img_size: int | tuple[int, int] = 224
@@ -179,6 +193,12 @@ class HPViTConfig:
         for p in self.pools:
             if p not in POOL_KINDS:
                 raise ConfigError(f"unknown pool kind {p!r}; choose from {POOL_KINDS}")
+        if self.pool_padding not in POOL_PADDINGS:
+            raise ConfigError(f"pool_padding must be one of {POOL_PADDINGS}, got {self.pool_padding!r}")
+        if self.class_token not in CLASS_TOKEN_MODES:
+            raise ConfigError(f"class_token must be one of {CLASS_TOKEN_MODES}, got {self.class_token!r}")
+        if "gap" in self.pools[:-1]:
+            raise ConfigError("pool kind 'gap' (global average pooling) can only be the last pooling layer")
         if self.pool_conv not in ("depthwise", "full"):
             raise ConfigError(f"pool_conv must be 'depthwise' or 'full', got {self.pool_conv!r}")
         if self.head not in HEAD_KINDS:
@@ -208,6 +228,18 @@ class HPViTConfig:
                     )
         if self.keep_prefix_tokens and (n > 1 or any(w is not None for w in windows)):
             raise ConfigError("keep_prefix_tokens needs a single-stage, all-global layout (like the 'identity' preset)")
+        if self.class_token == "join":
+            if self.keep_prefix_tokens:
+                raise ConfigError("class_token='join' is for hierarchical configs; keep_prefix_tokens already keeps it")
+            glob = [i for i, w in enumerate(windows) if w is None]
+            if not glob:
+                raise ConfigError("class_token='join' needs a global-attention block to join at; this layout has none")
+            late = [i for i in range(glob[0], depth) if windows[i] is not None]
+            if late:
+                raise ConfigError(
+                    f"class_token='join' joins at the first global block ({glob[0]}) but blocks {late} after it are "
+                    "windowed, and a class token cannot take part in window attention; use class_token='drop'"
+                )
         stage_ends = tuple(sum(depths[: s + 1]) - 1 for s in range(n))
         return ResolvedLayout(depths=depths, windows=tuple(windows), stage_of=tuple(stage_of), stage_ends=stage_ends)
 

@@ -95,8 +95,9 @@ def load(path: "str | os.PathLike", map_location: str = "cpu"):
 def _shapes_fit(model, sd: dict, path) -> bool:
     """Raise CheckpointError naming the tensors whose shapes differ from what the stored config builds."""
     own = model.state_dict()
+    flexible = set(getattr(model, "flexible_shape_keys", ()))  # e.g. a position embedding stored at any grid
     wrong = [f"{k} {tuple(v.shape)} (config needs {tuple(own[k].shape)})" for k, v in sd.items()
-             if k in own and tuple(own[k].shape) != tuple(v.shape)]
+             if k in own and k not in flexible and tuple(own[k].shape) != tuple(v.shape)]
     if wrong:
         raise CheckpointError(
             f"{path}: {len(wrong)} tensor(s) have shapes the stored config does not build, e.g. {wrong[:3]}; the "

@@ -6,6 +6,10 @@ layer (``blocks.{i}.downsample``) and relative-position table (``blocks.{i}.attn
 the block they feed -- and the final norm and head are the last layer ``num_blocks + 1``. Layer ``l``
 gets ``lr * layer_decay ** (num_blocks + 1 - l)``.
 
+Parameters the transform adds (``model.new_parameter_names()``: pooling convs, relative-position
+tables) start from zero and have no pre-trained value to protect; with ``new_param_lr_scale`` set they
+train at that fraction of the base lr instead of the (up to 100x) decayed lr of the block they feed.
+
 No weight decay on 1-d parameters (norm weights, biases), on ``model.no_weight_decay()`` names
 (position embeddings, class/register tokens, relative-position tables) or on any parameter whose
 name ends with one of them (detection/segmentation wrappers prefix the backbone's names).
@@ -67,6 +71,7 @@ def param_groups(
     layer_decay: float = 1.0,
     backbone: nn.Module | None = None,
     backbone_prefix: str = "",
+    new_param_lr_scale: float | None = None,
 ) -> list[dict[str, Any]]:
     """Parameter groups for AdamW: one per (layer id, decay/no-decay), with ``lr_scale`` and ``layer_id``.
 
@@ -79,20 +84,26 @@ def param_groups(
     if backbone is not None and hasattr(model, "no_weight_decay") and model is not backbone:
         skip |= set(model.no_weight_decay())
     n_layers = num_layers(bb)
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    new = set()
+    if new_param_lr_scale is not None and hasattr(bb, "new_parameter_names"):
+        new = {backbone_prefix + n for n in bb.new_parameter_names()}
+    groups: dict[tuple[int, bool, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         lid = layer_id(name, bb, backbone_prefix)
         nd = no_decay(name, p, skip)
-        key = (lid, nd)
+        is_new = name in new
+        key = (lid, nd, is_new)
         if key not in groups:
+            scale = new_param_lr_scale if is_new else layer_decay ** (n_layers - 1 - lid)
             groups[key] = {
                 "params": [],
                 "param_names": [],
                 "weight_decay": 0.0 if nd else weight_decay,
-                "lr_scale": float(layer_decay ** (n_layers - 1 - lid)),
+                "lr_scale": float(scale),
                 "layer_id": lid,
+                "new_params": is_new,
             }
         groups[key]["params"].append(p)
         groups[key]["param_names"].append(name)
@@ -100,6 +111,7 @@ def param_groups(
 
 
 def build_optimizer(model: nn.Module, recipe, lr: float, **kw) -> torch.optim.AdamW:
+    kw.setdefault("new_param_lr_scale", getattr(recipe, "new_param_lr_scale", None))
     groups = param_groups(model, recipe.weight_decay, recipe.layer_decay, **kw)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]

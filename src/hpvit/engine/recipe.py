@@ -39,6 +39,9 @@ class Recipe:
     min_lr: float = 1e-6
     weight_decay: float = 0.05
     layer_decay: float = 0.65
+    # lr scale of the parameters the transform adds (pooling convs, relative-position tables): a number
+    # = that fraction of the base lr, whatever their layer; None = the layer-decayed lr of the block they feed
+    new_param_lr_scale: float | None = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float | None = None
     # regularisation
@@ -117,6 +120,8 @@ class Recipe:
         need(0 <= self.smoothing < 1, f"smoothing must be in [0, 1), got {self.smoothing}")
         need(self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}")
         need(self.blr > 0, f"blr must be positive, got {self.blr}")
+        need(self.new_param_lr_scale is None or self.new_param_lr_scale > 0,
+             f"new_param_lr_scale must be positive or null, got {self.new_param_lr_scale}")
         need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         for k in ("max_train_samples", "max_eval_samples"):

@@ -1,7 +1,7 @@
 """Pooling layers between stages, and their re-parameterisation.
 
-All layers map a channels-last map ``(B, H, W, D)`` to ``(B, ceil(H/2), ceil(W/2), D)``; the width
-``D`` never changes (every stage reuses the plain ViT's blocks).
+All layers map a channels-last map ``(B, H, W, D)`` to ``(B, ceil(H/2), ceil(W/2), D)`` (``gap``: to
+``(B, 1, 1, D)``); the width ``D`` never changes (every stage reuses the plain ViT's blocks).
 """
 
 from __future__ import annotations
@@ -22,17 +22,24 @@ class Downsample(nn.Module):
       * ``avg``: the 3x3/2 average pool alone (parameter-free).
       * ``conv``: a 3x3/2 conv alone (e.g. a merged ``avgconv``).
       * ``max``: 2x2/2 max pool (``ceil_mode=True`` so odd sizes keep their last row/column).
+      * ``gap``: global average pooling to a single token (parameter-free).
+
+    ``padding`` (3x3 kinds): ``zeros`` pads with zeros, which the average counts, so the first row and
+    column of the output (which read one padded row/column) shrink by up to 4/9 at a corner while the
+    last ones (for even sizes) do not; ``replicate`` repeats the edge tokens instead. Either way the
+    pool is a fixed 1/9 conv over the padded map, so :meth:`reparameterize` stays exact.
     """
 
-    def __init__(self, kind: str, dim: int, conv: str = "depthwise"):
+    def __init__(self, kind: str, dim: int, conv: str = "depthwise", padding: str = "zeros"):
         super().__init__()
         self.kind = kind
         self.conv_kind = conv
+        self.padding = padding
         self.dim = dim
         self.conv: nn.Conv2d | None = None
         if kind in ("avgconv", "conv"):
             groups = dim if conv == "depthwise" else 1
-            self.conv = nn.Conv2d(dim, dim, kernel_size=3, stride=2, padding=1, groups=groups, bias=True)
+            self.conv = nn.Conv2d(dim, dim, kernel_size=3, stride=2, padding=0, groups=groups, bias=True)
             nn.init.zeros_(self.conv.weight)
             nn.init.zeros_(self.conv.bias)
 
@@ -40,12 +47,17 @@ class Downsample(nn.Module):
         y = x.permute(0, 3, 1, 2)  # NCHW view of channels-last memory: no copy
         if self.kind == "max":
             out = F.max_pool2d(y, 2, 2, ceil_mode=True)
-        elif self.kind == "avg":
-            out = F.avg_pool2d(y, 3, 2, 1, count_include_pad=True)
-        elif self.kind == "conv":
-            out = self.conv(y)
+        elif self.kind == "gap":
+            out = y.mean(dim=(2, 3), keepdim=True)
         else:
-            out = F.avg_pool2d(y, 3, 2, 1, count_include_pad=True) + self.conv(y)
+            # one explicit 1-pixel pad serves the pool and the conv (both 3x3/2 with padding 0 after it)
+            y = F.pad(y, (1, 1, 1, 1), mode="replicate" if self.padding == "replicate" else "constant")
+            if self.kind == "avg":
+                out = F.avg_pool2d(y, 3, 2, 0)
+            elif self.kind == "conv":
+                out = self.conv(y)
+            else:
+                out = F.avg_pool2d(y, 3, 2, 0) + self.conv(y)
         return out.permute(0, 2, 3, 1)
 
     @torch.no_grad()
@@ -62,4 +74,4 @@ class Downsample(nn.Module):
         self.kind = "conv"
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, conv={self.conv_kind if self.conv is not None else None}"
+        return f"kind={self.kind}, conv={self.conv_kind if self.conv is not None else None}, padding={self.padding}"

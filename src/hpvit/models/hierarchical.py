@@ -63,6 +63,9 @@ class HierarchicalViT(nn.Module):
     ``(B, H_last, W_last, D)`` (or the token sequence for ``identity``).
     """
 
+    # state-dict entries whose stored shape may differ from a fresh model's (see _load_from_state_dict)
+    flexible_shape_keys = ("pos_embed",)
+
     def __init__(self, spec: PlainSpec, config: "HPViTConfig | str" = "paper-cls", num_classes: int | None = None):
         super().__init__()
         cfg = get_config(config)
@@ -70,12 +73,19 @@ class HierarchicalViT(nn.Module):
         self.spec, self.config, self.layout = spec, cfg, layout
         self.embed_dim = self.num_features = d = spec.embed_dim
         self.head_type = cfg.head
-        if cfg.head == "auto":
-            self.head_type = "token" if (spec.global_pool == "token" and spec.class_token and cfg.keep_prefix_tokens) else "avg"
-        if self.head_type == "token" and not (cfg.keep_prefix_tokens and spec.class_token):
+        self.join = cfg.class_token == "join"
+        if self.join and not spec.class_token:
             raise ConfigError(
-                "head='token' needs the class token, which only the single-stage global layout keeps "
-                "(config 'identity'); use head='avg' for hierarchical configs"
+                "class_token='join' keeps the source's pre-trained class token, but this checkpoint has none "
+                "(e.g. MAE pre-training or a GAP model); use class_token='drop'"
+            )
+        has_token = spec.class_token and (cfg.keep_prefix_tokens or self.join)
+        if cfg.head == "auto":
+            self.head_type = "token" if (spec.global_pool == "token" and has_token) else "avg"
+        if self.head_type == "token" and not has_token:
+            raise ConfigError(
+                "head='token' needs the class token: use the 'identity' config or class_token='join' with a "
+                "class-token checkpoint, or head='avg'"
             )
         self.num_classes = spec.num_classes if num_classes is None else int(num_classes)
         if self.head_type == "none":
@@ -89,24 +99,21 @@ class HierarchicalViT(nn.Module):
         self.patch_embed = PatchEmbed(spec.in_chans, d, k, stride, pad, bias=spec.patch_bias)
         self.stride = stride
 
-        # prefix tokens are kept only in all-global layouts (identity); hierarchical configs drop them
+        # prefix tokens: kept from the start in all-global layouts (identity), joined at the first global
+        # block with class_token='join', otherwise dropped
         self.keep_prefix = cfg.keep_prefix_tokens
-        self.num_prefix_tokens = spec.num_prefix_tokens if self.keep_prefix else 0
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if (self.keep_prefix and spec.class_token) else None
-        self.reg_token = (
-            nn.Parameter(torch.zeros(1, spec.num_reg_tokens, d)) if (self.keep_prefix and spec.num_reg_tokens) else None
-        )
+        prefixed = self.keep_prefix or self.join
+        self.num_prefix_tokens = spec.num_prefix_tokens if prefixed else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if (prefixed and spec.class_token) else None
+        self.reg_token = nn.Parameter(torch.zeros(1, spec.num_reg_tokens, d)) if (prefixed and spec.num_reg_tokens) else None
+        self.join_block = layout.windows.index(None) if self.join else None
         self.no_embed_class = spec.no_embed_class
-        self.pos_embed_prefix = self.num_prefix_tokens if (self.keep_prefix and not spec.no_embed_class) else 0
-        if spec.pos_grid is None:
-            self.pos_grid = None
-            self.pos_embed = None
-        else:
-            if cfg.patch_stride is None or cfg.patch_stride == k:
-                self.pos_grid = tuple(spec.pos_grid)
-            else:
-                ih, iw = _as_hw(cfg.img_size)
-                self.pos_grid = self.patch_embed.grid(ih, iw)
+        self.pos_embed_prefix = self.num_prefix_tokens if (prefixed and not spec.no_embed_class) else 0
+        # the position embedding keeps the source's grid (as in the checkpoint) and is interpolated to each
+        # input's token grid at run time; files saved with a larger stored grid load too (_load_from_state_dict)
+        self.pos_grid = None if spec.pos_grid is None else tuple(spec.pos_grid)
+        self.pos_embed = None
+        if self.pos_grid is not None:
             n = self.pos_grid[0] * self.pos_grid[1] + self.pos_embed_prefix
             self.pos_embed = nn.Parameter(torch.zeros(1, n, d))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -173,7 +180,7 @@ class HierarchicalViT(nn.Module):
         kind = cfg.pools[k]
         if cfg.reparameterized and kind == "avgconv":
             kind = "conv"
-        return Downsample(kind, d, cfg.pool_conv)
+        return Downsample(kind, d, cfg.pool_conv, cfg.pool_padding)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -220,22 +227,38 @@ class HierarchicalViT(nn.Module):
                 x = x + pos
             return self.norm_pre(x)
         x = x.reshape(b, h * w, d)
-        prefix = []
-        if self.cls_token is not None:
-            prefix.append(self.cls_token.expand(b, -1, -1))
-        if self.reg_token is not None:
-            prefix.append(self.reg_token.expand(b, -1, -1))
         if pos is not None:
-            pos = pos.reshape(1, h * w, d)
-        if self.no_embed_class or self.pos_embed_prefix == 0:
-            if pos is not None:
-                x = x + pos
-            if prefix:
-                x = torch.cat(prefix + [x], dim=1)
-        else:
-            x = torch.cat(prefix + [x], dim=1)
-            x = x + torch.cat([self.pos_embed[:, : self.pos_embed_prefix], pos], dim=1)
-        return self.norm_pre(x)
+            x = x + pos.reshape(1, h * w, d)
+        x = self.norm_pre(x)
+        return torch.cat([self.prefix_tokens(b), x], dim=1) if self.num_prefix_tokens else x
+
+    def prefix_tokens(self, b: int) -> torch.Tensor:
+        """The class/register tokens ``(B, P, D)`` with their position embedding and ``norm_pre`` applied,
+        as they enter the first block of the plain ViT (identity) or the join block (class_token='join')."""
+        parts = []
+        if self.cls_token is not None:
+            parts.append(self.cls_token)
+        if self.reg_token is not None:
+            parts.append(self.reg_token)
+        t = torch.cat(parts, dim=1)
+        if self.pos_embed_prefix:
+            t = t + self.pos_embed[:, : self.pos_embed_prefix]
+        return self.norm_pre(t).expand(b, -1, -1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Files written before the position embedding kept the source grid store it at the img_size/stride
+        # grid: adopt the stored grid (the forward interpolates from whatever grid is stored).
+        key = prefix + "pos_embed"
+        v = state_dict.get(key)
+        if self.pos_embed is not None and v is not None and v.shape != self.pos_embed.shape and v.ndim == 3:
+            n = v.shape[1] - self.pos_embed_prefix
+            ih, iw = _as_hw(self.config.img_size)
+            cands = [self.patch_embed.grid(ih, iw), (int(round(n**0.5)),) * 2]
+            grid = next((g for g in cands if g[0] * g[1] == n), None)
+            if grid is not None and v.shape[2] == self.pos_embed.shape[2]:
+                self.pos_grid = tuple(grid)
+                self.pos_embed = nn.Parameter(self.pos_embed.new_empty(v.shape))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def _run_block(self, blk: Block, t: torch.Tensor, mask: torch.Tensor | None, groups: int, images: int) -> torch.Tensor:
         """One block (without its downsample) on sequences ``t``: global ``(B, L, D)`` or windows
@@ -265,19 +288,32 @@ class HierarchicalViT(nn.Module):
             return checkpoint(blk.forward_tokens, t, mask, groups, images, use_reentrant=False)
         return blk.forward_tokens(t, mask, groups, images)
 
-    def _run_segment(self, x: torch.Tensor, start: int, stop: int, ws: int | None) -> torch.Tensor:
+    def _run_segment(self, x: torch.Tensor, start: int, stop: int, ws: int | None,
+                     pre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Blocks ``start..stop-1`` sharing window ``ws``. Windowed runs partition the map once, keep the
-        tokens in window order through all their blocks, and restore the map once at the end."""
+        tokens in window order through all their blocks, and restore the map once at the end. ``pre``:
+        joined prefix tokens ``(B, P, D)`` (class_token='join'), attended with the map by global blocks.
+        Returns the map (or identity's sequence) and the prefix tokens."""
         if ws is None:
             if x.ndim == 3:  # identity: the plain token sequence with prefix tokens
                 for blk in self.blocks[start:stop]:
                     x = self._run_block(blk, x, None, 1, x.shape[0])
-                return x
+                return x, pre
             b, h, w, d = x.shape
             t = x.reshape(b, h * w, d)
+            if self.join and pre is None and start <= self.join_block < stop:
+                if start != self.join_block:  # split so the tokens join exactly at join_block
+                    x, pre = self._run_segment(x, start, self.join_block, ws)
+                    return self._run_segment(x, self.join_block, stop, ws)
+                pre = self.prefix_tokens(b)
+            if pre is not None:
+                t = torch.cat([pre, t], dim=1)
             for blk in self.blocks[start:stop]:
                 t = self._run_block(blk, t, None, 1, b)
-            return t.view(b, h, w, d)
+            if pre is not None:
+                p = pre.shape[1]
+                return t[:, p:].reshape(b, h, w, d), t[:, :p]
+            return t.view(b, h, w, d), None
         b, h, w, d = x.shape
         hp, wp = h + (-h) % ws, w + (-w) % ws
         if hp * wp > PAD_FALLBACK * h * w:
@@ -288,30 +324,38 @@ class HierarchicalViT(nn.Module):
                     x = checkpoint(blk.forward_map, x, use_reentrant=False)
                 else:
                     x = blk.forward_map(x)
-            return x
+            return x, pre
         xw, key_ok = pad_partition(x, ws)
         groups = 1 if key_ok is None else key_ok.shape[0]
         for blk in self.blocks[start:stop]:
             xw = self._run_block(blk, xw, blk.attn.window_mask(key_ok), groups, b)
-        return unpartition_crop(xw, ws, b, h, w)
+        return unpartition_crop(xw, ws, b, h, w), pre
 
-    def _run_stage(self, x: torch.Tensor, s: int) -> torch.Tensor:
-        """Stage ``s``: its pooling layer (none for stage 0), then its blocks. Returns the stage output."""
+    def _run_stage(self, x: torch.Tensor, s: int, pre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stage ``s``: its pooling layer (none for stage 0), then its blocks. Returns the stage output
+        and the joined prefix tokens (which pooling leaves unchanged)."""
         if self.layout.depths[s] == 0:
-            return self.empty_stages[str(s)](x) if s > 0 else x
+            return (self.empty_stages[str(s)](x) if s > 0 else x), pre
         for start, stop, ws in self._segments[s]:
             down = self.blocks[start].downsample
             if down is not None:
                 x = down(x)
-            x = self._run_segment(x, start, stop, ws)
-        return x
+            x, pre = self._run_segment(x, start, stop, ws, pre)
+        return x, pre
+
+    def _final(self, x: torch.Tensor, pre: torch.Tensor | None) -> torch.Tensor:
+        """The normalised output: the map ``(B, H, W, D)``, or with joined prefix tokens the sequence
+        ``(B, P + H * W, D)`` (prefix first, as in timm's ViT)."""
+        if pre is not None:
+            x = torch.cat([pre, x.flatten(1, 2)], dim=1)
+        return self.norm(x)
 
     # ------------------------------------------------------------------ forward API
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x)
+        x, pre = self.embed(x), None
         for s in range(self.layout.num_stages):
-            x = self._run_stage(x, s)
-        return self.norm(x)
+            x, pre = self._run_stage(x, s, pre)
+        return self._final(x, pre)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.head_type == "token":
@@ -360,10 +404,10 @@ class HierarchicalViT(nn.Module):
             raise ConfigError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         last = max(take) if stop_early else n - 1
         gh, gw = self.patch_embed.grid(x.shape[-2], x.shape[-1])
-        x = self.embed(x)
+        x, pre = self.embed(x), None
         feats = []
         for s in range(last + 1):
-            x = self._run_stage(x, s)
+            x, pre = self._run_stage(x, s, pre)
             if s in take:
                 y = self.norm(x) if norm else x
                 if y.ndim == 3:  # identity: drop prefix tokens, restore the grid
@@ -372,7 +416,7 @@ class HierarchicalViT(nn.Module):
                 feats.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
         if intermediates_only:
             return feats
-        return self.norm(x), feats
+        return self._final(x, pre), feats
 
     # ------------------------------------------------------------------ re-parameterisation
     def reparameterize(self) -> "HierarchicalViT":
@@ -401,9 +445,17 @@ class HierarchicalViT(nn.Module):
         return nwd
 
     @torch.jit.ignore
+    def new_parameter_names(self) -> list[str]:
+        """Parameters the transform adds to the plain ViT (pooling convs, relative-position tables), which
+        start from zero; the optimizer may give them their own lr (recipe ``new_param_lr_scale``)."""
+        return [n for n, _ in self.named_parameters()
+                if n.endswith("rel_pos_table") or ".downsample." in n or n.startswith("empty_stages.")]
+
+    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        # pools of empty stages (efficiency presets) act on the stem's output before any block: stem id
         return dict(
-            stem=r"^cls_token|^reg_token|^pos_embed|^patch_embed|^norm_pre",
+            stem=r"^cls_token|^reg_token|^pos_embed|^patch_embed|^norm_pre|^empty_stages",
             blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         )
 

@@ -111,7 +111,7 @@ def convert_state_dict(plain: PlainViT, model: nn.Module) -> tuple[dict[str, tor
             continue
         if k not in msd:
             if k in ("cls_token", "reg_token"):
-                dropped[k] = "prefix token unused: hierarchical stages pool by global average, no token sequence"
+                dropped[k] = "prefix token unused: hierarchical stages carry no token sequence (class_token='join' keeps it)"
             elif k.startswith("head."):
                 dropped[k] = "the model has no classifier (num_classes=0 or a backbone config)"
             else:

@@ -49,7 +49,33 @@ def cmd_info(args) -> int:
     print(f"config: {model.config.name}  depths={model.layout.depths}  patch stride={model.stride}  head={model.head_type}")
     print(format_table(*stage_table(model, args.img_size)))
     print(model.reuse_report().summary())
+    if getattr(args, "similarity", None):
+        _print_similarity(model, plain, args)
     return 0
+
+
+def _print_similarity(model, plain, args) -> None:
+    """``hpvit info --similarity IMAGES``: distance of ``model`` to its plain source, stage by stage."""
+    from .analysis import format_similarity, similarity_to_plain
+    from .data import build_transform
+    from .data.unlabeled import UnlabeledImages
+    from .engine.recipe import Recipe
+    from .models.build import from_plain
+
+    if model.keep_prefix:
+        raise ConfigError("--similarity compares a hierarchical config with the plain model; pick e.g. --config paper-cls")
+    if not args.max_images or args.max_images < 1:
+        raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
+    if args.plain:
+        plain = args.plain
+    elif plain is None:
+        raise ConfigError(f"{args.src} is an hpvit file: name the plain checkpoint to compare it with, --plain PLAIN")
+    plain = from_plain(plain, "identity", format=args.format, spec_overrides=parse_key_values(args.spec, "--spec"))
+    tf = build_transform(Recipe(img_size=args.img_size), False)
+    ds = UnlabeledImages([args.similarity], tf, args.max_images, 0)
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    print(f"\nsimilarity to the plain model on {len(ds)} image(s) from {args.similarity} at {args.img_size} px:")
+    print(format_similarity(*similarity_to_plain(model, plain, images)))
 
 
 def _warn_non_finite(state_dict: dict, src: str) -> list[str]:

@@ -1,0 +1,277 @@
+"""``hpvit adapt``: label-free alignment of a transformed model to its own plain source (distillation).
+
+A freshly transformed model starts far from the function its plain checkpoint computes (stride-4
+tokens, window attention and pooling change every block's input). Before fine-tuning, ``adapt`` trains
+the transformed model (the *student*) to reproduce the plain model (the *teacher*, the same checkpoint
+under the ``identity`` config, frozen) on the user's unlabeled images:
+
+* **features**: at the end of every student stage, the cosine distance between the student's map and
+  the teacher's tokens after the same block, both average-pooled to the coarser of the two grids
+  (stage ends 2/4/10/12 of a 2-2-6-2 split are compared with plain blocks 2/4/10/12);
+* **logits** (when the source has a classifier): KL divergence between the teacher's and the student's
+  class distributions at temperature ``T`` (times ``T**2``);
+* **class token** (``class_token='join'``): the cosine distance between the student's and the
+  teacher's final class tokens.
+
+The result is a normal hpvit file (``OUT/model.safetensors``) that keeps the source's classifier in
+the source's class order; ``hpvit train cls --init OUT/model.safetensors`` fine-tunes it. Runs on the
+shared engine (progress, exact resume, AMP, DDP). See docs/classification.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..analysis import map_cosine, plain_block_outputs, stage_reference_blocks, tokens_to_map
+from ..checkpoints import load_plain
+from ..cli import parse_key_values
+from ..config import get_config
+from ..engine.recipe import Recipe, load_recipe
+from ..engine.task import Task
+from ..errors import ConfigError
+from ..models.build import from_plain
+from ..models.hierarchical import HierarchicalViT
+from ._cli import run_training
+
+TARGETS = ("features", "logits")
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "model_ema.safetensors"
+PREPROC_FILE = "model.json"
+
+
+def map_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance between two ``(B, D, H, W)`` maps, each average-pooled to the coarser grid."""
+    return (1.0 - map_cosine(student, teacher)).mean()
+
+
+class AdaptModel(nn.Module):
+    """The trained module: the student only (the frozen teacher lives in the task, outside the optimizer
+    and the checkpoints). ``forward(x)`` -> ``(final, maps, logits)``: the normalised final output
+    (``(B, H, W, D)`` map, or ``(B, P + H * W, D)`` with a joined class token), one ``(B, D, H_s, W_s)``
+    map per stage, and the logits (None without a classifier)."""
+
+    def __init__(self, student: HierarchicalViT):
+        super().__init__()
+        self.student = student
+
+    def forward(self, x: torch.Tensor):
+        final, maps = self.student.forward_intermediates(x)
+        logits = self.student.forward_head(final) if self.student.num_classes > 0 else None
+        return final, maps, logits
+
+
+class AdaptTask(Task):
+    """Distil a transformed model toward its plain source on unlabeled images (see the module docstring)."""
+
+    name = "adapt"
+
+    def __init__(self, init: str, images: list[str], recipe: Recipe, config: Any = "paper-cls", fmt: str | None = None,
+                 eval_images: list[str] | None = None, targets: tuple[str, ...] = TARGETS, temperature: float = 1.0,
+                 feature_weight: float = 1.0, logit_weight: float = 1.0, max_eval_samples: int | None = None,
+                 spec_overrides: dict[str, Any] | None = None):
+        bad = [t for t in targets if t not in TARGETS]
+        if bad or not targets:
+            raise ConfigError(f"--targets {','.join(targets)}: choose one or more of {TARGETS}")
+        if temperature <= 0:
+            raise ConfigError(f"--temperature must be positive, got {temperature}")
+        self.init, self.images, self.recipe, self.config, self.fmt = init, list(images), recipe, config, fmt
+        self.eval_images = list(eval_images or [])
+        self.targets, self.T = tuple(targets), float(temperature)
+        self.feature_weight, self.logit_weight = float(feature_weight), float(logit_weight)
+        self.max_eval_samples = max_eval_samples
+        self.spec_overrides = spec_overrides or {}
+        self.teacher: HierarchicalViT | None = None
+        self.model_config: dict[str, Any] = {}
+        self.primary_metric = "agree1" if "logits" in self.targets else "feat_dist"
+
+    # ---------------------------------------------------------------- model
+    def build_model(self) -> nn.Module:
+        plain = load_plain(self.init, format=self.fmt, **self.spec_overrides)
+        if "logits" in self.targets and plain.spec.num_classes <= 0:
+            raise ConfigError(
+                f"{self.init}: this checkpoint has no classifier head, so there are no logits to distil; "
+                "use --targets features"
+            )
+        cfg = get_config(self.config, drop_path_rate=self.recipe.drop_path, img_size=self.recipe.img_size)
+        if cfg.head == "none" and "logits" in self.targets:
+            raise ConfigError(f"config {cfg.name!r} has no classifier head; use --targets features with it")
+        student = from_plain(plain, cfg)
+        if student.keep_prefix:
+            raise ConfigError("the 'identity' config is the plain model itself: adapt a hierarchical config (paper-cls...)")
+        teacher = from_plain(plain, "identity")
+        teacher.eval().requires_grad_(False)
+        self.teacher = teacher
+        self.model_config = student.config.to_dict()
+        self.stage_blocks = stage_reference_blocks(student)
+        if "logits" not in self.targets:  # parameters the objective never reaches stay fixed (and DDP-safe)
+            for m in (student.head, student.fc_norm, student.head_proj) + (() if student.cls_token is not None else (student.norm,)):
+                if m is not None:
+                    m.requires_grad_(False)
+        if student.config.img_size and self.recipe.img_size < student.min_input_size:
+            raise ConfigError(f"img_size {self.recipe.img_size} is below the minimum {student.min_input_size} of this config")
+        return AdaptModel(student)
+
+    def param_group_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        return {"backbone": model.student, "backbone_prefix": "student."}
+
+    # ---------------------------------------------------------------- data
+    def datasets(self):
+        from ..data import build_transform
+        from ..data.unlabeled import UnlabeledImages
+
+        r = self.recipe
+        train = UnlabeledImages(self.images, build_transform(r, True), r.max_train_samples, r.seed)
+        ev = None
+        if self.eval_images:
+            ev = UnlabeledImages(self.eval_images, build_transform(r, False), self.max_eval_samples, r.seed)
+        return train, ev
+
+    def prepare_batch(self, batch, device, train):
+        return batch[0].to(device, non_blocking=True)
+
+    def batch_size_of(self, batch) -> int:
+        return len(batch)
+
+    # ---------------------------------------------------------------- objective
+    def _teacher_targets(self, x: torch.Tensor):
+        t = self.teacher
+        if next(t.parameters()).device != x.device:
+            t.to(x.device)
+        with torch.no_grad():
+            outs, final = plain_block_outputs(t, x, [b for b in self.stage_blocks if b >= 0])
+            logits = t.forward_head(final) if t.num_classes > 0 else None
+        gh, gw = t.patch_embed.grid(x.shape[-2], x.shape[-1])
+        maps = [tokens_to_map(o, t.num_prefix_tokens, (gh, gw)) for o in outs]
+        cls = final[:, 0] if t.cls_token is not None else None
+        return maps, logits, cls
+
+    def distill_losses(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each term of the objective (unweighted) for images ``x``."""
+        final, maps, logits = model(x)
+        t_maps, t_logits, t_cls = self._teacher_targets(x)
+        out: dict[str, torch.Tensor] = {}
+        if "features" in self.targets:
+            student_maps = [m for m, b in zip(maps, self.stage_blocks) if b >= 0]
+            out["features"] = torch.stack([map_distance(s, t) for s, t in zip(student_maps, t_maps)]).mean()
+            student = model.module.student if hasattr(model, "module") else model.student
+            if student.cls_token is not None and final.ndim == 3 and t_cls is not None:
+                out["class_token"] = (1.0 - F.cosine_similarity(final[:, 0].float(), t_cls.float(), dim=-1)).mean()
+        if "logits" in self.targets and logits is not None:
+            T = self.T
+            out["logits"] = F.kl_div(F.log_softmax(logits.float() / T, -1), F.log_softmax(t_logits.float() / T, -1),
+                                     reduction="batchmean", log_target=True) * T * T
+        return out
+
+    def loss(self, model, batch):
+        terms = self.distill_losses(model, batch)
+        total = terms.get("logits", 0.0) * self.logit_weight
+        total = total + self.feature_weight * (terms.get("features", 0.0) + terms.get("class_token", 0.0))
+        return total
+
+    # ---------------------------------------------------------------- evaluation (label-free)
+    def eval_batch(self, model, x):
+        final, maps, logits = model(x)
+        t_maps, t_logits, _ = self._teacher_targets(x)
+        s_maps = [m for m, b in zip(maps, self.stage_blocks) if b >= 0]
+        out = {"count": len(x), "feat_dist_sum": float(map_distance(s_maps[-1], t_maps[-1])) * len(x)}
+        if logits is not None and t_logits is not None:
+            out["agree1_sum"] = (logits.argmax(-1) == t_logits.argmax(-1)).sum().item()
+            out["kl_sum"] = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(t_logits.float(), -1),
+                                     reduction="sum", log_target=True).item()
+        return out
+
+    def eval_finalize(self, s):
+        n = max(s.get("count", 0.0), 1.0)
+        m = {"feat_dist": s.get("feat_dist_sum", 0.0) / n, "eval_count": int(s.get("count", 0))}
+        if "agree1_sum" in s:
+            m["agree1"] = 100.0 * s["agree1_sum"] / n
+            m["kl"] = s["kl_sum"] / n
+        return m
+
+    # ---------------------------------------------------------------- outputs
+    def describe(self):
+        return {"init": str(self.init), "images": self.images, "eval_images": self.eval_images,
+                "config": self.model_config, "targets": list(self.targets), "temperature": self.T,
+                "feature_weight": self.feature_weight, "logit_weight": self.logit_weight}
+
+    def results(self, model):
+        return {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3)}
+
+    def save_model(self, model, out_dir, ema=None):
+        from ..checkpoints.native import save
+
+        paths = [Path(save(model.student, out_dir / MODEL_FILE))]
+        if ema is not None:
+            paths.append(Path(save(ema.student, out_dir / EMA_FILE)))
+        r = self.recipe
+        pre = {"img_size": r.img_size, "interpolation": r.interpolation, "crop_pct": r.crop_pct,
+               "mean": list(r.mean), "std": list(r.std), "adapted_from": str(self.init)}
+        (out_dir / PREPROC_FILE).write_text(json.dumps(pre, indent=2))
+        return paths
+
+
+# -------------------------------------------------------------------- command line
+HELP = "align a transformed model to its plain source on unlabeled images (distillation, before fine-tuning)"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", required=True, help="plain ViT checkpoint (file, HF folder, timm:<name>): teacher and source")
+    p.add_argument("--config", default="paper-cls", help="hierarchical preset or JSON file (default paper-cls)")
+    p.add_argument("--format", default=None, help="force the checkpoint format instead of auto-detecting it")
+    p.add_argument("--spec", action="append", default=[], metavar="KEY=VALUE", help="override the inferred plain spec")
+    p.add_argument("--images", action="append", required=True, metavar="DIR_OR_ZIP",
+                   help="unlabeled images: a folder (searched recursively) or a zip; repeatable")
+    p.add_argument("--eval-images", action="append", default=None, metavar="DIR_OR_ZIP",
+                   help="held-out unlabeled images: agreement with the teacher is measured on them after each epoch")
+    p.add_argument("--out", required=True, help="output directory (model.safetensors, metrics.jsonl, results.json...)")
+    p.add_argument("--recipe", default="adapt", help="recipe name or JSON file (default: adapt)")
+    p.add_argument("--targets", default=",".join(TARGETS), help="what to match: features, logits or both (default)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the logit term")
+    p.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature (and class-token) term")
+    p.add_argument("--logit-weight", type=float, default=1.0, help="weight of the logit term")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None, help="student and teacher input size during adaptation")
+    p.add_argument("--batch-size", type=int, default=None, help="per-process batch size")
+    p.add_argument("--blr", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--max-train-samples", type=int, default=None, help="use a fixed random subset of the images")
+    p.add_argument("--max-eval-samples", type=int, default=None)
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images and list them")
+
+
+def build_recipe(args) -> Recipe:
+    r = load_recipe(args.recipe)
+    flags = {"epochs": args.epochs, "img_size": args.img_size, "batch_size": args.batch_size, "blr": args.blr,
+             "lr": args.lr, "max_train_samples": args.max_train_samples, "amp": args.amp,
+             "num_workers": args.workers, "seed": args.seed}
+    changes = {k: v for k, v in flags.items() if v is not None}
+    changes.update(parse_key_values(args.set, "--set"))
+    return r.replace(**changes) if changes else r
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .classification import _load_model_config
+
+    recipe = build_recipe(args)
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    task = AdaptTask(args.init, args.images, recipe, _load_model_config(args.config), args.format, args.eval_images,
+                     targets, args.temperature, args.feature_weight, args.logit_weight, args.max_eval_samples,
+                     parse_key_values(args.spec, "--spec"))
+    return run_training(task, recipe, args)

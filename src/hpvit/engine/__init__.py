@@ -3,16 +3,18 @@
 A task (:class:`Task`) supplies model, datasets, loss and evaluation; :class:`Trainer` runs the loop
 (single process or torchrun DDP), AdamW with layer-wise lr decay, warmup + cosine schedule, EMA,
 AMP, gradient accumulation and checkpointing, atomic checkpoints with exact resume, divergence
-stop, progress/metrics/results/curves files.
+stop, progress/metrics/results/curves files. :func:`claim_run_dir` gives a command one output folder
+(lock + overwrite policy); :class:`Trainer` uses it, other commands that write a run folder should too.
 """
 
 from .loop import DivergenceError, Trainer, param_digest
 from .optim import build_optimizer, layer_id, param_groups
 from .recipe import Recipe, list_recipes, load_recipe
+from .rundir import RunDir, claim_run_dir
 from .schedule import WarmupCosine
 from .task import Task
 
 __all__ = [
     "Trainer", "Task", "Recipe", "load_recipe", "list_recipes", "param_groups", "layer_id", "build_optimizer",
-    "WarmupCosine", "DivergenceError", "param_digest",
+    "WarmupCosine", "DivergenceError", "param_digest", "claim_run_dir", "RunDir",
 ]

@@ -444,6 +444,23 @@ class HierarchicalViT(nn.Module):
         nwd |= {n for n, _ in self.named_parameters() if n.endswith("rel_pos_table")}
         return nwd
 
+    def set_drop_path_rate(self, rate: float) -> None:
+        """Stochastic depth rising linearly from 0 to ``rate`` over the blocks (as at construction); for
+        models loaded from a file (e.g. ``hpvit adapt``'s output) that are fine-tuned with another rate."""
+        rates = torch.linspace(0, rate, len(self.blocks)).tolist()
+        for blk, p in zip(self.blocks, rates):
+            blk.drop_path1.p = blk.drop_path2.p = p
+        self.config = self.config.replace(drop_path_rate=float(rate))
+
+    def as_backbone(self) -> "HierarchicalViT":
+        """Drop the classifier (``head='none'``: ``forward`` returns the pyramid), in place; returns ``self``.
+        Used when a saved classifier (an adapted model) becomes a detection or segmentation backbone."""
+        self.head_type, self.num_classes = "none", 0
+        self.head = nn.Identity()
+        self.head_proj = None
+        self.config = self.config.replace(head="none")
+        return self
+
     @torch.jit.ignore
     def new_parameter_names(self) -> list[str]:
         """Parameters the transform adds to the plain ViT (pooling convs, relative-position tables), which

@@ -155,6 +155,16 @@ def build_dense_backbone(init, config: str = "paper-det", fmt: str | None = None
 
     if isinstance(init, nn.Module):
         raise ConfigError("build_dense_backbone takes a plain checkpoint (path, timm:<name> or state dict)")
+    from ..checkpoints.native import is_hpvit_file
+
+    if not isinstance(init, dict) and is_hpvit_file(init):
+        # an hpvit classifier file (e.g. the output of `hpvit adapt`): its own stored config is the backbone's
+        vit = hpvit.load(init).as_backbone()
+        if "drop_path_rate" in overrides:
+            vit.set_drop_path_rate(overrides["drop_path_rate"])
+        if vit.keep_prefix or len(vit.feature_info) != 4:
+            raise ConfigError(f"{init}: its config has {len(vit.feature_info)} stage(s); dense tasks need a 4-stage config")
+        return PyramidBackbone(vit)
     if isinstance(config, str) and config in PLAIN_CONFIGS:
         plain = hpvit.load_plain(init, format=fmt)
         cfg = plain_config(config, plain.spec.depth, **overrides)

@@ -105,6 +105,7 @@ class ClassificationTask(Task):
         r = self.recipe
         if is_hpvit_file(self.init):
             model = hpvit.load(self.init)
+            model.set_drop_path_rate(r.drop_path)  # the recipe's, as for a model built from a plain checkpoint
             if model.num_classes != n:
                 model.reset_classifier(n)
         else:

@@ -11,14 +11,21 @@ Public API::
     hpvit.save(model, "m.safetensors"); model = hpvit.load("m.safetensors")
 """
 
-from .checkpoints import PlainSpec, PlainViT, load_plain
-from .checkpoints.native import load, save
-from .config import PRESETS, HPViTConfig, get_config, list_presets
-from .errors import CheckpointError, ConfigError, HPViTError, InputError, OfflineError
-from .models import HierarchicalViT, ReuseReport
-from .models.build import from_plain
+import importlib as _importlib
+import os as _os
+import sys as _sys
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_API = {
+    "load_plain": ".checkpoints", "PlainSpec": ".checkpoints", "PlainViT": ".checkpoints",
+    "load": ".checkpoints.native", "save": ".checkpoints.native",
+    "PRESETS": ".config", "HPViTConfig": ".config", "get_config": ".config", "list_presets": ".config",
+    "CheckpointError": ".errors", "ConfigError": ".errors", "HPViTError": ".errors", "InputError": ".errors",
+    "OfflineError": ".errors",
+    "HierarchicalViT": ".models", "ReuseReport": ".models", "from_plain": ".models.build",
+}
 
 __all__ = [
     "load_plain", "from_plain", "save", "load", "HierarchicalViT", "HPViTConfig", "PlainSpec", "PlainViT",
@@ -26,4 +33,31 @@ __all__ = [
     "InputError", "OfflineError", "__version__",
 ]
 
-from .models import registry as _timm_registry  # noqa: E402,F401  (registers hpvit_* models with timm)
+
+def _started_as_cli() -> bool:
+    """True when this process is the ``hpvit`` command (console script or ``python -m hpvit``): the command line
+    imports torch only after parsing, so ``--help`` answers at once; the API below then loads on first use."""
+    argv0 = _os.path.basename(_sys.argv[0]) if _sys.argv else ""
+    orig = list(getattr(_sys, "orig_argv", []))
+    by_module = any(a == "-m" and b in ("hpvit", "hpvit.cli") for a, b in zip(orig, orig[1:]))
+    return argv0 in ("hpvit", "hpvit.exe") or by_module
+
+
+def __getattr__(name: str):
+    """Load a public name on first use (only reached in the command-line process, see :func:`_started_as_cli`)."""
+    if name not in _API:
+        raise AttributeError(f"module 'hpvit' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(_API[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+if not _started_as_cli():
+    from .checkpoints import PlainSpec, PlainViT, load_plain
+    from .checkpoints.native import load, save
+    from .config import PRESETS, HPViTConfig, get_config, list_presets
+    from .errors import CheckpointError, ConfigError, HPViTError, InputError, OfflineError
+    from .models import HierarchicalViT, ReuseReport
+    from .models.build import from_plain
+
+    from .models import registry as _timm_registry  # noqa: F401  (registers hpvit_* models with timm)

@@ -1,4 +1,8 @@
-"""Implementations of the non-task CLI commands: demo, convert, info."""
+"""Implementations of the non-task CLI commands: demo, convert, info.
+
+``info`` and ``demo --checkpoint`` take plain checkpoints and every file hpvit writes (classifier or
+backbone, detector, segmenter): a saved file is described with its own stored config and the reuse
+report recorded when it was converted."""
 
 from __future__ import annotations
 
@@ -27,17 +31,86 @@ def _config_arg(value: str) -> "str | HPViTConfig":
     return get_config(value)
 
 
-def _build(src: str, config: str, num_classes: int | None = None, format: str | None = None, spec: list[str] | None = None):
-    """A model from a plain checkpoint, or from an hpvit file (whose stored config wins)."""
-    from .checkpoints.native import is_hpvit_file, load
+class Steps:
+    """Numbered steps of a long command on stderr: a tqdm bar on a terminal, else one log line per step."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n, self.bar = total, desc, 0, None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False,
+                            bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
+
+    def step(self, what: str) -> None:
+        """Mark the previous step done and announce ``what`` (the next one)."""
+        if self.bar is not None:
+            if self.n:
+                self.bar.update(1)
+            self.bar.set_postfix_str(what)
+        else:
+            print(f"[hpvit {time.strftime('%H:%M:%S')}] {self.desc} {self.n + 1}/{self.total}: {what}", file=sys.stderr,
+                  flush=True)
+        self.n += 1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.total - self.bar.n)
+            self.bar.close()
+
+
+def _size(path: str) -> str:
+    p = Path(path)
+    if p.is_file():
+        return f" ({p.stat().st_size / 2**20:,.0f} MiB)"
+    return ""
+
+
+def _plain_dense_config(config: "str | None") -> bool:
+    from .models.plain import PLAIN_CONFIGS
+
+    return isinstance(config, str) and config in PLAIN_CONFIGS
+
+
+def _build(src: str, config: "str | None", num_classes: int | None = None, format: str | None = None,
+           spec: list[str] | None = None, steps: "Steps | None" = None):
+    """``(model, plain)`` from a plain checkpoint (``plain`` its :class:`PlainViT`), or ``(model, None)`` from a
+    file hpvit wrote (whose stored config wins; see :func:`_saved_backbone`). ``config`` may name any preset,
+    the plain dense baselines (``plain-det``, ``plain-seg``) included."""
+    from .checkpoints import load_plain
+    from .checkpoints.native import is_hpvit_model_file, load
     from .models.build import from_plain
 
-    if is_hpvit_file(src):
+    if is_hpvit_model_file(src):
         return load(src), None
-    from .checkpoints import load_plain
-
+    config = config or "paper-cls"
+    if steps:
+        steps.step(f"reading {src}{_size(src)}")
     plain = load_plain(src, format=format, **parse_key_values(spec, "--spec"))
-    return from_plain(plain, config=_config_arg(config), num_classes=num_classes), plain
+    if steps:
+        steps.step(f"mapping its weights onto {config}")
+    if _plain_dense_config(config):
+        from .models.plain import plain_config
+
+        cfg = plain_config(config, plain.spec.depth)
+    else:
+        cfg = _config_arg(config)
+    return from_plain(plain, config=cfg, num_classes=num_classes), plain
+
+
+def _saved_backbone(model, src: str, config: "str | None"):
+    """The HierarchicalViT inside a loaded hpvit file, after printing what the file holds."""
+    meta = getattr(model, "hpvit_meta", None)
+    vit = model.body.vit if meta is not None else model
+    if meta is not None:
+        what = {"det": "Mask R-CNN detector", "seg": "UperNet segmenter"}.get(meta.get("task"), meta.get("task"))
+        print(f"{src}: hpvit {what} ({meta.get('num_classes')} classes), backbone {meta.get('config_name')} "
+              f"({meta.get('backbone')}), trained at {meta.get('img_size') or meta.get('crop')} px")
+    else:
+        print(f"{src}: hpvit model file, config {vit.config.name}, {vit.num_classes} classes")
+    if config and config != vit.config.name:
+        print(f"note: --config {config} ignored: the file's own stored config {vit.config.name} describes it")
+    return vit
 
 
 def cmd_info(args) -> int:
@@ -46,6 +119,8 @@ def cmd_info(args) -> int:
     model, plain = _build(args.src, args.config, args.num_classes, args.format, args.spec)
     if plain is not None:
         print(plain.summary())
+    else:
+        model = _saved_backbone(model, args.src, args.config)
     print(f"config: {model.config.name}  depths={model.layout.depths}  patch stride={model.stride}  head={model.head_type}")
     print(format_table(*stage_table(model, args.img_size)))
     print(model.reuse_report().summary())
@@ -89,8 +164,6 @@ def _warn_non_finite(state_dict: dict, src: str) -> list[str]:
 
 
 def cmd_convert(args) -> int:
-    from .checkpoints.native import save
-
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"output {out} must end in .safetensors (hpvit writes safetensors + JSON metadata)")
@@ -98,9 +171,20 @@ def cmd_convert(args) -> int:
         raise FileExistsError(f"{out} exists; refusing to overwrite it (add --force to replace it)")
     src_path = Path(args.src)
     before = src_path.stat().st_mtime_ns if src_path.is_file() else None
-    model, plain = _build(args.src, args.config, args.num_classes, args.format, args.spec)
-    if plain is None:
-        raise ConfigError(f"{args.src} is already an hpvit file; nothing to convert")
+    steps = Steps(4 if args.validate else 3, "convert")
+    try:
+        model, plain = _build(args.src, args.config, args.num_classes, args.format, args.spec, steps)
+        if plain is None:
+            raise ConfigError(f"{args.src} is already an hpvit file; nothing to convert")
+        return _finish_convert(args, out, model, plain, steps, src_path, before)
+    finally:
+        steps.close()
+
+
+def _finish_convert(args, out: Path, model, plain, steps: Steps, src_path: Path, before: "int | None") -> int:
+    """Report, optionally validate, and write the converted ``model`` (the rest of ``hpvit convert``)."""
+    from .checkpoints.native import save
+
     print(f"detected format: {plain.format}")
     print(plain.summary())
     _warn_non_finite(plain.state_dict, args.src)
@@ -108,6 +192,7 @@ def cmd_convert(args) -> int:
     if args.validate:
         from .checkpoints import validate as _validate
 
+        steps.step("validating the identity config against the source's own library")
         res = _validate.validate_identity(args.src, plain=plain)
         print(f"validate: identity config vs {res['library']}: max |diff| {res['max_abs_diff']:.3g}, "
               f"max rel diff {res['max_rel_diff']:.3g} -> {'OK' if res['ok'] else 'MISMATCH'}")
@@ -116,6 +201,7 @@ def cmd_convert(args) -> int:
             return 1
     if args.reparameterize:
         model.reparameterize()
+    steps.step(f"writing {out}")
     save(model, out, force=args.force)
     if before is not None:
         assert src_path.stat().st_mtime_ns == before
@@ -171,8 +257,14 @@ def cmd_demo(args) -> int:
     from .checkpoints import load_plain
     from .models.build import from_plain
 
+    from .checkpoints.native import is_hpvit_model_file, load
+
     t0 = time.time()
-    if args.checkpoint:
+    model, plain = None, None
+    if args.checkpoint and is_hpvit_model_file(args.checkpoint):
+        model = _saved_backbone(load(args.checkpoint), args.checkpoint, None).eval()
+        source = model.reuse_report().source
+    elif args.checkpoint:
         plain = load_plain(args.checkpoint)
     else:
         import timm
@@ -187,11 +279,14 @@ def cmd_demo(args) -> int:
         sd = timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict()
         plain = load_plain(sd)
         plain.source = "random ViT-Tiny/16 (no checkpoint)"
-    cfg = _config_arg(args.config)
-    model = from_plain(plain, config=cfg).eval()
-    if model.keep_prefix:
-        raise ConfigError("the demo shows a feature pyramid; use a hierarchical config (paper-cls, paper-det, paper-seg)")
-    print(plain.summary())
+    if model is None:
+        model = from_plain(plain, config=_config_arg(args.config)).eval()
+        source = plain.source
+        print(plain.summary())
+    if model.keep_prefix or len(model.feature_info) != 4:
+        where = f"{args.checkpoint} holds a {model.config.name} model" if plain is None else f"--config {args.config}"
+        raise ConfigError(f"the demo shows a 4-level feature pyramid, but {where}; use a hierarchical config "
+                          "(paper-cls, paper-det, paper-seg) or a file converted with one")
     print()
     print(model.reuse_report().summary())
     print()
@@ -223,7 +318,7 @@ def cmd_demo(args) -> int:
         ax.set_title(f"1/{s}: {fm.shape[-2]}x{fm.shape[-1]}x{fm.shape[1]}")
     for ax in axes:
         ax.axis("off")
-    fig.suptitle(f"hpvit {model.config.name} from {plain.source} — feature maps (first 3 principal components)", fontsize=10)
+    fig.suptitle(f"hpvit {model.config.name} from {source} — feature maps (first 3 principal components)", fontsize=10)
     fig.tight_layout()
     from .checkpoints.io import atomic_write
 

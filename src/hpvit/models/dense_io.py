@@ -12,7 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoints.native import restore_reuse_report  # noqa: F401 (used by the detector / segmenter loaders)
 from ..errors import CheckpointError
+
+DENSE_LOADERS = {"det": "hpvit.models.detector:load_detector", "seg": "hpvit.models.segmenter:load_segmenter"}
 
 
 def save_dense(model: nn.Module, path: "str | os.PathLike", meta: dict[str, Any]) -> Path:
@@ -27,8 +30,30 @@ def save_dense(model: nn.Module, path: "str | os.PathLike", meta: dict[str, Any]
     return p
 
 
-def read_dense(path: "str | os.PathLike", expect_task: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(state_dict, meta)`` of a file written by :func:`save_dense`; ``path`` may be a training directory."""
+def dense_meta_reuse(body: nn.Module) -> dict[str, Any]:
+    """``{"reuse": report}`` for a dense backbone whose ViT was converted from a plain checkpoint (else empty)."""
+    report = getattr(getattr(body, "vit", None), "_reuse_report", None)
+    return {} if report is None else {"reuse": report.to_dict()}
+
+
+def load_dense(path: "str | os.PathLike") -> nn.Module:
+    """The detector or segmenter in ``path`` (whichever its metadata names), with ``model.hpvit_meta`` set."""
+    import importlib
+
+    _, meta = read_dense(path, None, tensors=False)
+    task = meta.get("task")
+    if task not in DENSE_LOADERS:
+        raise CheckpointError(f"{path}: holds a {task!r} model, which this version of hpvit cannot load; upgrade hpvit")
+    module, fn = DENSE_LOADERS[task].split(":")
+    model, meta = getattr(importlib.import_module(module), fn)(path)
+    model.hpvit_meta = meta
+    return model
+
+
+def read_dense(path: "str | os.PathLike", expect_task: "str | None",
+               tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state_dict, meta)`` of a file written by :func:`save_dense`; ``path`` may be a training directory.
+    ``expect_task`` None accepts any task; ``tensors=False`` reads only the metadata (empty state dict)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -36,19 +61,20 @@ def read_dense(path: "str | os.PathLike", expect_task: str) -> tuple[dict[str, t
     if p.is_dir():
         p = p / "model.safetensors"
     if not p.is_file():
-        raise CheckpointError(f"{p}: no such model file; pass a `hpvit train {expect_task}` output directory or its "
-                              "model.safetensors")
+        raise CheckpointError(f"{p}: no such model file; pass a `hpvit train {expect_task or 'det|seg'}` output "
+                              "directory or its model.safetensors")
     try:
         with safe_open(str(p), framework="pt") as f:
             md = f.metadata() or {}
-        sd = load_file(str(p))
+        sd = load_file(str(p)) if tensors else {}
     except Exception as e:
         raise CheckpointError(f"{p}: not a readable safetensors file ({type(e).__name__}: {e})") from e
     if "hpvit_dense" not in md:
-        raise CheckpointError(f"{p}: not an hpvit dense-prediction model (no 'hpvit_dense' metadata); give the output "
-                              f"of `hpvit train {expect_task}`")
+        hint = " (it is an hpvit classifier/backbone file: load it with hpvit.load)" if "hpvit_config" in md else ""
+        raise CheckpointError(f"{p}: not an hpvit dense-prediction model (no 'hpvit_dense' metadata){hint}; give the "
+                              f"output of `hpvit train {expect_task or 'det|seg'}`")
     meta = json.loads(md["hpvit_dense"])
-    if meta.get("task") != expect_task:
+    if expect_task is not None and meta.get("task") != expect_task:
         raise CheckpointError(f"{p}: holds a {meta.get('task')!r} model, not a {expect_task!r} one; use "
                               f"`hpvit eval {meta.get('task')}`")
     return sd, meta

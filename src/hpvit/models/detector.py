@@ -1,0 +1,100 @@
+"""Mask R-CNN over a dense ViT backbone: torchvision's ``MaskRCNN`` with an FPN on the four maps of a
+transformed (``paper-det``) or plain-baseline (``plain-det``) backbone; building, and loading the files
+``hpvit train det`` writes (see :mod:`hpvit.models.dense_io`)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .dense_io import read_dense, restore_reuse_report
+from .plain import backbone_from_config, build_dense_backbone
+
+
+class BackboneWithFPN(nn.Module):
+    """A dense backbone (4 maps at strides 4..32) + torchvision's FPN (``fpn_channels``, an extra
+    max-pooled level): images ``(B, 3, H, W)`` -> OrderedDict ``'0'..'3'`` (strides 4..32) and
+    ``'pool'`` (stride 64), each ``(B, fpn_channels, ., .)``."""
+
+    def __init__(self, body: nn.Module, fpn_channels: int = 256):
+        super().__init__()
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(list(body.out_channels), fpn_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = fpn_channels
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        feats = self.body(x)
+        return self.fpn(OrderedDict((str(i), f.contiguous()) for i, f in enumerate(feats)))
+
+
+def _no_resize_transform(min_size: int, max_size: int):
+    """torchvision's RCNN transform (normalise, pad the batch to a multiple of 32) without its resize:
+    :class:`~hpvit.data.coco.CocoInstances` resizes images and targets itself (so flips, scale jitter
+    and LSJ all live in one place) and the predictions come back in the input's pixel coordinates."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    class _T(GeneralizedRCNNTransform):
+        def resize(self, image, target=None):
+            return image, target
+
+    return _T(min_size, max_size, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+              size_divisible=32)
+
+
+class MaskRCNNModel(nn.Module):
+    """torchvision ``MaskRCNN`` whose backbone is :class:`BackboneWithFPN` over a dense ViT backbone.
+
+    ``forward(images, targets)``: images a list of ``(3, h, w)`` float tensors in [0, 1] (any sizes;
+    padded to a multiple of 32 inside); training returns the loss dict, eval a list of
+    ``{boxes, labels, scores, masks}`` in the input images' pixel coordinates.
+    """
+
+    def __init__(self, body: nn.Module, num_classes: int, fpn_channels: int = 256, img_size: int = 512,
+                 rcnn: dict[str, Any] | None = None):
+        super().__init__()
+        from torchvision.models.detection import MaskRCNN
+
+        self.rcnn = dict(rcnn or {})
+        try:
+            self.detector = MaskRCNN(BackboneWithFPN(body, fpn_channels), num_classes=num_classes + 1,
+                                     min_size=img_size, max_size=img_size, **self.rcnn)
+        except TypeError as e:
+            raise ConfigError(f"--rcnn: {e}; valid keys are torchvision MaskRCNN arguments such as "
+                              "box_batch_size_per_image, rpn_post_nms_top_n_train, box_detections_per_img") from e
+        self.detector.transform = _no_resize_transform(img_size, img_size)
+        self.num_classes = num_classes
+
+    @property
+    def body(self) -> nn.Module:
+        return self.detector.backbone.body
+
+    def forward(self, images, targets=None):
+        return self.detector(images, targets)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.body.set_grad_checkpointing(enable)
+
+
+def build_detector(init, config: str, num_classes: int, img_size: int, drop_path: float = 0.0,
+                   fmt: str | None = None, fpn_channels: int = 256, rcnn: dict[str, Any] | None = None) -> MaskRCNNModel:
+    """Mask R-CNN over the dense backbone ``config`` (paper-det, plain-det, ...) from plain checkpoint ``init``."""
+    body = build_dense_backbone(init, config, fmt=fmt, drop_path_rate=drop_path, img_size=img_size)
+    return MaskRCNNModel(body, num_classes, fpn_channels, img_size, rcnn)
+
+
+def load_detector(path) -> tuple[MaskRCNNModel, dict[str, Any]]:
+    """``(model, meta)`` from a file written by ``hpvit train det`` (or its output directory)."""
+    from ..checkpoints.spec import PlainSpec
+
+    sd, meta = read_dense(path, "det")
+    body = backbone_from_config(PlainSpec.from_dict(meta["spec"]), meta["config"], meta["backbone"], meta["out_indices"])
+    model = MaskRCNNModel(body, meta["num_classes"], meta["fpn_channels"], meta["img_size"], meta.get("rcnn"))
+    model.load_state_dict(sd, strict=True)
+    restore_reuse_report(body.vit, meta.get("reuse"), path)
+    return model, meta

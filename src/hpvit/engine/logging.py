@@ -30,7 +30,7 @@ class Progress:
     """One epoch's progress: a tqdm bar when stderr is a terminal, else a log line every ``every`` steps."""
 
     def __init__(self, total: int, desc: str, enabled: bool = True, every: int = 20, initial: int = 0,
-                 unit_scale: int = 1, force_plain: bool | None = None):
+                 unit_scale: int = 1, force_plain: bool | None = None, unit: str = "step"):
         self.total, self.desc, self.enabled, self.every = total, desc, enabled, max(every, 1)
         self.n, self.unit_scale = initial, unit_scale
         self.t0, self.n0 = time.time(), initial
@@ -42,7 +42,7 @@ class Progress:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+                self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=True)
             except ImportError:
                 self.bar = None
 
@@ -62,12 +62,53 @@ class Progress:
             dt = time.time() - self.t0
             rate = (self.n - self.n0) / dt if dt > 0 else float("nan")
             eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-            ms = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            log(f"{self.desc} {self.n}/{self.total} | {ms} | {rate * self.unit_scale:.1f} img/s | ETA {_fmt_time(eta)}")
+            parts = [f"{self.desc} {self.n}/{self.total}"]
+            if metrics:
+                parts.append(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            parts += [f"{rate * self.unit_scale:.1f} img/s", f"ETA {_fmt_time(eta)}"]
+            log(" | ".join(parts))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# the recipe keys a user most needs to see at the start of a run, in this order
+RECIPE_HEADLINE = ("epochs", "batch_size", "accum_steps", "blr", "lr", "warmup_epochs", "img_size", "layer_decay",
+                   "drop_path", "mixup", "cutmix", "amp", "num_workers", "max_train_samples", "max_eval_samples")
+
+
+def _fmt_value(v: Any) -> str:
+    """Numbers for people: integers with thousands separators (never ``1e+04``), others to 4 significant digits."""
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 1000):
+        return f"{int(v):,}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def recipe_summary(recipe: Any) -> str:
+    """One line naming the recipe and its headline settings (``None`` entries left out)."""
+    d = recipe.to_dict()
+    keys = [k for k in RECIPE_HEADLINE if d.get(k) is not None]
+    return f"recipe {d.get('name', 'custom')}: " + ", ".join(f"{k} {_fmt_value(d[k])}" for k in keys)
+
+
+def format_summary(epoch: int, epochs: int, rec: dict[str, Any], keys: "tuple[str, ...]", units: dict[str, str],
+                   train_s: float, eval_s: float, metrics_path: "Path | str") -> str:
+    """The one line logged per epoch: the headline metrics (with their units) and where the rest is."""
+    shown = []
+    for k in keys:
+        if k in rec:
+            unit = units.get(k, "")
+            shown.append(f"{k} {_fmt_value(rec[k])}{'%' if unit.startswith('%') else ''}")
+            if "ema_" + k in rec:
+                shown.append(f"EMA {k} {_fmt_value(rec['ema_' + k])}{'%' if unit.startswith('%') else ''}")
+    where = f"{rec.get('split', 'eval')}, {_fmt_value(rec['images'])} images" if "images" in rec else rec.get("split", "")
+    return (f"epoch {epoch}/{epochs}: " + ", ".join(shown) + f" ({where}; {train_s:.0f}s train, {eval_s:.0f}s eval; "
+            f"all metrics in {metrics_path})")
 
 
 class MetricsFile:
@@ -102,7 +143,8 @@ class MetricsFile:
 
 
 def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "top1") -> None:
-    """Training loss per logged step and evaluation ``metric`` per epoch, side by side."""
+    """Training loss per logged step and evaluation ``metric`` per epoch, side by side; every logged point
+    is drawn with a marker, so a run with a single record still shows it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,23 +155,41 @@ def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "to
     ev = [r for r in recs if r.get("kind") == "eval"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     if tr:
-        a.plot([r["step"] for r in tr], [r["loss"] for r in tr], lw=1)
+        a.plot([r["step"] for r in tr], [r["loss"] for r in tr], "o-", lw=1, ms=4, label="training loss")
+        a.legend()
+    else:
+        a.text(0.5, 0.5, "no training loss logged yet", ha="center", va="center", transform=a.transAxes)
+    from matplotlib.ticker import MaxNLocator
+
+    a.xaxis.set_major_locator(MaxNLocator(integer=True))
     a.set_xlabel("optimizer step")
     a.set_ylabel("training loss")
-    a.set_title("loss")
+    a.set_title(f"training loss ({len(tr)} logged point{'s' if len(tr) != 1 else ''})")
     a.grid(alpha=0.3)
     if ev:
         xs = [r["epoch"] for r in ev]
-        b.plot(xs, [r[metric] for r in ev], "o-", label=metric)
+        b.plot(xs, [r.get(metric, float("nan")) for r in ev], "o-", ms=6, label=metric)
         if "ema_" + metric in ev[-1]:
-            b.plot(xs, [r.get("ema_" + metric, float("nan")) for r in ev], "s--", label="EMA " + metric)
+            b.plot(xs, [r.get("ema_" + metric, float("nan")) for r in ev], "s--", ms=6, label="EMA " + metric)
+        for x, r in zip(xs, ev):
+            if isinstance(r.get(metric), (int, float)):
+                b.annotate(f"{r[metric]:.3g}", (x, r[metric]), textcoords="offset points", xytext=(0, 6), ha="center",
+                           fontsize=8)
+        b.set_xticks(sorted(set(xs)))
+        b.margins(x=0.1, y=0.15)
         b.legend()
+    else:
+        b.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=b.transAxes)
+    split = ev[-1].get("split") if ev else None
     b.set_xlabel("epoch")
-    b.set_ylabel(f"{metric} (%)")
-    b.set_title("evaluation")
+    b.set_ylabel(metric + (" (%)" if metric in PERCENT_METRICS else ""))
+    b.set_title(f"evaluation{' on ' + str(split) if split else ''}")
     b.grid(alpha=0.3)
     fig.tight_layout()
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), force=True)
     finally:
         plt.close(fig)
+
+
+PERCENT_METRICS = {"top1", "top5", "mIoU", "mAcc", "aAcc", "bbox_AP", "segm_AP", "bbox_AP50", "agreement_top1"}

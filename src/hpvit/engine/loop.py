@@ -24,7 +24,7 @@ from . import distributed as D
 from .checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .rundir import SKIPPED_NAME, claim_run_dir
 from .ema import ModelEMA
-from .logging import MetricsFile, Progress, log, plot_curves
+from .logging import MetricsFile, Progress, format_summary, log, plot_curves, recipe_summary
 from .optim import build_optimizer
 from .recipe import Recipe
 from .schedule import WarmupCosine
@@ -39,6 +39,28 @@ ADJUSTABLE_ON_RESUME = ("lr", "blr", "min_lr", "clip_grad", "amp")
 
 class DivergenceError(HPViTError):
     """The training loss became NaN or infinite; the last good checkpoint was kept."""
+
+
+RECIPE_FILE = "recipe.json"  # the resolved recipe of the run, written when the run starts
+OWN_START_FILES = (RECIPE_FILE,)  # what a run that fails before training leaves; removed with the folder it created
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not on Linux
+        return max(os.cpu_count() or 1, 1)
+
+
+def usable_workers(requested: int, world_size: int = 1, verbose: bool = True) -> int:
+    """``requested`` DataLoader workers, capped at this process's share of the cores (a note says so when capped)."""
+    cap = max(usable_cores() // max(world_size, 1), 1)
+    if requested > cap:
+        log(f"data loading: {requested} workers requested but {usable_cores()} core(s) are shared by {world_size} "
+            f"process(es); using {cap}", verbose)
+        return cap
+    return requested
 
 
 def _seed_all(seed: int) -> None:
@@ -85,21 +107,51 @@ class Trainer:
     def _loader(self, ds, sampler, batch_size: int, train: bool, seed: int):
         g = torch.Generator().manual_seed(seed)  # the loader's base seed never touches the global RNG
         return torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, sampler=sampler, num_workers=self.recipe.num_workers, drop_last=train,
+            ds, batch_size=batch_size, sampler=sampler, num_workers=self.workers, drop_last=train,
             collate_fn=self.task.collate_fn(train), pin_memory=self.dist.device.type == "cuda", generator=g,
             persistent_workers=False,
         )
 
     def run(self) -> dict[str, Any]:
         self.dist = D.init_distributed(self.device_arg)
+        self.workers = usable_workers(self.recipe.num_workers, self.dist.world_size, self.dist.is_main)
         run_dir = None
+        created = not self.out.exists()
+        ok = False
         try:
             run_dir = self._claim()
-            return self._run()
+            self._announce()
+            results = self._run()
+            ok = True
+            return results
         finally:
             if run_dir is not None:
+                if not ok and created:
+                    self._remove_unstarted()
                 run_dir.release()
             D.cleanup(self.dist)
+
+    def _announce(self) -> None:
+        """Print the resolved recipe and write it to ``OUT/recipe.json`` before anything else happens."""
+        if not self.dist.is_main:
+            return
+        write_text_atomic(self.out / RECIPE_FILE, json.dumps(self.recipe.to_dict(), indent=2))
+        extra = f", {self.workers} loader worker(s)" if self.workers != self.recipe.num_workers else ""
+        log(recipe_summary(self.recipe) + extra + f"; full recipe in {self.out / RECIPE_FILE}")
+
+    def _remove_unstarted(self) -> None:
+        """A run that failed before writing anything but its start files leaves no folder behind (it made it)."""
+        if not self.dist.is_main:
+            return
+        from .rundir import LOCK_NAME
+
+        names = {p.name for p in self.out.iterdir()} if self.out.is_dir() else set()
+        if names <= {LOCK_NAME, *OWN_START_FILES}:
+            for n in names - {LOCK_NAME}:
+                (self.out / n).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (self.out / LOCK_NAME).unlink()
+                self.out.rmdir()
 
     def _claim(self):
         """The main process claims the output folder; every process fails together when it cannot."""
@@ -270,7 +322,7 @@ class Trainer:
                 if n_acc >= r.log_every_steps or step_in_epoch == steps_per_epoch:
                     avg = torch.tensor([loss_acc / n_acc])
                     avg = D.all_reduce_sum(avg, dist).item() / dist.world_size
-                    metrics.write({"kind": "train", "epoch": epoch, "step": gstep, "loss": avg, "lr": cur_lr,
+                    metrics.write({"kind": "train", "epoch": epoch + 1, "step": gstep, "loss": avg, "lr": cur_lr,
                                    "images_per_s": images_seen / max(train_time, 1e-9)})
                     loss_acc, n_acc = 0.0, 0
                 if r.ckpt_every_steps and gstep % r.ckpt_every_steps == 0 and step_in_epoch < steps_per_epoch:
@@ -284,15 +336,18 @@ class Trainer:
             step_in_epoch = 0
             epoch_time = time.time() - t_epoch
             if eval_ds is not None and (epoch % max(r.eval_every_epochs, 1) == 0 or epoch == r.epochs):
-                ev = self.evaluate(model, eval_ds)
-                rec = {"kind": "eval", "epoch": epoch, "step": gstep, **ev}
+                t_eval = time.time()
+                ev = self.evaluate(model, eval_ds, f"epoch {epoch}/{r.epochs}: evaluating {self._split_name()}")
+                rec = {"kind": "eval", "epoch": epoch, "step": gstep, "split": self._split_name(),
+                       "images": len(eval_ds), **ev}
                 if ema is not None:
-                    rec.update({f"ema_{k}": v for k, v in self.evaluate(ema.module, eval_ds).items()})
+                    rec.update({f"ema_{k}": v for k, v in
+                                self.evaluate(ema.module, eval_ds, f"epoch {epoch}/{r.epochs}: evaluating EMA").items()})
                 history.append(rec)
                 last_eval = rec
                 metrics.write(rec)
-                log(f"epoch {epoch}/{r.epochs}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
-                                                              if isinstance(v, float)) + f" ({epoch_time:.0f}s train)", main)
+                log(format_summary(epoch, r.epochs, rec, self._summary_keys(), self._units(),
+                                   epoch_time, time.time() - t_eval, self.out / "metrics.jsonl"), main)
             checkpoint(epoch, 0)
             if main:
                 plot_curves(metrics.read(), self.out / "curves.png", self.task.primary_metric)
@@ -307,7 +362,9 @@ class Trainer:
             files = self.task.save_model(model, self.out, ema.module if ema is not None else None)
             wall = prior_wall + time.time() - t_start
             results = {
-                **{k: v for k, v in last_eval.items() if k not in ("kind", "step")},
+                **{k: v for k, v in last_eval.items() if k not in ("kind", "step", "split", "images")},
+                "eval_split": self._split_name() if eval_ds is not None else None,
+                "metric_units": self._units(),
                 "epochs": r.epochs,
                 "steps": gstep,
                 "wall_time_s": round(wall, 2),
@@ -356,7 +413,7 @@ class Trainer:
         return result[1]
 
     def _find_bad(self, train_ds, eval_ds, skipped_file: Path) -> list[int]:
-        workers = self.recipe.num_workers
+        workers = self.workers
         if eval_ds is not None:
             bad = find_bad_items(eval_ds, True, "checking the evaluation images", workers)
             if bad:
@@ -412,16 +469,28 @@ class Trainer:
             f"stopped before the optimizer step, {where}. {advice}"
         )
 
-    def evaluate(self, model: nn.Module, eval_ds) -> dict[str, float]:
-        return evaluate(self.task, model, eval_ds, self.recipe.batch_size, self.recipe.num_workers, self.dist,
-                        self._autocast)
+    def evaluate(self, model: nn.Module, eval_ds, desc: str = "evaluating") -> dict[str, float]:
+        return evaluate(self.task, model, eval_ds, self.recipe.batch_size, self.workers, self.dist,
+                        self._autocast, desc=desc)
+
+    def _split_name(self) -> str:
+        """The evaluation split as the task names it (e.g. ``val``, ``test``, ``images 100:128 of ann.json``)."""
+        return str(getattr(self.task, "eval_split", None) or "eval")
+
+    def _summary_keys(self) -> tuple[str, ...]:
+        return tuple(getattr(self.task, "summary_metrics", None) or (self.task.primary_metric,))
+
+    def _units(self) -> dict[str, str]:
+        return dict(getattr(self.task, "metric_units", None) or {})
 
 
 @torch.no_grad()
 def evaluate(task: Task, model: nn.Module, eval_ds, batch_size: int, num_workers: int = 0,
-             dist: "D.DistInfo | None" = None, autocast=contextlib.nullcontext) -> dict[str, float]:
+             dist: "D.DistInfo | None" = None, autocast=contextlib.nullcontext,
+             desc: str = "evaluating") -> dict[str, float]:
     """Run ``task.eval_batch`` over ``eval_ds`` (sharded over ranks, each image exactly once) and
-    return ``task.eval_finalize`` of the sums, reduced over ranks."""
+    return ``task.eval_finalize`` of the sums, reduced over ranks. The main process shows a progress bar
+    (a log line every ~10% when stderr is not a terminal)."""
     dist = dist or D.DistInfo()
     sampler = ResumableSampler(len(eval_ds), dist.rank, dist.world_size, shuffle=False, pad=False)
     loader = torch.utils.data.DataLoader(
@@ -431,18 +500,24 @@ def evaluate(task: Task, model: nn.Module, eval_ds, batch_size: int, num_workers
     model.eval()
     sums: dict[str, float] = {}
     it = iter(loader)
+    n_batches = len(loader)
+    prog = Progress(n_batches, f"{desc} ({len(eval_ds)} images)", dist.is_main, max(n_batches // 10, 1),
+                    unit_scale=batch_size, unit="batch")
     while True:
         try:
             batch = next(it)
         except StopIteration:
             break
         except DataError as e:  # from a worker: drop the worker's traceback, keep the message naming the file
+            prog.close()
             raise unwrap_worker_error(e) from None
         batch = task.prepare_batch(batch, dist.device, train=False)
         with autocast():
             out = task.eval_batch(model, batch)
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
+        prog.update()
+    prog.close()
     keys = sorted(set().union(*D.all_gather_objects(sorted(sums), dist)))
     t = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64)
     t = D.all_reduce_sum(t, dist)

@@ -9,7 +9,6 @@ average pooling head), so the paper's comparison is one flag apart. See docs/cla
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,15 @@ from ..errors import ConfigError
 from ..engine.recipe import Recipe, load_recipe
 from ..engine.task import Task
 from ..cli import parse_key_values
+from ._args import AUTO_RECIPE, add_cls_eval_args, add_cls_train_args, subset_count
 from ._cli import run_training
 
 TASK = "cls"
-TRAIN_HELP = "fine-tune a classifier on an ImageFolder directory or zip (train/ + val/ or test/)"
-EVAL_HELP = "evaluate a fine-tuned classifier (top-1 / top-5)"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "model_ema.safetensors"
 PREPROC_FILE = "model.json"
+METRIC_UNITS = {"top1": "% of images", "top5": "% of images", "eval_loss": "cross-entropy per image (nats)",
+                "eval_count": "images"}
 
 
 def gflops_per_image(model: nn.Module, img_size: int, in_chans: int = 3) -> float:
@@ -63,6 +63,8 @@ def _load_model_config(config: str):
 class ClassificationTask(Task):
     name = "cls"
     primary_metric = "top1"
+    summary_metrics = ("top1", "top5", "eval_loss")  # the per-epoch log line; metrics.jsonl has every metric
+    metric_units = METRIC_UNITS
 
     def __init__(self, init: str, data: str, recipe: Recipe, config: str = "paper-cls", num_classes: int | None = None,
                  head: str | None = None, fmt: str | None = None):
@@ -85,6 +87,11 @@ class ClassificationTask(Task):
     @property
     def classes(self) -> list[str]:
         return self.source.classes
+
+    @property
+    def eval_split(self) -> str:
+        """The split scored after each epoch (named in metrics.jsonl and results.json)."""
+        return self.source.eval_split()
 
     def datasets(self):
         from ..data import ImageFolderDataset, build_transform
@@ -185,50 +192,53 @@ def classification_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> d
 def classification_metrics(s: dict[str, float]) -> dict[str, float]:
     n = max(s.get("count", 0.0), 1.0)
     return {"top1": 100.0 * s.get("correct1", 0.0) / n, "top5": 100.0 * s.get("correct5", 0.0) / n,
-            "eval_loss": s.get("loss_sum", 0.0) / n, "eval_count": s.get("count", 0.0)}
+            "eval_loss": s.get("loss_sum", 0.0) / n, "eval_count": int(s.get("count", 0))}
 
 
 # -------------------------------------------------------------------- command line
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--init", required=True, help="plain ViT checkpoint (file, HF folder, timm:<name>) or an hpvit .safetensors")
-    p.add_argument("--config", default="paper-cls", help="paper-cls (default), identity (the plain baseline), ... or a JSON file")
-    p.add_argument("--format", default=None, help="force the checkpoint format instead of auto-detecting it")
-    p.add_argument("--num-classes", type=int, default=None, help="must match the dataset's classes (default: from the data)")
-    p.add_argument("--head", choices=("avg", "token"), default=None,
-                   help="classifier head: avg = global average pooling, token = class token (identity only)")
-    p.add_argument("--data", required=True, help="ImageFolder directory or .zip with train/ and val/ (or test/)")
-    p.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, results.json, curves.png)")
-    p.add_argument("--recipe", default="imagenet-paper", help="recipe name (imagenet-paper, cifar-mini) or JSON file")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="per-process batch size")
-    p.add_argument("--accum-steps", type=int, default=None, help="gradient accumulation steps")
-    p.add_argument("--max-train-samples", type=int, default=None, help="fixed class-balanced training subset")
-    p.add_argument("--max-eval-samples", type=int, default=None, help="fixed class-balanced evaluation subset")
-    p.add_argument("--blr", type=float, default=None, help="base lr (lr = blr * global batch / 256)")
-    p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None)
-    p.add_argument("--ema", action="store_true", default=None, help="keep an EMA of the weights (evaluated too)")
-    p.add_argument("--grad-checkpointing", action="store_true", default=None)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms only")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key (repeatable)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out (finished or not); without it such a run is never replaced")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="leave out training images that cannot be decoded and list them in OUT/skipped-images.txt "
-                        "(default: such an image is an error naming the file)")
+add_train_args = add_cls_train_args
+add_eval_args = add_cls_eval_args
+AUTO_GPU_MIN_IMAGES = 100_000  # below this (or without a GPU) `--recipe auto` picks the short cifar-mini recipe
+
+
+def choose_recipe(n_train: int, device_type: str) -> tuple[str, str]:
+    """``--recipe auto``: ``(recipe name, why)`` for ``n_train`` training images on ``device_type``.
+
+    The paper's ``imagenet-paper`` recipe (100 epochs, 5 warm-up epochs) only fits a large dataset on a GPU;
+    anything smaller or on a CPU gets ``cifar-mini`` (one short epoch sized for a 2-core CPU)."""
+    if device_type == "cuda" and n_train >= AUTO_GPU_MIN_IMAGES:
+        return "imagenet-paper", f"{n_train:,} training images on a GPU"
+    why = "no GPU" if device_type != "cuda" else f"fewer than {AUTO_GPU_MIN_IMAGES:,} training images"
+    return "cifar-mini", f"{n_train:,} training images, {why}"
+
+
+def _device_type(device: "str | None") -> str:
+    if device:
+        return torch.device(device).type
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_recipe_name(args) -> str:
+    """``--recipe`` as given, or for ``auto`` the recipe :func:`choose_recipe` picks for ``--data`` (printed)."""
+    from ..data import ImageFolderSource
+    from ..engine.logging import log
+
+    if args.recipe != AUTO_RECIPE:
+        return args.recipe
+    n_train = len(ImageFolderSource(args.data).samples("train"))
+    wanted = subset_count(args.train_images, "--train-images")
+    n = min(n_train, wanted) if wanted else n_train
+    name, why = choose_recipe(n, _device_type(args.device))
+    log(f"--recipe auto -> {name} ({why}); pass --recipe imagenet-paper|cifar-mini|FILE.json to choose")
+    return name
 
 
 def build_recipe(args) -> Recipe:
-    r = load_recipe(args.recipe)
+    r = load_recipe(resolve_recipe_name(args))
     flags = {"epochs": args.epochs, "img_size": args.img_size, "batch_size": args.batch_size,
-             "accum_steps": args.accum_steps, "max_train_samples": args.max_train_samples,
-             "max_eval_samples": args.max_eval_samples, "blr": args.blr, "lr": args.lr, "amp": args.amp,
+             "accum_steps": args.accum_steps, "max_train_samples": subset_count(args.train_images, "--train-images"),
+             "max_eval_samples": subset_count(args.eval_images, "--eval-images"), "blr": args.blr, "lr": args.lr,
+             "amp": args.amp,
              "ema": args.ema, "grad_checkpointing": args.grad_checkpointing, "num_workers": args.workers,
              "seed": args.seed, "deterministic": args.deterministic}
     changes = {k: v for k, v in flags.items() if v is not None}
@@ -244,25 +254,11 @@ def run_train(args) -> int:
     return run_training(task, recipe, args)
 
 
-def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a training output directory or an hpvit .safetensors file")
-    p.add_argument("--data", required=True, help="ImageFolder directory or .zip with val/ or test/")
-    p.add_argument("--split", default=None, help="split to evaluate (default: val, else test)")
-    p.add_argument("--img-size", type=int, default=None, help="default: the training image size (model.json)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-eval-samples", type=int, default=None)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a training directory")
-    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default=None)
-
-
 def run_eval(args) -> int:
     import hpvit
     from ..data import ImageFolderDataset, ImageFolderSource, build_transform
     from ..engine import distributed as D
-    from ..engine.loop import evaluate
+    from ..engine.loop import evaluate, usable_workers
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -288,7 +284,7 @@ def run_eval(args) -> int:
     if model.num_classes != len(src.classes):
         raise ConfigError(f"the model has {model.num_classes} classes but {args.data} has {len(src.classes)}")
     split = args.split or src.eval_split()
-    ds = ImageFolderDataset(src, split, build_transform(r, False), args.max_eval_samples, 0)
+    ds = ImageFolderDataset(src, split, build_transform(r, False), subset_count(args.eval_images, "--eval-images"), 0)
     dist = D.init_distributed(args.device)
     try:
         model.to(dist.device)
@@ -303,9 +299,10 @@ def run_eval(args) -> int:
         import time
 
         t = time.time()
-        m = evaluate(_T(), model, ds, args.batch_size, args.workers, dist)
+        m = evaluate(_T(), model, ds, args.batch_size, usable_workers(args.workers, dist.world_size), dist,
+                     desc=f"evaluating {split}")
         m.update({"model": str(mp), "split": split, "img_size": r.img_size, "eval_time_s": round(time.time() - t, 2),
-                  "gflops_per_image": round(gflops_per_image(model, r.img_size), 4)})
+                  "gflops_per_image": round(gflops_per_image(model, r.img_size), 4), "metric_units": METRIC_UNITS})
         if dist.is_main:
             print(json.dumps(m, indent=2))
             if args.json:

@@ -12,7 +12,6 @@ masks) and ``predictions.png`` (boxes and masks drawn on a few images). See docs
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -31,13 +30,17 @@ from ..engine.recipe import Recipe, load_recipe
 from ..engine.task import Task
 from ..errors import ConfigError
 from ..cli import parse_key_values
+from ..models.dense_io import dense_meta_reuse
+from ..models.detector import BackboneWithFPN, MaskRCNNModel, build_detector, load_detector  # noqa: F401 (re-exported)
+from ._args import add_det_eval_args, add_det_train_args, subset_indices
 from ._cli import eval_out_dir, run_training
 
 TASK = "det"
-TRAIN_HELP = "train Mask R-CNN (FPN) on a transformed or plain ViT backbone with COCO-format data"
-EVAL_HELP = "COCO box / mask AP of a trained Mask R-CNN, predictions json and a PNG of predictions"
 MODEL_FILE = "model.safetensors"
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+AP_UNIT = "% (pycocotools' 0-1 value x 100; -1 where no ground truth of that size)"
+METRIC_UNITS = {**{f"{t}_{n}": AP_UNIT for t in ("bbox", "segm") for n in STAT_NAMES},
+                "eval_images": "images", "num_predictions": "detections"}
 
 # Defaults for dense detection fine-tuning (ViTDet-like AdamW settings, scaled down for small runs).
 DET_DEFAULTS = dict(name="det-default", epochs=12, warmup_epochs=1.0, batch_size=2, lr=1e-4, min_lr=1e-6,
@@ -45,100 +48,14 @@ DET_DEFAULTS = dict(name="det-default", epochs=12, warmup_epochs=1.0, batch_size
                     auto_augment=None, reprob=0.0, img_size=512, num_workers=2, clip_grad=None, log_every_steps=10)
 
 
-# -------------------------------------------------------------------- model
-class BackboneWithFPN(nn.Module):
-    """A dense backbone (4 maps at strides 4..32) + torchvision's FPN (``fpn_channels``, an extra
-    max-pooled level): images ``(B, 3, H, W)`` -> OrderedDict ``'0'..'3'`` (strides 4..32) and
-    ``'pool'`` (stride 64), each ``(B, fpn_channels, ., .)``."""
-
-    def __init__(self, body: nn.Module, fpn_channels: int = 256):
-        super().__init__()
-        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
-
-        self.body = body
-        self.fpn = FeaturePyramidNetwork(list(body.out_channels), fpn_channels, extra_blocks=LastLevelMaxPool())
-        self.out_channels = fpn_channels
-
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        feats = self.body(x)
-        return self.fpn(OrderedDict((str(i), f.contiguous()) for i, f in enumerate(feats)))
-
-
-def _no_resize_transform(min_size: int, max_size: int):
-    """torchvision's RCNN transform (normalise, pad the batch to a multiple of 32) without its resize:
-    :class:`~hpvit.data.coco.CocoInstances` resizes images and targets itself (so flips, scale jitter
-    and LSJ all live in one place) and the predictions come back in the input's pixel coordinates."""
-    from torchvision.models.detection.transform import GeneralizedRCNNTransform
-
-    class _T(GeneralizedRCNNTransform):
-        def resize(self, image, target=None):
-            return image, target
-
-    return _T(min_size, max_size, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-              size_divisible=32)
-
-
-class MaskRCNNModel(nn.Module):
-    """torchvision ``MaskRCNN`` whose backbone is :class:`BackboneWithFPN` over a dense ViT backbone.
-
-    ``forward(images, targets)``: images a list of ``(3, h, w)`` float tensors in [0, 1] (any sizes;
-    padded to a multiple of 32 inside); training returns the loss dict, eval a list of
-    ``{boxes, labels, scores, masks}`` in the input images' pixel coordinates.
-    """
-
-    def __init__(self, body: nn.Module, num_classes: int, fpn_channels: int = 256, img_size: int = 512,
-                 rcnn: dict[str, Any] | None = None):
-        super().__init__()
-        from torchvision.models.detection import MaskRCNN
-
-        self.rcnn = dict(rcnn or {})
-        try:
-            self.detector = MaskRCNN(BackboneWithFPN(body, fpn_channels), num_classes=num_classes + 1,
-                                     min_size=img_size, max_size=img_size, **self.rcnn)
-        except TypeError as e:
-            raise ConfigError(f"--rcnn: {e}; valid keys are torchvision MaskRCNN arguments such as "
-                              "box_batch_size_per_image, rpn_post_nms_top_n_train, box_detections_per_img") from e
-        self.detector.transform = _no_resize_transform(img_size, img_size)
-        self.num_classes = num_classes
-
-    @property
-    def body(self) -> nn.Module:
-        return self.detector.backbone.body
-
-    def forward(self, images, targets=None):
-        return self.detector(images, targets)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.body.set_grad_checkpointing(enable)
-
-
-def build_detector(init, config: str, num_classes: int, img_size: int, drop_path: float = 0.0,
-                   fmt: str | None = None, fpn_channels: int = 256, rcnn: dict[str, Any] | None = None) -> MaskRCNNModel:
-    """Mask R-CNN over the dense backbone ``config`` (paper-det, plain-det, ...) from plain checkpoint ``init``."""
-    from ..models.plain import build_dense_backbone
-
-    body = build_dense_backbone(init, config, fmt=fmt, drop_path_rate=drop_path, img_size=img_size)
-    return MaskRCNNModel(body, num_classes, fpn_channels, img_size, rcnn)
-
-
+# -------------------------------------------------------------------- model (in hpvit.models.detector)
 def detector_meta(model: MaskRCNNModel, config_name: str, source: CocoSource, img_size: int) -> dict[str, Any]:
     body = model.body
     return {"task": "det", "backbone": body.kind, "config_name": config_name, "config": body.vit.config.to_dict(),
             "spec": body.vit.spec.to_dict(), "out_indices": list(getattr(body, "out_indices", []) or []),
             "num_classes": model.num_classes, "cat_ids": source.cat_ids, "cat_names": source.cat_names,
-            "img_size": img_size, "fpn_channels": model.detector.backbone.out_channels, "rcnn": model.rcnn}
-
-
-def load_detector(path) -> tuple[MaskRCNNModel, dict[str, Any]]:
-    from ..checkpoints.spec import PlainSpec
-    from ..models.dense_io import read_dense
-    from ..models.plain import backbone_from_config
-
-    sd, meta = read_dense(path, "det")
-    body = backbone_from_config(PlainSpec.from_dict(meta["spec"]), meta["config"], meta["backbone"], meta["out_indices"])
-    model = MaskRCNNModel(body, meta["num_classes"], meta["fpn_channels"], meta["img_size"], meta.get("rcnn"))
-    model.load_state_dict(sd, strict=True)
-    return model, meta
+            "img_size": img_size, "fpn_channels": model.detector.backbone.out_channels, "rcnn": model.rcnn,
+            **dense_meta_reuse(body)}
 
 
 # -------------------------------------------------------------------- evaluation
@@ -193,40 +110,93 @@ def coco_metrics(gt, preds: list[dict]) -> dict[str, float]:
     return out
 
 
-def draw_predictions(images: list[torch.Tensor], outputs: list[dict], names: list[str], path: Path,
-                     score_thresh: float = 0.3, max_per_image: int = 20) -> Path:
-    """Boxes, masks and "class score" labels drawn on ``images`` (float (3, h, w) in [0, 1]), side by side in
-    one PNG: detections scoring >= ``score_thresh`` (at most ``max_per_image``), else the 3 best."""
-    from PIL import Image
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
+def _overlay(img: np.ndarray, masks: "torch.Tensor | None", colors: list[tuple[float, float, float]]) -> np.ndarray:
+    """``img`` (h, w, 3) float in [0, 1] with each boolean mask ``(N, h, w)`` blended in its colour."""
+    out = img.copy()
+    if masks is not None:
+        for m, c in zip(masks.numpy().astype(bool), colors):
+            out[m] = 0.55 * out[m] + 0.45 * np.asarray(c)
+    return out
 
-    tiles = []
-    hmax = max(im.shape[-2] for im in images)
-    wmax = max(im.shape[-1] for im in images)
-    for im, out in zip(images, outputs):
-        img = (im.detach().cpu().clamp(0, 1) * 255).to(torch.uint8)
-        scores = out["scores"].detach().cpu()
+
+def _draw_boxes(ax, boxes: torch.Tensor, texts: list[str], colors: list[tuple[float, float, float]]) -> None:
+    from matplotlib.patches import Rectangle
+
+    for (x0, y0, x1, y1), t, c in zip(boxes.tolist(), texts, colors):
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=c, linewidth=1.6))
+        ax.text(x0, y0, t, fontsize=7, color="white", va="bottom", bbox=dict(facecolor=c, alpha=0.8, pad=1, lw=0))
+
+
+def draw_predictions(images: list[torch.Tensor], outputs: list[dict], names: list[str], path: Path,
+                     score_thresh: float = 0.3, max_per_image: int = 20, targets: "list[dict] | None" = None,
+                     titles: "list[str] | None" = None) -> Path:
+    """One row per image: the ground truth (when ``targets`` are given) beside the predictions scoring >=
+    ``score_thresh`` (at most ``max_per_image``), boxes and masks coloured by class with "class score" labels.
+    An image with no detection above the threshold says so, with its best score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..checkpoints.io import atomic_write
+
+    cmap = plt.get_cmap("tab20")
+    color = lambda label: cmap((int(label) - 1) % 20)[:3]  # noqa: E731
+    cols = 2 if targets is not None else 1
+    fig, axes = plt.subplots(len(images), cols, figsize=(5.2 * cols, 4.2 * len(images)), squeeze=False)
+    for r, (im, out) in enumerate(zip(images, outputs)):
+        img = im.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+        name = titles[r] if titles else f"image {r + 1}"
+        if targets is not None:
+            t = targets[r]
+            cs = [color(l) for l in t["labels"].tolist()]
+            ax = axes[r][0]
+            ax.imshow(_overlay(img, t["masks"].bool() if len(t["masks"]) else None, cs))
+            _draw_boxes(ax, t["boxes"], [names[int(l) - 1] for l in t["labels"]], cs)
+            ax.set_title(f"{name}: ground truth ({len(t['labels'])} objects)", fontsize=9)
+        scores = out["scores"].detach().float().cpu()
         keep = (scores >= score_thresh).nonzero().flatten()[:max_per_image]
-        if not len(keep):  # a weak model: still show its 3 best guesses (the labels carry their scores)
-            keep = scores.argsort(descending=True)[:3]
+        ax = axes[r][cols - 1]
+        labels = out["labels"].detach().cpu()[keep]
+        cs = [color(l) for l in labels.tolist()]
+        masks = out["masks"].detach().float().cpu()[keep, 0] > 0.5 if "masks" in out and len(keep) else None
+        ax.imshow(_overlay(img, masks, cs))
         if len(keep):
-            boxes = out["boxes"].detach().float().cpu()[keep]
-            labels = [f"{names[int(l) - 1]} {float(s):.2f}" for l, s in
-                      zip(out["labels"].cpu()[keep], out["scores"].cpu()[keep])]
-            if "masks" in out and len(out["masks"]):
-                m = out["masks"].detach().float().cpu()[keep, 0] > 0.5
-                img = draw_segmentation_masks(img, m, alpha=0.45)
-            img = draw_bounding_boxes(img, boxes, labels=labels, width=2)
-        tiles.append(F.pad(img, (0, wmax - img.shape[-1], 0, hmax - img.shape[-2])))
-    grid = make_grid(tiles, nrow=min(4, len(tiles)), padding=4, pad_value=255)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
-    return path
+            _draw_boxes(ax, out["boxes"].detach().float().cpu()[keep],
+                        [f"{names[int(l) - 1]} {float(s):.2f}" for l, s in zip(labels, scores[keep])], cs)
+            ax.set_title(f"predictions: {len(keep)} with score >= {score_thresh:.2f}", fontsize=9)
+        else:
+            best = (f"best: {names[int(out['labels'][scores.argmax()]) - 1]} {float(scores.max()):.2f}"
+                    if len(scores) else "the model returned no boxes")
+            ax.set_title(f"predictions: none with score >= {score_thresh:.2f}", fontsize=9)
+            ax.text(0.5, 0.5, f"no detections above threshold {score_thresh:.2f}\n({best})", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=10, color="black",
+                    bbox=dict(facecolor="white", alpha=0.85, edgecolor="red"))
+        for a in axes[r]:
+            a.axis("off")
+    fig.tight_layout()
+    try:
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=80, format="png"), force=True)
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 # -------------------------------------------------------------------- task
 class DetectionTask(Task):
     name = "det"
     primary_metric = "bbox_AP"
+    summary_metrics = ("bbox_AP", "bbox_AP50", "segm_AP", "bbox_AR100")
+    metric_units = METRIC_UNITS
+
+    @property
+    def eval_split(self) -> str:
+        """Which images are scored: the validation json and the slice of it."""
+        src = getattr(self, "val_source", None)
+        if src is None:
+            return "none"
+        rng = getattr(self, "val_range", None)
+        return f"{Path(src.ann_file).name}" + (f" images {rng}" if rng else "")
 
     def __init__(self, init: str, config: str, ann: str, images: str, recipe: Recipe, out: "str | Path",
                  train_range: str | None = None, val_ann: str | None = None, val_images: str | None = None,
@@ -237,15 +207,17 @@ class DetectionTask(Task):
         self.lsj, self.vis_images = lsj, vis_images
         self.source = CocoSource(ann, images)
         self.train_idx = parse_range(train_range, len(self.source.images), "--train-images")
+        self.val_range = val_range
         if val_ann is not None:
             self.val_source = CocoSource(val_ann, val_images or images)
-            self.val_idx = parse_range(val_range, len(self.val_source.images), "--val-images")
+            self.val_idx = parse_range(val_range, len(self.val_source.images), "--eval-images")
         elif val_range is not None:
             self.val_source = self.source
-            self.val_idx = parse_range(val_range, len(self.source.images), "--val-images")
+            self.val_idx = parse_range(val_range, len(self.source.images), "--eval-images")
             overlap = set(self.val_idx) & set(self.train_idx)
             if overlap:
-                raise ConfigError(f"--train-images and --val-images overlap in {len(overlap)} image(s); choose disjoint ranges")
+                raise ConfigError(f"--train-images and --eval-images overlap in {len(overlap)} image(s); choose disjoint "
+                                  "ranges (e.g. --train-images 0:100 --eval-images 100:128)")
         else:
             self.val_source, self.val_idx = None, []
         if self.val_source is not None and self.val_source.cat_ids != self.source.cat_ids:
@@ -305,8 +277,8 @@ class DetectionTask(Task):
         if self._gt is None:
             self._gt = self.val_source.coco_gt(self.val_idx)
         m = coco_metrics(self._gt, preds)
-        m["eval_images"] = sums.get("images", 0.0)
-        m["num_predictions"] = float(len(preds))
+        m["eval_images"] = int(sums.get("images", 0))
+        m["num_predictions"] = len(preds)
         self.last_predictions = preds
         if self.out is not None and _dist_info().is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -351,47 +323,20 @@ def _dist_info():
 
 @torch.no_grad()
 def visualize(model: MaskRCNNModel, ds: CocoInstances, names: list[str], path: Path) -> Path:
+    """``predictions.png``: ground truth beside predictions for every image of ``ds``."""
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
-    images = [ds[i][0] for i in range(len(ds))]
+    items = [ds[i] for i in range(len(ds))]
+    images = [im for im, _ in items]
     outputs = model([im.to(dev) for im in images])
     model.train(was)
-    return draw_predictions(images, outputs, names, path)
+    titles = [str(ds.image_info(i)["file_name"]) for i in range(len(ds))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return draw_predictions(images, outputs, names, path, targets=[t for _, t in items], titles=titles)
 
 
 # -------------------------------------------------------------------- command line
-def add_common_train_args(p: argparse.ArgumentParser, default_config: str, configs: str) -> None:
-    p.add_argument("--init", required=True, help="plain ViT checkpoint (file, HF folder, timm:<name>)")
-    p.add_argument("--config", default=default_config, help=configs)
-    p.add_argument("--format", default=None, help="force the checkpoint format instead of auto-detecting it")
-    p.add_argument("--out", required=True, help="output directory (checkpoint, metrics.jsonl, results.json, PNGs)")
-    p.add_argument("--recipe", default=None, help="recipe JSON file (default: the task's built-in defaults)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="per-process batch size")
-    p.add_argument("--accum-steps", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="absolute learning rate")
-    p.add_argument("--warmup-epochs", type=float, default=None)
-    p.add_argument("--layer-decay", type=float, default=None)
-    p.add_argument("--drop-path", type=float, default=None)
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None)
-    p.add_argument("--grad-checkpointing", action="store_true", default=None)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs (and at the end)")
-    p.add_argument("--ckpt-every-steps", type=int, default=None)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key (repeatable)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out (finished or not); without it such a run is never replaced")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="leave out training images that cannot be decoded and list them in OUT/skipped-images.txt "
-                        "(default: such an image is an error naming the file)")
-
-
 def build_dense_recipe(args, defaults: dict[str, Any]) -> Recipe:
     r = load_recipe(args.recipe) if args.recipe else Recipe().replace(**defaults)
     flags = {"epochs": args.epochs, "img_size": args.img_size, "batch_size": args.batch_size,
@@ -404,41 +349,23 @@ def build_dense_recipe(args, defaults: dict[str, Any]) -> Recipe:
     return r.replace(**changes) if changes else r
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    add_common_train_args(p, "paper-det", "paper-det (transformed backbone, default) or plain-det (the ViTDet-style plain baseline)")
-    p.add_argument("--ann", required=True, help="COCO instances json (polygon or RLE masks)")
-    p.add_argument("--images", required=True, help="folder holding the json's file_name images")
-    p.add_argument("--train-images", default=None, metavar="START:STOP",
-                   help="train on this slice of the json's images sorted by id (default: all)")
-    p.add_argument("--val-ann", default=None, help="validation json (default: --ann restricted to --val-images)")
-    p.add_argument("--val-images-dir", default=None, help="image folder of --val-ann (default: --images)")
-    p.add_argument("--val-images", default=None, metavar="START:STOP", help="slice of the validation images (sorted by id)")
-    p.add_argument("--lsj", action="store_true", help="large-scale jitter (scale 0.1-2.0, crop/pad to img-size square)")
-    p.add_argument("--rcnn", action="append", metavar="KEY=VALUE",
-                   help="torchvision MaskRCNN argument (repeatable), e.g. box_batch_size_per_image=128")
+add_train_args = add_det_train_args
+add_eval_args = add_det_eval_args
+
+
+def as_range(spec: "str | None") -> "str | None":
+    """A subset flag for the COCO image list: ``N`` -> ``"0:N"`` (the first N), ``START:STOP`` unchanged."""
+    return f"0:{int(spec)}" if spec is not None and ":" not in spec else spec
 
 
 def run_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = build_dense_recipe(args, DET_DEFAULTS)
-    task = DetectionTask(args.init, args.config, args.ann, args.images, recipe, args.out, args.train_images,
-                         args.val_ann, args.val_images_dir, args.val_images, args.lsj, args.format,
+    task = DetectionTask(args.init, args.config, args.ann, args.images, recipe, args.out, as_range(args.train_images),
+                         args.val_ann, args.val_images_dir, as_range(args.eval_images), args.lsj, args.format,
                          rcnn=parse_key_values(args.rcnn, "--rcnn"))
     return run_training(task, recipe, args)
-
-
-def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a `hpvit train det` output directory or its model.safetensors")
-    p.add_argument("--ann", required=True, help="COCO instances json to evaluate on")
-    p.add_argument("--images", required=True, help="image folder of --ann")
-    p.add_argument("--val-images", default=None, metavar="START:STOP", help="slice of the images (sorted by id)")
-    p.add_argument("--out", default=None, help="output directory (default: MODEL_DIR/eval)")
-    p.add_argument("--img-size", type=int, default=None, help="default: the training size")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--vis-images", type=int, default=4, help="images drawn into predictions.png")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default=None)
 
 
 def run_eval(args) -> int:
@@ -453,21 +380,23 @@ def run_eval(args) -> int:
     if src.cat_ids != meta["cat_ids"]:
         raise ConfigError(f"{args.ann}: its categories differ from the model's ({len(src.cat_ids)} vs "
                           f"{len(meta['cat_ids'])}); evaluate on data with the training category list")
-    idx = parse_range(args.val_images, len(src.images), "--val-images")
+    idx = parse_range(as_range(args.eval_images), len(src.images), "--eval-images")
     img_size = args.img_size or meta["img_size"]
     recipe = Recipe().replace(img_size=img_size)
     task = DetectionTask.__new__(DetectionTask)
     task.recipe, task.out, task.val_source, task.val_idx, task._preds, task._gt = recipe, out, src, idx, [], None
+    task.val_range = as_range(args.eval_images)
     ds = CocoInstances(src, idx, False, img_size)
     dist = D.init_distributed(args.device)
     try:
         model.to(dist.device)
         t = time.time()
-        m = evaluate(task, model, ds, args.batch_size, 0, dist)
+        m = evaluate(task, model, ds, args.batch_size, 0, dist, desc=f"evaluating {task.eval_split}")
         if dist.is_main:
             vis = CocoInstances(src, idx[: args.vis_images], False, img_size)
             png = visualize(model, vis, src.cat_names, out / "predictions.png")
-            m.update({"model": str(args.model), "ann": str(args.ann), "img_size": img_size,
+            m.update({"model": str(args.model), "ann": str(args.ann), "split": task.eval_split, "img_size": img_size,
+                      "metric_units": METRIC_UNITS,
                       "eval_time_s": round(time.time() - t, 2), "predictions_json": str(out / "predictions.json"),
                       "predictions_png": str(png)})
             (out / "results.json").write_text(json.dumps(m, indent=2))

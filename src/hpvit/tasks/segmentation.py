@@ -12,12 +12,11 @@ labels and predictions are left out of the means (mmseg's convention). The outpu
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -28,12 +27,13 @@ from ..data.segmentation import IGNORE, SegDataset, collate_seg, colorize, get_l
 from ..engine.recipe import Recipe
 from ..engine.task import Task
 from ..errors import ConfigError
+from ..models.dense_io import dense_meta_reuse
+from ..models.segmenter import UperNetSegmenter, build_segmenter, load_segmenter  # noqa: F401 (re-exported)
+from ._args import add_seg_eval_args, add_seg_train_args, subset_indices
 from ._cli import eval_out_dir, run_training
-from .detection import add_common_train_args, build_dense_recipe
+from .detection import build_dense_recipe
 
 TASK = "seg"
-TRAIN_HELP = "train UperNet on a transformed or plain ViT backbone (CamVid / ADE20K / Cityscapes layouts)"
-EVAL_HELP = "mIoU / mAcc (and per class) of a trained segmenter, whole-image or sliding-window inference"
 MODEL_FILE = "model.safetensors"
 
 SEG_DEFAULTS = dict(name="seg-default", epochs=20, warmup_epochs=1.0, batch_size=4, lr=2e-4, min_lr=1e-6,
@@ -41,62 +41,7 @@ SEG_DEFAULTS = dict(name="seg-default", epochs=20, warmup_epochs=1.0, batch_size
                     auto_augment=None, reprob=0.0, img_size=512, num_workers=2, log_every_steps=10)
 
 
-# -------------------------------------------------------------------- model
-class UperNetSegmenter(nn.Module):
-    """Dense backbone + :class:`~hpvit.models.necks.UperNetHead`.
-
-    ``forward(x)``: ``(B, 3, H, W)`` (any H, W >= 32) -> logits ``(B, K, H, W)``. The input is zero-padded
-    bottom/right to a multiple of 32 (so both backbones' levels line up exactly), the 1/4-resolution
-    logits are upsampled bilinearly to the padded size and the padding is cropped off again.
-    """
-
-    size_divisor = 32
-
-    def __init__(self, body: nn.Module, num_classes: int, channels: int = 128):
-        super().__init__()
-        from ..models.necks import UperNetHead
-
-        self.body = body
-        self.head = UperNetHead(body.out_channels, num_classes, channels)
-        self.num_classes = num_classes
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        x = (x - self.mean) / self.std
-        d = self.size_divisor
-        ph, pw = (-h) % d, (-w) % d
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
-        logits = self.head(self.body(x))
-        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits[..., :h, :w]
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.body.set_grad_checkpointing(enable)
-
-
-def build_segmenter(init, config: str, num_classes: int, img_size: int, drop_path: float = 0.0,
-                    fmt: str | None = None, channels: int = 128) -> UperNetSegmenter:
-    from ..models.plain import build_dense_backbone
-
-    body = build_dense_backbone(init, config, fmt=fmt, drop_path_rate=drop_path, img_size=img_size)
-    return UperNetSegmenter(body, num_classes, channels)
-
-
-def load_segmenter(path) -> tuple[UperNetSegmenter, dict[str, Any]]:
-    from ..checkpoints.spec import PlainSpec
-    from ..models.dense_io import read_dense
-    from ..models.plain import backbone_from_config
-
-    sd, meta = read_dense(path, "seg")
-    body = backbone_from_config(PlainSpec.from_dict(meta["spec"]), meta["config"], meta["backbone"], meta["out_indices"])
-    model = UperNetSegmenter(body, meta["num_classes"], meta["head_channels"])
-    model.load_state_dict(sd, strict=True)
-    return model, meta
-
-
+# -------------------------------------------------------------------- model (in hpvit.models.segmenter)
 # -------------------------------------------------------------------- inference and metrics
 @torch.no_grad()
 def predict_logits(model: nn.Module, img: torch.Tensor, out_size: tuple[int, int], mode: str = "whole",
@@ -163,7 +108,7 @@ def seg_metrics(sums: dict[str, float], classes: tuple[str, ...] | list[str]) ->
         "mIoU": float(100 * np.nanmean(iou)) if np.isfinite(iou).any() else 0.0,
         "mAcc": float(100 * np.nanmean(acc)) if np.isfinite(acc).any() else 0.0,
         "aAcc": float(100 * inter.sum() / max(gt.sum(), 1.0)),
-        "eval_images": sums.get("images", 0.0),
+        "eval_images": int(sums.get("images", 0)),
         "eval_loss": sums.get("loss_sum", 0.0) / max(sums.get("pixels", 0.0), 1.0),
     }
     for c, name in enumerate(classes):
@@ -172,47 +117,103 @@ def seg_metrics(sums: dict[str, float], classes: tuple[str, ...] | list[str]) ->
     return out
 
 
-def draw_segmentation(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], palette, path: Path) -> Path:
-    """One row per image: image | ground truth | prediction (palette colours; ignored pixels black)."""
-    from PIL import Image
+def draw_segmentation(rows: "list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]", palette, path: Path,
+                      classes: "Sequence[str] | None" = None, names: "Sequence[str] | None" = None,
+                      title: str = "") -> Path:
+    """One row per image: image | ground truth | prediction, each titled, in the dataset palette (ignored
+    pixels black), with a legend of the classes that appear. ``names``: a title for each image (file names)."""
+    import matplotlib
 
-    tiles = []
-    for img, lab, pred in rows:
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from ..checkpoints.io import atomic_write
+
+    n = len(rows)
+    fig, axes = plt.subplots(n, 3, figsize=(12, 3.4 * n + 0.9), squeeze=False)
+    present: set[int] = set()
+    for r, (img, lab, pred) in enumerate(rows):
         h, w = lab.shape
         im = F.interpolate(img[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
         im = (im.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-        tiles.append(np.concatenate([im, colorize(lab.numpy(), palette), colorize(pred.numpy(), palette)], axis=1))
-    wmax = max(t.shape[1] for t in tiles)
-    tiles = [np.pad(t, ((0, 4), (0, wmax - t.shape[1]), (0, 0)), constant_values=255) for t in tiles]
-    Image.fromarray(np.concatenate(tiles, axis=0)).save(path)
-    return path
+        lab_np, pred_np = lab.numpy(), pred.numpy()
+        valid = lab_np != IGNORE
+        acc = 100.0 * float((pred_np[valid] == lab_np[valid]).mean()) if valid.any() else float("nan")
+        present |= set(np.unique(lab_np[valid]).tolist()) | set(np.unique(pred_np).tolist())
+        name = names[r] if names else f"image {r + 1}"
+        panels = ((im, f"{name} ({w}x{h})"), (colorize(lab_np, palette), "ground truth (black: not labelled)"),
+                  (colorize(pred_np, palette), f"prediction ({acc:.1f}% of labelled pixels right)"))
+        for ax, (pic, t) in zip(axes[r], panels):
+            ax.imshow(pic, interpolation="nearest")
+            ax.set_title(t, fontsize=9)
+            ax.axis("off")
+    if classes is not None:
+        handles = [Patch(color=np.asarray(palette[c]) / 255.0, label=classes[c]) for c in sorted(present)
+                   if 0 <= c < len(classes)]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8) or 1, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 if classes is not None else 0, 1, 0.97 if title else 1))
+    try:
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=80, format="png"), force=True)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def spread_indices(total: int, n: int) -> list[int]:
+    """``n`` indices spread evenly over ``range(total)`` (distinct images rather than consecutive frames)."""
+    n = min(n, total)
+    if n <= 0:
+        return []
+    if n == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (n - 1)) for i in range(n)})
 
 
 # -------------------------------------------------------------------- task
+def seg_subset(spec: "str | int | None", flag: str, *args: Any, **kwargs: Any) -> SegDataset:
+    """``SegDataset(*args, **kwargs)`` restricted to the subset ``spec`` (``N`` first images or ``START:STOP``)."""
+    full = SegDataset(*args, **kwargs)
+    idx = subset_indices(None if spec is None else str(spec), len(full), flag)
+    return full if idx is None else SegDataset(*args, indices=idx, **kwargs)
+
+
+METRIC_UNITS = {"mIoU": "% (mean over classes present)", "mAcc": "% (mean over classes present)",
+                "aAcc": "% of labelled pixels", "IoU.<class>": "%", "Acc.<class>": "%", "eval_images": "images",
+                "eval_loss": "cross-entropy per labelled pixel (nats)"}
+
+
 class SegmentationTask(Task):
     name = "seg"
     primary_metric = "mIoU"
+    summary_metrics = ("mIoU", "mAcc", "aAcc")
+    metric_units = METRIC_UNITS
+
+    @property
+    def eval_split(self) -> str:
+        return str(getattr(self, "val_split", None) or "none")
 
     def __init__(self, init: str, config: str, data: str, layout: str, recipe: Recipe, out: "str | Path",
                  train_split: str = "train", val_split: str | None = "val", base_size: int | None = None,
                  mode: str = "whole", head_channels: int = 128, fmt: str | None = None,
-                 max_train: int | None = None, max_val: int | None = None, vis_images: int = 3,
+                 train_images: "str | int | None" = None, eval_images: "str | int | None" = None, vis_images: int = 3,
                  ignore_value: int | None = None):
         self.init, self.config, self.data, self.layout_name = init, config, data, layout
         self.layout = get_layout(layout)
         self.recipe, self.out, self.fmt = recipe, Path(out), fmt
         self.train_split, self.val_split, self.base_size, self.mode = train_split, val_split, base_size, mode
-        self.head_channels, self.max_train, self.max_val, self.vis_images = head_channels, max_train, max_val, vis_images
+        self.head_channels, self.vis_images = head_channels, vis_images
+        self.train_images, self.eval_images = train_images, eval_images
         r = recipe
-        idx = list(range(max_train)) if max_train else None
         self.ignore_value = ignore_value
-        self.train_ds = SegDataset(data, layout, train_split, True, r.img_size, base_size, indices=idx,
-                                   ignore_value=ignore_value)
+        self.train_ds = seg_subset(train_images, "--train-images", data, layout, train_split, True, r.img_size,
+                                   base_size, ignore_value=ignore_value)
         self.val_ds = None
         if val_split:
-            vidx = list(range(max_val)) if max_val else None
-            self.val_ds = SegDataset(data, layout, val_split, False, r.img_size, base_size, indices=vidx,
-                                     ignore_value=ignore_value)
+            self.val_ds = seg_subset(eval_images, "--eval-images", data, layout, val_split, False, r.img_size,
+                                     base_size, ignore_value=ignore_value)
 
     @property
     def classes(self):
@@ -282,7 +283,7 @@ class SegmentationTask(Task):
                 "spec": body.vit.spec.to_dict(), "out_indices": list(getattr(body, "out_indices", []) or []),
                 "num_classes": model.num_classes, "classes": list(self.classes), "layout": self.layout_name,
                 "crop": self.recipe.img_size, "base_size": self.base_size, "head_channels": self.head_channels,
-                "ignore_value": self.ignore_value}
+                "ignore_value": self.ignore_value, **dense_meta_reuse(body)}
 
     def save_model(self, model, out_dir, ema=None):
         from ..models.dense_io import save_dense
@@ -295,40 +296,25 @@ class SegmentationTask(Task):
 
 @torch.no_grad()
 def visualize(model, ds: SegDataset, n: int, mode: str, crop: int, palette, path: Path) -> Path:
+    """``predictions.png`` for ``n`` images spread over ``ds`` (see :func:`draw_segmentation`)."""
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
-    rows = []
-    for i in range(min(n, len(ds))):
+    rows, names = [], []
+    for i in spread_indices(len(ds), n):
         img, lab = ds[i]
         pred = predict_logits(model, img.to(dev), tuple(lab.shape), mode, crop).argmax(0).cpu()
         rows.append((img, lab, pred))
+        names.append(Path(ds.pairs[i][0]).name)
     model.train(was)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return draw_segmentation(rows, palette, path)
+    title = f"{ds.split} split: {len(rows)} of {len(ds)} images, {mode} inference"
+    return draw_segmentation(rows, palette, path, ds.classes, names, title)
 
 
 # -------------------------------------------------------------------- command line
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="dataset root folder")
-    p.add_argument("--layout", default="camvid", choices=("camvid", "ade20k", "cityscapes"),
-                   help="folder layout and label convention (docs/dense.md)")
-    p.add_argument("--base-size", type=int, default=None,
-                   help="resize images so the longer side is this (before scale jitter / for evaluation); default: original")
-    p.add_argument("--mode", default="whole", choices=("whole", "slide"), help="inference: whole image or sliding window")
-    p.add_argument("--ignore-value", type=int, default=None,
-                   help="raw label value meaning 'not labelled' (default per layout: camvid 11, ade20k 0, "
-                        "cityscapes 255); any other value outside the classes is an error")
-
-
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    add_common_train_args(p, "paper-seg", "paper-seg (transformed backbone, default) or plain-seg (the BEiT-style plain baseline)")
-    _add_data_args(p)
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--val-split", default="val", help="evaluation split ('' for none)")
-    p.add_argument("--max-train-images", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--max-val-images", type=int, default=None, help="use only the first N validation images")
-    p.add_argument("--head-channels", type=int, default=128, help="UperNet width (512 in mmseg's ViT-B configs)")
+add_train_args = add_seg_train_args
+add_eval_args = add_seg_eval_args
 
 
 def run_train(args) -> int:
@@ -337,20 +323,8 @@ def run_train(args) -> int:
     recipe = build_dense_recipe(args, SEG_DEFAULTS)
     task = SegmentationTask(args.init, args.config, args.data, args.layout, recipe, args.out, args.train_split,
                             args.val_split or None, args.base_size, args.mode, args.head_channels, args.format,
-                            args.max_train_images, args.max_val_images, ignore_value=args.ignore_value)
+                            args.train_images, args.eval_images, ignore_value=args.ignore_value)
     return run_training(task, recipe, args)
-
-
-def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a `hpvit train seg` output directory or its model.safetensors")
-    _add_data_args(p)
-    p.add_argument("--split", default="val")
-    p.add_argument("--max-val-images", type=int, default=None)
-    p.add_argument("--crop", type=int, default=None, help="sliding-window size (default: the training crop)")
-    p.add_argument("--out", default=None, help="output directory (default: MODEL_DIR/eval)")
-    p.add_argument("--vis-images", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default=None)
 
 
 def run_eval(args) -> int:
@@ -368,19 +342,21 @@ def run_eval(args) -> int:
                           "classes")
     base = args.base_size if args.base_size is not None else meta["base_size"]
     crop = args.crop or meta["crop"]
-    idx = list(range(args.max_val_images)) if args.max_val_images else None
     ignore = args.ignore_value if args.ignore_value is not None else meta.get("ignore_value")
-    ds = SegDataset(args.data, args.layout, args.split, False, crop, base, indices=idx, ignore_value=ignore)
+    ds = seg_subset(args.eval_images, "--eval-images", args.data, args.layout, args.split, False, crop, base,
+                    ignore_value=ignore)
     task = SegmentationTask.__new__(SegmentationTask)
     task.layout, task.mode, task.recipe = layout, args.mode, Recipe().replace(img_size=crop)
+    task.val_split = args.split
     dist = D.init_distributed(args.device)
     try:
         model.to(dist.device)
         t = time.time()
-        m = evaluate(task, model, ds, 1, 0, dist)
+        m = evaluate(task, model, ds, 1, 0, dist, desc=f"evaluating {args.split}")
         if dist.is_main:
             png = visualize(model, ds, args.vis_images, args.mode, crop, layout.palette, out / "predictions.png")
             m.update({"model": str(args.model), "data": str(args.data), "split": args.split, "inference": args.mode,
+                      "metric_units": METRIC_UNITS,
                       "base_size": base, "crop": crop, "eval_time_s": round(time.time() - t, 2),
                       "predictions_png": str(png)})
             (out / "results.json").write_text(json.dumps(m, indent=2))

@@ -1,0 +1,263 @@
+"""A new user's first hour (issue 11): fast --help, one subset naming scheme, defaults that fit the data,
+one hpvit.load for every file hpvit writes, saved files that describe themselves, readable pictures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib
+import pytest
+import torch
+from PIL import Image
+
+import hpvit
+from hpvit.cli import build_parser, main
+from hpvit.errors import CheckpointError
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory) -> Path:
+    """A random 4-block, 64-wide timm ViT (patch 16) saved as a plain state dict."""
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=4, embed_dim=64, num_heads=2, img_size=64,
+                          num_classes=10)
+    p = tmp_path_factory.mktemp("init") / "tiny_vit.pth"
+    torch.save(m.state_dict(), p)
+    return p
+
+
+@pytest.fixture(scope="module")
+def deep_init(tmp_path_factory) -> Path:
+    """A random 12-block, 32-wide ViT: deep enough for every depth split."""
+    import timm
+
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=12, embed_dim=32, num_heads=2, img_size=64)
+    p = tmp_path_factory.mktemp("init") / "deep_vit.pth"
+    torch.save(m.state_dict(), p)
+    return p
+
+
+def _images(root: Path, n_train: int = 4, n_val: int = 2) -> Path:
+    """ImageFolder train/ and val/ with classes a, b of random 40x40 pictures."""
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                px = torch.randint(0, 255, (40, 40, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(px).save(root / split / c / f"{i}.png")
+    return root
+
+
+class FigureTexts:
+    """Every title, text and legend label of the figures saved while active (matplotlib figures only)."""
+
+    def __init__(self, monkeypatch):
+        from matplotlib.figure import Figure
+
+        self.texts: list[str] = []
+        self.markers: list[str] = []
+        original = Figure.savefig
+
+        def savefig(fig, *a, **k):
+            for ax in fig.axes:
+                self.texts += [ax.get_title()] + [t.get_text() for t in ax.texts]
+                self.markers += [ln.get_marker() for ln in ax.lines]
+            self.texts += [t.get_text() for t in fig.texts]
+            for leg in fig.legends:
+                self.texts += [t.get_text() for t in leg.get_texts()]
+            return original(fig, *a, **k)
+
+        monkeypatch.setattr(Figure, "savefig", savefig)
+
+    def has(self, part: str) -> bool:
+        return any(part in t for t in self.texts)
+
+
+# ------------------------------------------------------------------ command line
+def test_help_imports_no_torch():
+    """`hpvit --help` and every subcommand's --help parse without importing torch (so they answer at once)."""
+    for cmd in (["--help"], ["train", "cls", "--help"], ["eval", "det", "--help"], ["train", "seg", "--help"],
+                ["info", "--help"], ["demo", "--help"]):
+        r = subprocess.run([sys.executable, "-X", "importtime", "-m", "hpvit", *cmd], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        modules = {ln.rsplit("|", 1)[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+        assert "usage: hpvit" in r.stdout and "torch" not in modules and "timm" not in modules, cmd
+
+
+def test_one_subset_naming_scheme_with_old_aliases():
+    p = build_parser()
+    a = p.parse_args(["train", "cls", "--init", "x", "--data", "d", "--out", "o", "--max-train-samples", "8",
+                      "--max-eval-samples", "4"])
+    assert (a.train_images, a.eval_images) == ("8", "4")
+    a = p.parse_args(["train", "seg", "--init", "x", "--data", "d", "--out", "o", "--max-train-images", "5",
+                      "--eval-images", "0:3"])
+    assert (a.train_images, a.eval_images) == ("5", "0:3")
+    a = p.parse_args(["train", "det", "--init", "x", "--ann", "a", "--images", "i", "--out", "o", "--train-images", "0:100",
+                      "--val-images", "100:128"])
+    assert (a.train_images, a.eval_images) == ("0:100", "100:128")
+    with pytest.raises(SystemExit):
+        p.parse_args(["train", "cls", "--init", "x", "--data", "d", "--out", "o", "--train-images", "many"])
+    from hpvit.tasks._args import subset_count, subset_indices
+
+    assert subset_indices("3", 10, "--eval-images") == [0, 1, 2] and subset_indices("8:", 10, "--x") == [8, 9]
+    with pytest.raises(hpvit.ConfigError, match="class-balanced"):
+        subset_count("0:10", "--train-images")
+
+
+def test_info_accepts_every_preset(deep_init, capsys):
+    from hpvit.models.plain import PLAIN_CONFIGS
+
+    for name in sorted(set(hpvit.list_presets()) | set(PLAIN_CONFIGS)):
+        assert main(["info", str(deep_init), "--config", name, "--img-size", "32"]) == 0, name
+        assert "total" in capsys.readouterr().out
+
+
+def test_recipe_auto_and_worker_cap():
+    from hpvit.engine.loop import usable_cores, usable_workers
+    from hpvit.tasks.classification import choose_recipe
+
+    assert choose_recipe(5_000, "cpu")[0] == "cifar-mini"
+    assert choose_recipe(1_281_167, "cpu")[0] == "cifar-mini"  # 100 epochs of ImageNet on a CPU is not a default
+    assert choose_recipe(50_000, "cuda")[0] == "cifar-mini"
+    assert choose_recipe(1_281_167, "cuda")[0] == "imagenet-paper"
+    assert usable_workers(10_000, 1, verbose=False) == usable_cores()
+    assert usable_workers(0, 1) == 0 and usable_workers(64, 10_000, verbose=False) == 1
+
+
+# ------------------------------------------------------------------ a classification run with the defaults
+def test_default_train_cls_tells_what_it_does(tmp_path, tiny_init, capsys, monkeypatch):
+    data, out = _images(tmp_path / "d"), tmp_path / "run"
+    figs = FigureTexts(monkeypatch)
+    rc = main(["train", "cls", "--init", str(tiny_init), "--data", str(data), "--out", str(out), "--img-size", "32",
+               "--batch-size", "4", "--workers", "10000", "--threads", "1", "--set", "auto_augment=null"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "--recipe auto -> cifar-mini" in err and "recipe cifar-mini:" in err and "workers requested" in err
+    assert json.loads((out / "recipe.json").read_text())["name"] == "cifar-mini"
+    assert "epoch 1/1: top1" in err and "evaluating val" in err
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["epoch"] for r in recs} == {1}  # train and eval records of the first epoch are both epoch 1
+    ev = [r for r in recs if r["kind"] == "eval"][0]
+    assert ev["split"] == "val" and ev["images"] == 4 and ev["eval_count"] == 4 and isinstance(ev["eval_count"], int)
+    res = json.loads((out / "results.json").read_text())
+    assert res["eval_split"] == "val" and res["metric_units"]["top1"].startswith("%") and res["eval_count"] == 4
+    assert "1e+" not in err
+    assert figs.has("training loss (") and "o" in figs.markers  # curves: every logged point drawn with a marker
+    assert Image.open(out / "curves.png").size[0] >= 800
+
+    # the run folder loads with hpvit.load and describes its own conversion
+    model = hpvit.load(out)
+    rep = model.reuse_report()
+    assert str(tiny_init) in rep.source and len(rep.reused) > 0 and "<random init>" not in rep.summary()
+    assert main(["info", str(out / "model.safetensors"), "--config", "identity"]) == 0
+    text = capsys.readouterr().out
+    assert "--config identity ignored" in text and "config paper-cls" in text and str(tiny_init) in text
+    with pytest.raises(CheckpointError, match="training checkpoint"):
+        hpvit.load(out / "checkpoint-last.pt")
+
+    assert main(["eval", "cls", "--model", str(out), "--data", str(data), "--workers", "0"]) == 0
+    assert "evaluating val (4 images)" in capsys.readouterr().err
+
+
+def test_failed_train_leaves_no_folder(tmp_path, capsys):
+    data, out = _images(tmp_path / "d"), tmp_path / "new" / "run"
+    rc = main(["train", "cls", "--init", str(tmp_path / "missing.pth"), "--data", str(data), "--out", str(out),
+               "--recipe", "cifar-mini", "--workers", "0"])
+    assert rc == 2 and "missing.pth" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ one load() for detectors and segmenters
+def _seg_task_meta(model, config: str) -> dict:
+    from hpvit.data.segmentation import get_layout
+    from hpvit.engine.recipe import Recipe
+    from hpvit.tasks.segmentation import SegmentationTask
+
+    t = SegmentationTask.__new__(SegmentationTask)
+    t.config, t.layout, t.layout_name, t.recipe = config, get_layout("camvid"), "camvid", Recipe(img_size=64)
+    t.base_size, t.head_channels, t.ignore_value = None, 32, None
+    return t.meta(model)
+
+
+def test_load_returns_detector_and_segmenter(tmp_path, tiny_init, capsys):
+    from hpvit.models.dense_io import save_dense
+    from hpvit.models.detector import MaskRCNNModel
+    from hpvit.models.segmenter import UperNetSegmenter
+    from hpvit.tasks.detection import build_detector, detector_meta
+    from hpvit.tasks.segmentation import build_segmenter
+
+    det = build_detector(str(tiny_init), "plain-det", 2, 64, rcnn={"rpn_post_nms_top_n_test": 20}).eval()
+    src = SimpleNamespace(cat_ids=[1, 2], cat_names=["cat", "dog"])
+    (tmp_path / "det").mkdir()
+    save_dense(det, tmp_path / "det" / "model.safetensors", detector_meta(det, "plain-det", src, 64))
+    seg = build_segmenter(str(tiny_init), "paper-seg", 11, 64, channels=32).eval()
+    save_dense(seg, tmp_path / "seg.safetensors", _seg_task_meta(seg, "paper-seg"))
+
+    d2 = hpvit.load(tmp_path / "det")  # a training folder works as well as the file
+    s2 = hpvit.load(tmp_path / "seg.safetensors")
+    assert isinstance(d2, MaskRCNNModel) and isinstance(s2, UperNetSegmenter)
+    assert d2.hpvit_meta["cat_names"] == ["cat", "dog"] and s2.hpvit_meta["task"] == "seg"
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(seg(x), s2.eval()(x))
+    assert str(tiny_init) in s2.body.vit.reuse_report().source and len(s2.body.vit.reuse_report().reused) > 0
+
+    assert main(["info", str(tmp_path / "seg.safetensors"), "--img-size", "64"]) == 0
+    text = capsys.readouterr().out
+    assert "UperNet segmenter (11 classes), backbone paper-seg" in text and "reused" in text
+    assert main(["info", str(tmp_path / "det" / "model.safetensors"), "--img-size", "64"]) == 0
+    assert "Mask R-CNN detector (2 classes), backbone plain-det" in capsys.readouterr().out
+    png = tmp_path / "demo.png"
+    assert main(["demo", "--checkpoint", str(tmp_path / "seg.safetensors"), "--img-size", "64", "--out", str(png)]) == 0
+    assert png.stat().st_size > 10_000
+    assert main(["demo", "--checkpoint", str(tmp_path / "det" / "model.safetensors"), "--img-size", "64",
+                 "--out", str(png)]) == 2
+    err = capsys.readouterr().err
+    assert "4-level feature pyramid" in err and "--format" not in err
+
+
+# ------------------------------------------------------------------ pictures
+def test_segmentation_picture_has_titles_and_legend(tmp_path, monkeypatch):
+    from hpvit.data.segmentation import get_layout
+    from hpvit.tasks.segmentation import draw_segmentation, spread_indices
+
+    assert spread_indices(101, 3) == [0, 50, 100] and spread_indices(2, 3) == [0, 1]
+    figs = FigureTexts(monkeypatch)
+    lay = get_layout("camvid")
+    lab = torch.zeros(40, 60, dtype=torch.long)
+    lab[:20] = 1
+    pred = torch.full((40, 60), 2, dtype=torch.long)
+    rows = [(torch.rand(3, 40, 60), lab, pred), (torch.rand(3, 40, 60), lab, lab)]
+    path = draw_segmentation(rows, lay.palette, tmp_path / "p.png", lay.classes, ["a.png", "b.png"], "val split")
+    w, h = Image.open(path).size
+    assert w >= 800 and h >= 400
+    assert figs.has("a.png") and figs.has("ground truth") and figs.has("prediction (100.0% of labelled pixels right)")
+    assert {lay.classes[0], lay.classes[1], lay.classes[2]} <= set(figs.texts)  # legend names the classes shown
+
+
+def test_detection_picture_shows_ground_truth_and_says_when_nothing_is_detected(tmp_path, monkeypatch):
+    from hpvit.tasks.detection import draw_predictions
+
+    figs = FigureTexts(monkeypatch)
+    img = torch.rand(3, 64, 80)
+    target = {"boxes": torch.tensor([[5.0, 5.0, 40.0, 50.0]]), "labels": torch.tensor([2]),
+              "masks": torch.zeros(1, 64, 80, dtype=torch.uint8)}
+    weak = {"boxes": torch.tensor([[1.0, 1.0, 20.0, 20.0]]), "labels": torch.tensor([1]), "scores": torch.tensor([0.05]),
+            "masks": torch.zeros(1, 1, 64, 80)}
+    strong = {**weak, "scores": torch.tensor([0.9])}
+    path = draw_predictions([img, img], [weak, strong], ["cat", "dog"], tmp_path / "d.png", targets=[target, target],
+                            titles=["000001.jpg", "000002.jpg"])
+    w, h = Image.open(path).size
+    assert w >= 600 and h >= 500
+    assert figs.has("000001.jpg: ground truth (1 objects)") and figs.has("no detections above threshold 0.30")
+    assert figs.has("best: cat 0.05") and figs.has("predictions: 1 with score >= 0.30") and figs.has("cat 0.90")

@@ -197,3 +197,27 @@ def test_info_similarity_cli(tmp_path, tiny_vit_sd, capsys):
     empty.mkdir()
     assert main(["info", str(tiny_vit_sd), "--similarity", str(empty)]) == 2
     assert "no image files found" in capsys.readouterr().err
+
+
+def test_class_token_auto_joins_only_where_it_can(vit):
+    assert hpvit.from_plain(vit.state_dict(), "paper-cls", class_token="auto").join
+    det = hpvit.from_plain(vit.state_dict(), "paper-det", class_token="auto", global_blocks=(1, 3))
+    assert not det.join and det.cls_token is None  # a windowed block follows the first global one
+    gap_vit = random_timm_vit(1, depth=4, class_token=False, global_pool="avg")
+    m = hpvit.from_plain(gap_vit.state_dict(), "paper-cls", class_token="auto", head="auto")
+    assert not m.join and m.head_type == "avg"
+
+
+def test_config_from_json_file_everywhere(tmp_path, vit):
+    from hpvit.config import get_config
+
+    f = tmp_path / "mine.json"
+    f.write_text('{"name": "mine", "pool_padding": "replicate", "depths": [1, 1, 1, 1]}')
+    cfg = get_config(str(f))
+    assert cfg.name == "mine" and cfg.pool_padding == "replicate" and cfg.depths == (1, 1, 1, 1)
+    assert hpvit.from_plain(vit.state_dict(), str(f)).config.pool_padding == "replicate"
+    with pytest.raises(ConfigError, match="does not exist"):
+        get_config(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{nope")
+    with pytest.raises(ConfigError, match="not a valid JSON config"):
+        get_config(str(tmp_path / "bad.json"))

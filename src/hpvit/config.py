@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
 POOL_KINDS = ("avgconv", "avg", "conv", "max", "gap")
 POOL_PADDINGS = ("zeros", "replicate")
-CLASS_TOKEN_MODES = ("drop", "join")
+CLASS_TOKEN_MODES = ("drop", "join", "auto")
 HEAD_KINDS = ("avg", "token", "auto", "none")
 
 
@@ -98,7 +99,9 @@ class HPViTConfig:
         class_token: ``drop`` (hierarchical stages carry no prefix tokens) or ``join``: the pre-trained
             class (and register) tokens, with their own position embedding, join the sequence at the
             first global-attention block and pass through later pooling layers unchanged; every block
-            after the join must be global. Needs a source with a class token.
+            after the join must be global. Needs a source with a class token. ``auto``: ``join`` when
+            the source has a class token and the layout allows it (no windowed block after the first
+            global one), else ``drop``.
         head: ``avg`` (global average pooling), ``token`` (class token), ``auto`` (as the source
             model: token if it has a class token and no fc_norm) or ``none``.
         keep_prefix_tokens: keep class/register tokens in the sequence (only for all-global layouts).
@@ -241,7 +244,10 @@ class HPViTConfig:
                     "windowed, and a class token cannot take part in window attention; use class_token='drop'"
                 )
         stage_ends = tuple(sum(depths[: s + 1]) - 1 for s in range(n))
-        return ResolvedLayout(depths=depths, windows=tuple(windows), stage_of=tuple(stage_of), stage_ends=stage_ends)
+        glob = [i for i, w in enumerate(windows) if w is None]
+        joinable = bool(glob) and all(w is None for w in windows[glob[0]:]) and not self.keep_prefix_tokens
+        return ResolvedLayout(depths=depths, windows=tuple(windows), stage_of=tuple(stage_of), stage_ends=stage_ends,
+                              joinable=joinable)
 
 
 @dataclass(frozen=True)
@@ -250,6 +256,7 @@ class ResolvedLayout:
     windows: tuple[int | None, ...]
     stage_of: tuple[int, ...]
     stage_ends: tuple[int, ...]
+    joinable: bool = False  # a class token can join at the first global block (none windowed after it)
 
     @property
     def num_stages(self) -> int:
@@ -312,13 +319,29 @@ def get_config(config: "str | HPViTConfig | dict | None", **overrides: Any) -> H
         cfg = config
     elif isinstance(config, dict):
         cfg = HPViTConfig.from_dict(config)
+    elif isinstance(config, str) and config not in PRESETS and (config.endswith(".json") or Path(config).is_file()):
+        cfg = HPViTConfig.from_dict(_read_json_config(Path(config)))
     elif isinstance(config, str):
         if config not in PRESETS:
-            raise ConfigError(f"unknown config preset {config!r}; choose from {sorted(PRESETS)} or pass an HPViTConfig")
+            raise ConfigError(f"unknown config preset {config!r}; choose from {sorted(PRESETS)}, a JSON file of "
+                              "HPViTConfig fields, or an HPViTConfig")
         cfg = PRESETS[config]
     else:
         raise ConfigError(f"config must be a preset name, dict or HPViTConfig, got {type(config).__name__}")
     return cfg.replace(**overrides) if overrides else dataclasses.replace(cfg)
+
+
+def _read_json_config(path: Path) -> dict[str, Any]:
+    """A JSON file holding HPViTConfig fields (a preset's fields it leaves out keep their defaults)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; give a preset name ({', '.join(sorted(PRESETS))}) or a JSON file")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a valid JSON config ({e})") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object of HPViTConfig fields")
+    return d
 
 
 def list_presets() -> list[str]:

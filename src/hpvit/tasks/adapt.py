@@ -267,11 +267,9 @@ def build_recipe(args) -> Recipe:
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .classification import _load_model_config
-
     recipe = build_recipe(args)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    task = AdaptTask(args.init, args.images, recipe, _load_model_config(args.config), args.format, args.eval_images,
+    task = AdaptTask(args.init, args.images, recipe, args.config, args.format, args.eval_images,
                      targets, args.temperature, args.feature_weight, args.logit_weight, args.max_eval_samples,
                      parse_key_values(args.spec, "--spec"))
     return run_training(task, recipe, args)

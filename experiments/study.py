@@ -39,7 +39,7 @@ ADAPT_CMD = ["adapt", "--init", str(DEIT), "--config", str(CFG / "paper-cls-fixe
              "--threads", "2", "--out", str(RUNS / "adapt")]
 
 CLS_COMMON = ["train", "cls", "--data", str(DATA / "cifar10" / "cifar10.zip"), "--recipe", "cifar-mini",
-              "--img-size", "112", "--epochs", "3", "--max-train-samples", "1000", "--max-eval-samples", "1000",
+              "--img-size", "112", "--epochs", "3", "--train-images", "1000", "--eval-images", "1000",
               "--set", "eval_every_epochs=3", "--threads", "1"]
 CLS_ROWS: dict[str, list[str]] = {
     "plain": ["--init", str(DEIT), "--config", "identity"],

@@ -121,7 +121,7 @@ def test_layer_decay_groups_follow_the_hierarchy(tiny_vit):
     assert set(seen) == set(names)  # every trainable parameter exactly once
     for n, p in names.items():
         wd = seen[n]["weight_decay"]
-        if p.ndim <= 1 or n == "pos_embed" or n.endswith("rel_pos_table"):
+        if p.ndim <= 1 or n in ("pos_embed", "cls_token") or n.endswith("rel_pos_table"):
             assert wd == 0.0, n
         else:
             assert wd == 0.05, n

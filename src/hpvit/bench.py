@@ -89,17 +89,31 @@ class NaiveHPViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
         with torch.enable_grad():
-            y = m.embed(x)
+            y, pre = m.embed(x), None
             for s in range(m.layout.num_stages):
                 if m.layout.depths[s] == 0 and s > 0:
                     y = m.empty_stages[str(s)](y)
                 start = sum(m.layout.depths[:s])
-                for blk in m.blocks[start : start + m.layout.depths[s]]:
-                    if m.grad_checkpointing and self.training:
+                for i in range(start, start + m.layout.depths[s]):
+                    blk = m.blocks[i]
+                    if pre is None and m.join and i == m.join_block:
+                        pre = m.prefix_tokens(y.shape[0])  # the class token joins (class_token='join')
+                    if pre is not None:
+                        y, pre = self._with_prefix(blk, y, pre)
+                    elif m.grad_checkpointing and self.training:
                         y = torch.utils.checkpoint.checkpoint(blk, y, use_reentrant=False)
                     else:
                         y = blk(y)
-            return m.forward_head(m.norm(y))
+            return m.forward_head(m._final(y, pre))
+
+    @staticmethod
+    def _with_prefix(blk: nn.Module, y: torch.Tensor, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A global block on the map ``(B, H, W, D)`` (after its pool) with prefix tokens ``(B, P, D)``."""
+        if blk.downsample is not None:
+            y = blk.downsample(y)
+        b, h, w, d = y.shape
+        t = blk.forward_map(torch.cat([pre, y.reshape(b, h * w, d)], dim=1))
+        return t[:, pre.shape[1]:].reshape(b, h, w, d), t[:, : pre.shape[1]]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)

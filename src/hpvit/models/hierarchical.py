@@ -73,7 +73,7 @@ class HierarchicalViT(nn.Module):
         self.spec, self.config, self.layout = spec, cfg, layout
         self.embed_dim = self.num_features = d = spec.embed_dim
         self.head_type = cfg.head
-        self.join = cfg.class_token == "join"
+        self.join = cfg.class_token == "join" or (cfg.class_token == "auto" and spec.class_token and layout.joinable)
         if self.join and not spec.class_token:
             raise ConfigError(
                 "class_token='join' keeps the source's pre-trained class token, but this checkpoint has none "

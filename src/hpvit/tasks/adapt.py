@@ -114,7 +114,7 @@ class AdaptTask(Task):
             for m in (student.head, student.fc_norm, student.head_proj) + (() if student.cls_token is not None else (student.norm,)):
                 if m is not None:
                     m.requires_grad_(False)
-        if student.config.img_size and self.recipe.img_size < student.min_input_size:
+        if self.recipe.img_size < student.min_input_size:
             raise ConfigError(f"img_size {self.recipe.img_size} is below the minimum {student.min_input_size} of this config")
         return AdaptModel(student)
 

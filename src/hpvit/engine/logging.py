@@ -183,7 +183,7 @@ def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "to
     split = ev[-1].get("split") if ev else None
     b.set_xlabel("epoch")
     b.set_ylabel(metric + (" (%)" if metric in PERCENT_METRICS else ""))
-    b.set_title(f"evaluation{' on ' + str(split) if split else ''}")
+    b.set_title(f"evaluation{' on ' + str(split) if split and split != 'eval' else ''}")
     b.grid(alpha=0.3)
     fig.tight_layout()
     try:

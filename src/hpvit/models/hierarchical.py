@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -20,6 +21,7 @@ from ..checkpoints.spec import PlainSpec
 from ..config import HPViTConfig, get_config
 from ..errors import ConfigError, InputError
 from ..layers import Block, Downsample, PatchEmbed, pad_partition, resample_abs_pos_embed, unpartition_crop
+from ..layers.attention import Attention, DropPath, Mlp
 
 # Inference on CPU works through large stages this many bytes of MLP hidden activations at a time
 # (tokens per chunk = CHUNK_BYTES / (4 * mlp_hidden): 2048 for ViT-B). Buffers this small are recycled
@@ -47,6 +49,26 @@ class StagePool(nn.Module):
 
 def _as_hw(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+# Modules torch.fx must call as leaves (their forward branches on tensor shapes): timm's tracer gets them
+# through timm.layers.register_notrace_module (models/registry.py); a plain torch.fx.Tracer user passes
+# ``is_leaf_module=lambda m, name: isinstance(m, FX_LEAF_MODULES)``.
+FX_LEAF_MODULES: tuple[type[nn.Module], ...] = (Block, Attention, Mlp, DropPath)
+
+
+def _is_fx_tracing() -> bool:
+    """True while torch.fx symbolically traces the model: shapes are proxies, so no Python branch may read them."""
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
+def _pos_embed_at(pos_embed: torch.Tensor, prefix: int, gh: int, gw: int, h: int, w: int) -> torch.Tensor:
+    """The stored position embedding ``(1, prefix + gh * gw, D)`` -> its grid part resampled to ``(1, h, w, D)``.
+    A leaf for torch.fx (``h, w`` come from the input's shape)."""
+    return resample_abs_pos_embed(pos_embed[:, prefix:].reshape(1, gh, gw, -1), (h, w))
+
+
+torch.fx.wrap("_pos_embed_at")
 
 
 class HierarchicalViT(nn.Module):
@@ -120,7 +142,7 @@ class HierarchicalViT(nn.Module):
         self.norm_pre = nn.LayerNorm(d, eps=spec.norm_eps) if spec.norm_pre else nn.Identity()
 
         act = cfg.act or spec.act
-        dpr = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, spec.depth)]
+        dpr = torch.linspace(0, cfg.drop_path_rate, spec.depth, device="cpu").tolist()
         stage_starts = {sum(layout.depths[:s]): s for s in range(1, layout.num_stages) if layout.depths[s] > 0}
         empty: dict[str, nn.Module] = {}
         for s in range(1, layout.num_stages):
@@ -154,7 +176,13 @@ class HierarchicalViT(nn.Module):
         self.norm = nn.LayerNorm(d, eps=spec.norm_eps) if spec.final_norm == "norm" else nn.Identity()
         self.fc_norm = nn.LayerNorm(d, eps=spec.norm_eps) if spec.final_norm == "fc_norm" else nn.Identity()
         self.head_proj = nn.Linear(d, spec.proj_dim, bias=False) if spec.proj_dim else None
-        self.head_dim_in = spec.proj_dim or d
+        self.head_dim_in = self.head_hidden_size = spec.proj_dim or d
+        self.head_drop: nn.Module = nn.Identity()  # timm's drop_rate (models/registry.py sets a Dropout)
+        # layout of forward_features' output: a map (B, H, W, D), or the token sequence (B, L, D) when prefix
+        # tokens are kept (identity) or joined (class_token='join')
+        self.output_fmt = "NLC" if (self.keep_prefix or self.join) else "NHWC"
+        # run every block as blk(x) on maps (see _plain_calls); export sets it for graph capture
+        self.force_plain_calls = False
         self.head = nn.Linear(self.head_dim_in, self.num_classes) if self.num_classes > 0 else nn.Identity()
         if isinstance(self.head, nn.Linear):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
@@ -211,14 +239,15 @@ class HierarchicalViT(nn.Module):
         if self.pos_embed is None:
             return None
         gh, gw = self.pos_grid
-        grid = self.pos_embed[:, self.pos_embed_prefix:].view(1, gh, gw, -1)
-        return resample_abs_pos_embed(grid, (h, w))
+        return _pos_embed_at(self.pos_embed, self.pos_embed_prefix, gh, gw, h, w)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` -> the first stage's input: a map ``(B, H0, W0, D)`` with the (resampled)
         position embedding and ``norm_pre`` applied, or, when prefix tokens are kept (``identity``), the
-        plain ViT's token sequence ``(B, prefix + H0 * W0, D)``. Validates the input size."""
-        self._check_input(x)
+        plain ViT's token sequence ``(B, prefix + H0 * W0, D)``. Validates the input size (except while
+        torch.fx traces, where sizes are symbolic: the traced graph runs unchecked)."""
+        if not _is_fx_tracing():
+            self._check_input(x)
         x = self.patch_embed(x)  # (B, H0, W0, D)
         b, h, w, d = x.shape
         pos = self._pos_grid(h, w)
@@ -343,6 +372,39 @@ class HierarchicalViT(nn.Module):
             x, pre = self._run_segment(x, start, stop, ws, pre)
         return x, pre
 
+    def _plain_calls(self) -> bool:
+        """Whether to run every block as ``blk(x)`` on maps instead of the fast runner (window-order runs,
+        in-place chunks): while torch.fx traces, when ``force_plain_calls`` is set (graph export), and when a
+        block has forward (pre-)hooks, so that hooks (timm's ``feature_cls='hook'``) fire and see each block's
+        output map ``(B, H, W, D)``. Same results up to float rounding; slower on large maps."""
+        if self.force_plain_calls or _is_fx_tracing():
+            return True
+        return any(b._forward_hooks or b._forward_pre_hooks for b in self.blocks)
+
+    def _run_stage_calls(self, x: torch.Tensor, s: int, pre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stage ``s`` as plain module calls, no branch on tensor shapes (torch.fx-traceable with
+        ``FX_LEAF_MODULES`` as leaves). ``x``: map ``(B, H, W, D)`` (identity: sequence); returns as
+        :meth:`_run_stage`. With class_token='join' a joined block gets ``(B, P + H * W, D)``, and a block
+        that also pools runs its ``downsample`` and ``forward_map`` separately (its hooks do not fire)."""
+        if self.layout.depths[s] == 0:
+            return (self.empty_stages[str(s)](x) if s > 0 else x), pre
+        start = sum(self.layout.depths[:s])
+        for i in range(start, start + self.layout.depths[s]):
+            blk = self.blocks[i]
+            if not self.join or (pre is None and i != self.join_block):
+                x = blk(x)
+                continue
+            if pre is None:
+                pre = self.prefix_tokens(x.shape[0])
+            if blk.downsample is not None:
+                x = blk.downsample(x)
+            b, h, w, d = x.shape
+            t = torch.cat([pre, x.reshape(b, h * w, d)], dim=1)
+            t = blk(t) if blk.downsample is None else blk.forward_map(t)
+            p = self.num_prefix_tokens
+            pre, x = t[:, :p], t[:, p:].reshape(b, h, w, d)
+        return x, pre
+
     def _final(self, x: torch.Tensor, pre: torch.Tensor | None) -> torch.Tensor:
         """The normalised output: the map ``(B, H, W, D)``, or with joined prefix tokens the sequence
         ``(B, P + H * W, D)`` (prefix first, as in timm's ViT)."""
@@ -352,22 +414,39 @@ class HierarchicalViT(nn.Module):
 
     # ------------------------------------------------------------------ forward API
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` -> the final normalised features, laid out as ``self.output_fmt``: a map
+        ``(B, H_last, W_last, D)`` (``NHWC``) or, with prefix tokens kept or joined, ``(B, P + L, D)`` (``NLC``)."""
+        run = self._run_stage_calls if self._plain_calls() else self._run_stage
         x, pre = self.embed(x), None
         for s in range(self.layout.num_stages):
-            x, pre = self._run_stage(x, s, pre)
+            x, pre = run(x, s, pre)
         return self._final(x, pre)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``forward_features``' output -> logits ``(B, num_classes)``, or with ``pre_logits`` the pooled
+        features ``(B, head_hidden_size)``. ``global_pool=''`` leaves the features unpooled (the head, if
+        any, then acts on the last dim of the map)."""
         if self.head_type == "token":
             x = x[:, 0]
-        elif x.ndim == 4:
-            x = x.mean(dim=(1, 2))
-        else:
-            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        elif self.head_type != "":
+            x = x.mean(dim=(1, 2)) if self.output_fmt == "NHWC" else x[:, self.num_prefix_tokens:].mean(dim=1)
         x = self.fc_norm(x)
         if self.head_proj is not None:
             x = self.head_proj(x)
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
+
+    @property
+    def global_pool(self) -> str:
+        """timm's name for the head's pooling: ``avg``, ``token``, ``''`` (none) or ``none`` (pyramid output)."""
+        return self.head_type
+
+    def __prepare_scriptable__(self) -> "HierarchicalViT":
+        raise ConfigError(
+            "TorchScript (torch.jit.script) is not supported for hpvit models: the forward picks its runner from "
+            "Python state and the config. Use torch.export / ONNX (`hpvit export`, hpvit.export.export_onnx), "
+            "torch.compile, or torch.fx (FX_LEAF_MODULES as leaves) instead"
+        )
 
     def forward(self, x: torch.Tensor):
         if self.head_type == "none":
@@ -392,22 +471,20 @@ class HierarchicalViT(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ):
-        """timm-style: features at stage ends. ``indices``: stage ids (or the last n stages if an int)."""
-        n = self.layout.num_stages
-        if indices is None:
-            take = list(range(n))
-        elif isinstance(indices, int):
-            take = list(range(n - indices, n))
-        else:
-            take = [i % n for i in indices]
+        """timm-style: features at stage ends, each ``(B, D, H_s, W_s)`` (``NCHW``) or ``(B, H_s, W_s, D)``
+        (``NHWC``). ``indices``: stage ids (negative counts from the end) or an int n for the last n stages;
+        out-of-range ids raise ConfigError as timm does. Returns ``(forward_features output, features)`` or,
+        with ``intermediates_only``, the features."""
+        take = self.take_indices(indices)
         if output_fmt not in ("NCHW", "NHWC"):
             raise ConfigError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        last = max(take) if stop_early else n - 1
+        last = max(take) if stop_early else self.layout.num_stages - 1
         gh, gw = self.patch_embed.grid(x.shape[-2], x.shape[-1])
+        run = self._run_stage_calls if self._plain_calls() else self._run_stage
         x, pre = self.embed(x), None
         feats = []
         for s in range(last + 1):
-            x, pre = self._run_stage(x, s, pre)
+            x, pre = run(x, s, pre)
             if s in take:
                 y = self.norm(x) if norm else x
                 if y.ndim == 3:  # identity: drop prefix tokens, restore the grid
@@ -417,6 +494,22 @@ class HierarchicalViT(nn.Module):
         if intermediates_only:
             return feats
         return self._final(x, pre), feats
+
+    def take_indices(self, indices: int | Iterable[int] | None) -> list[int]:
+        """Stage ids for ``indices`` as timm reads them: None -> all, an int n -> the last n, a list -> those ids
+        (negative ones count from the end). Raises ConfigError for ids outside the model's stages."""
+        n = self.layout.num_stages
+        if indices is None:
+            return list(range(n))
+        if isinstance(indices, int):
+            if not 0 < indices <= n:
+                raise ConfigError(f"indices={indices}: this model has {n} stages; ask for the last 1..{n}")
+            return list(range(n - indices, n))
+        take = [int(i) for i in indices]
+        bad = [i for i in take if not -n <= i < n]
+        if bad:
+            raise ConfigError(f"indices {bad} out of range: this model has {n} stages (ids 0..{n - 1}, or -{n}..-1)")
+        return [i % n for i in take]
 
     # ------------------------------------------------------------------ re-parameterisation
     def reparameterize(self) -> "HierarchicalViT":
@@ -485,9 +578,11 @@ class HierarchicalViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh ``Linear(head_hidden_size, num_classes)`` head (``Identity`` for 0). ``global_pool``: ``avg``,
+        ``token`` (needs the class token) or ``''`` (no pooling: ``forward`` returns the unpooled features)."""
         if global_pool is not None:
-            if global_pool not in ("avg", "token"):
-                raise ConfigError(f"global_pool must be 'avg' or 'token', got {global_pool!r}")
+            if global_pool not in ("avg", "token", ""):
+                raise ConfigError(f"global_pool must be 'avg', 'token' or '' (no pooling), got {global_pool!r}")
             if global_pool == "token" and self.cls_token is None:
                 raise ConfigError("this model has no class token; use global_pool='avg'")
             self.head_type = global_pool

@@ -135,11 +135,27 @@ def _add_task_commands(sub) -> None:
         p.set_defaults(func=f"{t.module}:run_eval")
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write an ONNX file of a model: classifier logits or the 4-level pyramid")
+    p.add_argument("model", help="a file hpvit wrote (.safetensors) or a plain ViT checkpoint (converted with --config)")
+    p.add_argument("-o", "--out", required=True, help="output .onnx path")
+    p.add_argument("--config", default=None, help="preset for a plain checkpoint (default paper-cls)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size for a plain checkpoint")
+    p.add_argument("--pyramid", action="store_true", help="export the backbone's pyramid (p1..p4, NCHW) instead of logits")
+    p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic")
+    p.add_argument("--img-size", type=int, default=224, help="input side the graph is exported for (default 224)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--check", action="store_true", help="run the file with onnxruntime and print the max abs diff to PyTorch")
+    p.set_defaults(func="hpvit.export:cmd_export")
+
+
 def build_parser(argv: "Sequence[str] | None" = None) -> argparse.ArgumentParser:
     """The full ``hpvit`` parser; with ``argv``, ``adapt``/``bench`` arguments are built only when argv names them."""
     parser = argparse.ArgumentParser(prog="hpvit", description="Turn plain ViT checkpoints into hierarchical backbones.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo_convert_info(sub)
+    _add_export(sub)
     _add_lazy_commands(sub, _command_of(argv))
     _add_task_commands(sub)
     return parser

@@ -1,0 +1,194 @@
+"""Graph export of hierarchical models: ONNX (``torch.onnx.export``, dynamo exporter) and ``torch.export``.
+
+The exported graph is the model's plain-call path (every block called as a module on ``(B, H, W, D)``
+maps; see ``HierarchicalViT._plain_calls``), re-parameterised first (average pool + conv merged into one
+conv), in eval mode, on a copy: the caller's model is not changed. Two outputs:
+
+* classifier: input ``images`` ``(B, C, H, W)`` float32 -> ``logits`` ``(B, num_classes)`` (or pooled
+  features ``(B, head_hidden_size)`` when ``num_classes == 0``);
+* pyramid (``pyramid=True``): -> ``p1 .. pN``, one ``(B, D, H_s, W_s)`` map per stage (strides 4, 8, 16,
+  32 for the paper presets).
+
+A graph is exported for one input size: window attention pads each map to a multiple of the window, and
+how much depends on H and W. The batch dimension may be dynamic (``dynamic_batch=True``); for another
+image size, export another file.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, InputError, OutputError
+from .models.hierarchical import HierarchicalViT
+
+
+class _Logits(nn.Module):
+    """``(B, C, H, W)`` -> ``(B, K)``: the model's classifier output."""
+
+    def __init__(self, model: HierarchicalViT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(images))
+
+
+class _Pyramid(nn.Module):
+    """``(B, C, H, W)`` -> a tuple of ``(B, D, H_s, W_s)`` maps, one per stage."""
+
+    def __init__(self, model: HierarchicalViT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.model.forward_intermediates(images, intermediates_only=True))
+
+
+def _hw(img_size: "int | tuple[int, int]") -> tuple[int, int]:
+    return (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+
+
+def prepare(model: nn.Module, pyramid: bool = False) -> nn.Module:
+    """A re-parameterised eval-mode copy of ``model`` wrapped for export (see the module docstring).
+
+    Raises ConfigError for what cannot be exported: a model that is not an hpvit ``HierarchicalViT``, a
+    pyramid from the single-stage ``identity`` config, or logits from a backbone-only config (``head='none'``).
+    """
+    if not isinstance(model, HierarchicalViT):
+        raise ConfigError(
+            f"export takes an hpvit HierarchicalViT (from hpvit.from_plain, hpvit.load or timm.create_model('hpvit_...')), "
+            f"got {type(model).__name__}; detection / segmentation models: export their backbone (model.backbone)"
+        )
+    if pyramid and model.keep_prefix:
+        raise ConfigError("the 'identity' config has a single stride-16 stage and no pyramid; export it without "
+                          "--pyramid, or convert with a hierarchical config (paper-det, paper-seg, paper-cls)")
+    if not pyramid and model.head_type == "none":
+        raise ConfigError(f"config {model.config.name!r} is a backbone (head='none'): it has no classifier output; "
+                          "export the pyramid (--pyramid / pyramid=True)")
+    m = copy.deepcopy(model).eval().float()
+    m.reparameterize()
+    m.force_plain_calls = True
+    for blk in m.blocks:  # padded windows attend as (B, nW, heads, N, d): ONNX's attention needs 4-D, matmuls do not
+        blk.attn.fused = False
+    return (_Pyramid if pyramid else _Logits)(m).eval()
+
+
+def output_names(model: HierarchicalViT, pyramid: bool) -> list[str]:
+    return [f"p{s + 1}" for s in range(model.layout.num_stages)] if pyramid else ["logits"]
+
+
+def _example(model: HierarchicalViT, img_size: "int | tuple[int, int]", batch_size: int) -> torch.Tensor:
+    h, w = _hw(img_size)
+    m = model.min_input_size
+    if h < m or w < m:
+        raise InputError(f"img_size {h}x{w} is below this config's minimum {m}x{m}; export at a larger size")
+    return torch.randn(batch_size, model.spec.in_chans, h, w)
+
+
+def export_program(model: HierarchicalViT, img_size: "int | tuple[int, int]" = 224, pyramid: bool = True,
+                   dynamic_batch: bool = False, batch_size: int = 2) -> "torch.export.ExportedProgram":
+    """``torch.export`` of the (re-parameterised) classifier or pyramid at one image size.
+
+    ``dynamic_batch`` makes dim 0 of the input symbolic (``batch_size`` >= 2 for the example, so the
+    batch is not specialised to 1).
+    """
+    wrapped = prepare(model, pyramid)
+    x = _example(model, img_size, batch_size)
+    dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    with torch.no_grad():
+        return torch.export.export(wrapped, (x,), dynamic_shapes=dyn)
+
+
+def export_onnx(model: HierarchicalViT, path: "str | os.PathLike", img_size: "int | tuple[int, int]" = 224,
+                pyramid: bool = False, dynamic_batch: bool = False, opset: int = 18, force: bool = False) -> str:
+    """Write ``model`` as ONNX to ``path``: input ``images`` ``(B, C, H, W)`` at ``img_size``, outputs
+    ``logits`` or ``p1..pN`` (see the module docstring). Needs the ``onnx`` and ``onnxscript`` packages
+    (``pip install "hpvit[export]"``). ``force=False`` refuses to replace an existing file."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not force:
+        raise OutputError(f"{path} exists; pass force=True (--force) to replace it, or choose another path")
+    _require("onnx", "onnxscript")
+    wrapped = prepare(model, pyramid)
+    x = _example(model, img_size, 2 if dynamic_batch else 1)
+    outs = output_names(model, pyramid)
+    dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"{folder}: not writable; choose another output path")
+    with torch.no_grad():
+        prog = torch.onnx.export(wrapped, (x,), input_names=["images"], output_names=outs, dynamic_shapes=dyn,
+                                 opset_version=opset, dynamo=True, external_data=False, verbose=False)
+    prog.save(path)
+    return path
+
+
+def _require(*names: str) -> None:
+    import importlib.util
+
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    if missing:
+        raise ConfigError(f"ONNX export needs {', '.join(missing)}: pip install \"hpvit[export]\" "
+                          "(onnx, onnxscript; onnxruntime to run and check the file)")
+
+
+def run_onnx(path: "str | os.PathLike", images: torch.Tensor) -> list[torch.Tensor]:
+    """Run an exported file with ONNX Runtime (CPU): ``images`` ``(B, C, H, W)`` -> its outputs."""
+    _require("onnxruntime")
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(o) for o in sess.run(None, {"images": images.float().numpy()})]
+
+
+def compare_onnx(model: HierarchicalViT, path: "str | os.PathLike", images: torch.Tensor,
+                 pyramid: bool = False) -> float:
+    """Max abs difference between ONNX Runtime on ``path`` and ``model`` itself (PyTorch, eval mode, as given:
+    not re-parameterised, its own fast inference path) on ``images``."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        want = model.forward_pyramid(images) if pyramid else [model(images)]
+    model.train(was_training)
+    got = run_onnx(path, images)
+    if len(got) != len(want):
+        raise OutputError(f"{path}: {len(got)} outputs, PyTorch gives {len(want)}; export again")
+    return max(float((g - w).abs().max()) for g, w in zip(got, want))
+
+
+def time_call(fn: Callable[[], Any], warmup: int = 2, rounds: int = 5) -> float:
+    """Median seconds of ``fn()`` over ``rounds`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def cmd_export(args) -> int:
+    """``hpvit export MODEL -o OUT.onnx [--pyramid] [--dynamic-batch] [--img-size N] [--check]``."""
+    from .checkpoints.native import is_hpvit_file, load
+    from .models.build import from_plain
+
+    if is_hpvit_file(args.model):
+        model = load(args.model)
+    else:
+        model = from_plain(args.model, config=args.config or "paper-cls", num_classes=args.num_classes)
+    path = export_onnx(model, args.out, img_size=args.img_size, pyramid=args.pyramid,
+                       dynamic_batch=args.dynamic_batch, opset=args.opset, force=args.force)
+    outs = output_names(model, args.pyramid)
+    print(f"wrote {path}: images (B, {model.spec.in_chans}, {args.img_size}, {args.img_size}) -> {', '.join(outs)}"
+          f"{' (dynamic batch)' if args.dynamic_batch else ''}")
+    if args.check:
+        x = torch.randn(2 if args.dynamic_batch else 1, model.spec.in_chans, args.img_size, args.img_size)
+        diff = compare_onnx(model, path, x, args.pyramid)
+        print(f"onnxruntime vs PyTorch: max abs diff {diff:.2e}")
+    return 0

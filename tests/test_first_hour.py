@@ -129,7 +129,7 @@ def test_info_accepts_every_preset(deep_init, capsys):
     from hpvit.models.plain import PLAIN_CONFIGS
 
     for name in sorted(set(hpvit.list_presets()) | set(PLAIN_CONFIGS)):
-        assert main(["info", str(deep_init), "--config", name, "--img-size", "32"]) == 0, name
+        assert main(["info", str(deep_init), "--config", name, "--img-size", "64"]) == 0, name
         assert "total" in capsys.readouterr().out
 
 

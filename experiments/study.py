@@ -35,7 +35,7 @@ OLD_LR = ["--set", "new_param_lr_scale=null"]  # hpvit 0.1: new parameters at th
 
 ADAPT_CMD = ["adapt", "--init", str(DEIT), "--config", str(CFG / "paper-cls-fixes.json"),
              "--images", str(DATA / "camvid" / "train"), "--images", str(DATA / "camvid" / "val"),
-             "--images", str(DATA / "coco" / "coco128-seg"), "--eval-images", str(DATA / "imagenet_sample" / "images"),
+             "--images", str(DATA / "coco" / "coco128-seg"), "--holdout", str(DATA / "imagenet_sample" / "images"),
              "--threads", "2", "--out", str(RUNS / "adapt")]
 
 CLS_COMMON = ["train", "cls", "--data", str(DATA / "cifar10" / "cifar10.zip"), "--recipe", "cifar-mini",

@@ -55,10 +55,10 @@ def _args(source, images, out, *extra):
 
 def test_adapt_lowers_the_objective_and_keeps_the_source_head(tmp_path, source, images):
     out = tmp_path / "run"
-    assert main(_args(source, images, out, "--eval-images", str(images))) == 0
+    assert main(_args(source, images, out, "--holdout", str(images))) == 0
     model = hpvit.load(out / "model.safetensors")
     assert model.num_classes == 1000  # the source's classifier, kept
-    assert model.config.class_token == "drop" and model.config.name == "paper-cls"
+    assert model.config.name == "paper-cls" and model.join and model.head_type == "token"  # class token kept
     src = torch.load(source, weights_only=True)
     # the head started as the source's (same class order) and moved only a little
     assert (model.head.weight - src["head.weight"]).abs().max() < 0.1
@@ -105,7 +105,7 @@ def _hpvit(args, env_extra=None):
 
 
 def test_adapt_resumes_exactly_after_a_kill(tmp_path, source, images):
-    extra = ["--set", "ckpt_every_steps=3", "--max-train-samples", "12"]  # 3 steps per epoch, 6 in all
+    extra = ["--set", "ckpt_every_steps=3", "--train-images", "12"]  # 3 steps per epoch, 6 in all
     full = _hpvit(_args(source, images, tmp_path / "full", *extra))
     assert full.returncode == 0, full.stderr[-3000:]
     killed = _hpvit(_args(source, images, tmp_path / "cut", *extra), {"HPVIT_FAULT_AT_STEP": "5"})

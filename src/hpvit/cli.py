@@ -101,14 +101,13 @@ def _add_demo_convert_info(sub) -> None:
 
 
 def _add_lazy_commands(sub, command: "str | None") -> None:
-    """``adapt`` and ``bench`` define their arguments in their own (heavy) modules: import one only when the
-    command line names it (or when the whole parser is wanted, ``command`` None)."""
-    p = sub.add_parser("adapt", help=ADAPT_HELP)
-    if command in (None, "adapt"):
-        from .tasks import adapt as _adapt
+    """``bench`` defines its arguments in its own (heavy) module: import it only when the command line
+    names it (or when the whole parser is wanted, ``command`` None). ``adapt``'s live in tasks/_args.py."""
+    from .tasks._args import add_adapt_args
 
-        _adapt.add_args(p)
-        p.set_defaults(func=_adapt.run)
+    p = sub.add_parser("adapt", help=ADAPT_HELP)
+    add_adapt_args(p)
+    p.set_defaults(func="hpvit.tasks.adapt:run")
     p = sub.add_parser("bench", help=BENCH_HELP)
     if command in (None, "bench"):
         try:

@@ -38,9 +38,10 @@ from ..engine.task import Task
 from ..errors import ConfigError
 from ..models.build import from_plain
 from ..models.hierarchical import HierarchicalViT
+from ._args import subset_count
 from ._cli import run_training
 
-TARGETS = ("features", "logits")
+TARGETS = ("features", "logits")  # also in tasks/_args.py (the --targets help)
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "model_ema.safetensors"
 PREPROC_FILE = "model.json"
@@ -218,46 +219,13 @@ class AdaptTask(Task):
 
 
 # -------------------------------------------------------------------- command line
-HELP = "align a transformed model to its plain source on unlabeled images (distillation, before fine-tuning)"
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--init", required=True, help="plain ViT checkpoint (file, HF folder, timm:<name>): teacher and source")
-    p.add_argument("--config", default="paper-cls", help="hierarchical preset or JSON file (default paper-cls)")
-    p.add_argument("--format", default=None, help="force the checkpoint format instead of auto-detecting it")
-    p.add_argument("--spec", action="append", default=[], metavar="KEY=VALUE", help="override the inferred plain spec")
-    p.add_argument("--images", action="append", required=True, metavar="DIR_OR_ZIP",
-                   help="unlabeled images: a folder (searched recursively) or a zip; repeatable")
-    p.add_argument("--eval-images", action="append", default=None, metavar="DIR_OR_ZIP",
-                   help="held-out unlabeled images: agreement with the teacher is measured on them after each epoch")
-    p.add_argument("--out", required=True, help="output directory (model.safetensors, metrics.jsonl, results.json...)")
-    p.add_argument("--recipe", default="adapt", help="recipe name or JSON file (default: adapt)")
-    p.add_argument("--targets", default=",".join(TARGETS), help="what to match: features, logits or both (default)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the logit term")
-    p.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature (and class-token) term")
-    p.add_argument("--logit-weight", type=float, default=1.0, help="weight of the logit term")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--img-size", type=int, default=None, help="student and teacher input size during adaptation")
-    p.add_argument("--batch-size", type=int, default=None, help="per-process batch size")
-    p.add_argument("--blr", type=float, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--max-train-samples", type=int, default=None, help="use a fixed random subset of the images")
-    p.add_argument("--max-eval-samples", type=int, default=None)
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key (repeatable)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    p.add_argument("--device", default=None)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    p.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images and list them")
+# (the arguments live in tasks/_args.py, free of heavy imports, so that `hpvit adapt --help` is instant)
 
 
 def build_recipe(args) -> Recipe:
     r = load_recipe(args.recipe)
     flags = {"epochs": args.epochs, "img_size": args.img_size, "batch_size": args.batch_size, "blr": args.blr,
-             "lr": args.lr, "max_train_samples": args.max_train_samples, "amp": args.amp,
+             "lr": args.lr, "max_train_samples": subset_count(args.train_images, "--train-images"), "amp": args.amp,
              "num_workers": args.workers, "seed": args.seed}
     changes = {k: v for k, v in flags.items() if v is not None}
     changes.update(parse_key_values(args.set, "--set"))
@@ -269,7 +237,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     recipe = build_recipe(args)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    task = AdaptTask(args.init, args.images, recipe, args.config, args.format, args.eval_images,
-                     targets, args.temperature, args.feature_weight, args.logit_weight, args.max_eval_samples,
+    task = AdaptTask(args.init, args.images, recipe, args.config, args.format, args.holdout,
+                     targets, args.temperature, args.feature_weight, args.logit_weight,
+                     subset_count(args.eval_images, "--eval-images"),
                      parse_key_values(args.spec, "--spec"))
     return run_training(task, recipe, args)

@@ -127,7 +127,7 @@ def test_class_token_join_needs_a_class_token_checkpoint():
 
 
 def test_position_embedding_keeps_the_source_grid(vit):
-    m = hpvit.from_plain(vit.state_dict(), "paper-cls", img_size=512)
+    m = hpvit.from_plain(vit.state_dict(), "paper-cls", img_size=512, class_token="drop")
     assert tuple(m.pos_embed.shape) == (1, 14 * 14, vit.embed_dim)  # not the 128x128 grid of 512 px
     assert torch.equal(m.pos_embed, vit.pos_embed[:, 1:])
     j = hpvit.from_plain(vit.state_dict(), "paper-cls", class_token="join")
@@ -135,7 +135,7 @@ def test_position_embedding_keeps_the_source_grid(vit):
 
 
 def test_files_with_the_old_img_size_grid_still_load(tmp_path, vit):
-    m = hpvit.from_plain(vit.state_dict(), "paper-cls").eval()
+    m = hpvit.from_plain(vit.state_dict(), "paper-cls", class_token="drop").eval()
     randomize_new_params(m)
     p = tmp_path / "m.safetensors"
     hpvit.save(m, p)

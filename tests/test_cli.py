@@ -34,7 +34,7 @@ def test_convert_and_info_real_deit(tmp_path, capsys, deit_tiny_path):
     assert main(["convert", str(deit_tiny_path), "-o", str(out), "--config", "paper-cls"]) == 0
     text = capsys.readouterr().out
     assert "detected format: timm" in text and "dim=192, depth=12, heads=3" in text
-    assert "reused :  151 tensors" in text
+    assert "reused :  152 tensors" in text  # every encoder tensor and the class token (joined at block 5)
     assert _sha(deit_tiny_path) == before
     m = hpvit.load(out)
     assert m.config.name == "paper-cls" and m.num_classes == 1000

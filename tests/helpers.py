@@ -28,3 +28,12 @@ def randomize_new_params(model: torch.nn.Module, seed: int = 1, scale: float = 0
         for n, p in model.named_parameters():
             if ".downsample." in n or n.endswith("rel_pos_table"):
                 p.copy_(scale * torch.randn(p.shape, generator=g))
+
+
+def save_small_vit(path, img_size: int = 32):
+    """A random 4-block, 64-wide timm ViT (patch 16, 10 classes) saved as a plain state dict at ``path``."""
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=4, embed_dim=64, num_heads=2,
+                          img_size=img_size, num_classes=10)
+    torch.save(m.state_dict(), path)
+    return path

@@ -26,14 +26,9 @@ SUBPROC_TIMEOUT = 300
 @pytest.fixture(scope="module")
 def tiny_vit(tmp_path_factory) -> Path:
     """A random 4-block, 64-wide timm ViT (patch 16, 32 px) saved as a plain state_dict."""
-    import timm
+    from helpers import save_small_vit
 
-    torch.manual_seed(0)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=4, embed_dim=64, num_heads=2, img_size=32,
-                          num_classes=10)
-    p = tmp_path_factory.mktemp("tiny") / "tiny_vit.pth"
-    torch.save(m.state_dict(), p)
-    return p
+    return save_small_vit(tmp_path_factory.mktemp("tiny") / "tiny_vit.pth", img_size=32)
 
 
 def _write_images(root: Path, split: str, n_per_class: int, classes=("a", "b", "c", "d"), size=20, seed=0):

@@ -142,9 +142,11 @@ class MetricsFile:
         return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
 
 
-def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "top1") -> None:
+def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "top1",
+                empty_note: str = "no evaluation yet") -> None:
     """Training loss per logged step and evaluation ``metric`` per epoch, side by side; every logged point
-    is drawn with a marker, so a run with a single record still shows it."""
+    is drawn with a marker, so a run with a single record still shows it. ``empty_note`` fills the evaluation
+    panel when there is no evaluation record."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,7 +181,7 @@ def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "to
         b.margins(x=0.1, y=0.15)
         b.legend()
     else:
-        b.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=b.transAxes)
+        b.text(0.5, 0.5, empty_note, ha="center", va="center", transform=b.transAxes)
     split = ev[-1].get("split") if ev else None
     b.set_xlabel("epoch")
     b.set_ylabel(metric + (" (%)" if metric in PERCENT_METRICS else ""))

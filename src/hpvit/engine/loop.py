@@ -382,9 +382,11 @@ class Trainer:
                 "config": {"recipe": r.to_dict(), "task": self.task.describe(), "run": self.run_config},
             }
             write_text_atomic(self.out / "results.json", json.dumps(results, indent=2, default=str))
-            plot_curves(metrics.read(), self.out / "curves.png", self.task.primary_metric)
-            log(f"done: {self.task.primary_metric} {results.get(self.task.primary_metric, float('nan')):.4g}, "
-                f"wall {wall:.0f}s, {results['images_per_s']:.1f} img/s; results in {self.out / 'results.json'}", main)
+            plot_curves(metrics.read(), self.out / "curves.png", self.task.primary_metric,
+                        "no evaluation set in this run" if eval_ds is None else "no evaluation yet")
+            score = self.task.primary_metric in results
+            log("done: " + (f"{self.task.primary_metric} {results[self.task.primary_metric]:.4g}, " if score else "")
+                + f"wall {wall:.0f}s, {results['images_per_s']:.1f} img/s; results in {self.out / 'results.json'}", main)
         D.barrier(dist)
         return results
 

@@ -5,6 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def recipe_from_flags(name: str, flags: dict, set_items: "list[str] | None"):
+    """Recipe ``name`` (or a JSON file) with the command's flags that were given (not None) and every
+    ``--set KEY=VALUE`` applied, in that order."""
+    from ..cli import parse_key_values
+    from ..engine.recipe import load_recipe
+
+    changes = {k: v for k, v in flags.items() if v is not None}
+    changes.update(parse_key_values(set_items, "--set"))
+    r = load_recipe(name)
+    return r.replace(**changes) if changes else r
+
+
 def run_training(task, recipe, args) -> int:
     """Run ``task`` with the shared engine in the folder ``args.out`` (claimed for this run; ``--overwrite`` and
     ``--skip-bad-images`` are honoured when the command defines them); the command line goes into results.json."""

@@ -33,13 +33,13 @@ from ..analysis import map_cosine, plain_block_outputs, stage_reference_blocks, 
 from ..checkpoints import load_plain
 from ..cli import parse_key_values
 from ..config import get_config
-from ..engine.recipe import Recipe, load_recipe
+from ..engine.recipe import Recipe
 from ..engine.task import Task
 from ..errors import ConfigError
 from ..models.build import from_plain
 from ..models.hierarchical import HierarchicalViT
 from ._args import subset_count
-from ._cli import run_training
+from ._cli import recipe_from_flags, run_training
 
 TARGETS = ("features", "logits")  # also in tasks/_args.py (the --targets help)
 MODEL_FILE = "model.safetensors"
@@ -223,13 +223,10 @@ class AdaptTask(Task):
 
 
 def build_recipe(args) -> Recipe:
-    r = load_recipe(args.recipe)
     flags = {"epochs": args.epochs, "img_size": args.img_size, "batch_size": args.batch_size, "blr": args.blr,
              "lr": args.lr, "max_train_samples": subset_count(args.train_images, "--train-images"), "amp": args.amp,
              "num_workers": args.workers, "seed": args.seed}
-    changes = {k: v for k, v in flags.items() if v is not None}
-    changes.update(parse_key_values(args.set, "--set"))
-    return r.replace(**changes) if changes else r
+    return recipe_from_flags(args.recipe, flags, args.set)
 
 
 def run(args) -> int:

@@ -19,11 +19,10 @@ from torch import nn
 
 from ..checkpoints.io import write_text_atomic
 from ..errors import ConfigError
-from ..engine.recipe import Recipe, load_recipe
+from ..engine.recipe import Recipe
 from ..engine.task import Task
-from ..cli import parse_key_values
 from ._args import AUTO_RECIPE, add_cls_eval_args, add_cls_train_args, subset_count
-from ._cli import run_training
+from ._cli import recipe_from_flags, run_training
 
 TASK = "cls"
 MODEL_FILE = "model.safetensors"
@@ -234,16 +233,13 @@ def resolve_recipe_name(args) -> str:
 
 
 def build_recipe(args) -> Recipe:
-    r = load_recipe(resolve_recipe_name(args))
     flags = {"epochs": args.epochs, "img_size": args.img_size, "batch_size": args.batch_size,
              "accum_steps": args.accum_steps, "max_train_samples": subset_count(args.train_images, "--train-images"),
              "max_eval_samples": subset_count(args.eval_images, "--eval-images"), "blr": args.blr, "lr": args.lr,
              "amp": args.amp,
              "ema": args.ema, "grad_checkpointing": args.grad_checkpointing, "num_workers": args.workers,
              "seed": args.seed, "deterministic": args.deterministic}
-    changes = {k: v for k, v in flags.items() if v is not None}
-    changes.update(parse_key_values(args.set, "--set"))
-    return r.replace(**changes) if changes else r
+    return recipe_from_flags(resolve_recipe_name(args), flags, args.set)
 
 
 def run_train(args) -> int:

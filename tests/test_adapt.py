@@ -81,7 +81,7 @@ def test_adapt_lowers_the_objective_and_keeps_the_source_head(tmp_path, source, 
     ft = hpvit.load(out / "model.safetensors")
     ft.set_drop_path_rate(0.2)
     assert ft.blocks[-1].drop_path1.p == pytest.approx(0.2)
-    from hpvit.models.plain import build_dense_backbone
+    from hpvit.models.dense import build_dense_backbone
 
     bb = build_dense_backbone(str(out / "model.safetensors"), "paper-seg")
     maps = bb(torch.rand(1, 3, 64, 64))

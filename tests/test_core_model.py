@@ -308,7 +308,7 @@ def test_timm_hub_offline_error(monkeypatch):
 def test_small_maps_do_not_run_mlps_on_window_padding(sd4):
     """At 64 px the 16x16 stage-1 map would pad to 21x21 windows: the MLPs must still only see the
     16x16 real tokens, so the cost stays close to the unpadded 56 px model's (scaled by token count)."""
-    from hpvit.analysis import count_flops
+    from hpvit.utils import count_flops
 
     m = hpvit.from_plain(tiny_plain(depth=4, dim=64), "paper-cls", class_token="drop").eval()
     f56 = count_flops(m, torch.zeros(1, 3, 56, 56))

@@ -17,8 +17,9 @@ from helpers import random_timm_vit
 pytest.importorskip("pycocotools", reason="detection needs pycocotools (pip install 'hpvit[dense]')")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
+import hpvit
 from hpvit.data.coco import CocoFormatError, CocoInstances, CocoSource, collate_detection, parse_range
-from hpvit.models.plain import build_dense_backbone
+from hpvit.models.dense import build_dense_backbone
 from hpvit.tasks.detection import STAT_NAMES, build_detector, coco_metrics
 
 from conftest import shared_path
@@ -150,9 +151,7 @@ def test_backbone_levels_on_odd_rectangular_input(tiny_vit_sd, config):
 
 def test_plain_det_layout_for_12_blocks():
     from hpvit.config import baseline_global_blocks
-    from hpvit.models.plain import plain_config
-
-    cfg = plain_config("plain-det", 12)
+    cfg = hpvit.get_config("plain-det")  # a preset like the others; its global blocks resolve per depth
     lay = cfg.resolve(12)
     assert [i for i, w in enumerate(lay.windows) if w is None] == list(baseline_global_blocks(12)) == [2, 5, 8, 11]
     assert all(w == 14 for i, w in enumerate(lay.windows) if i not in (2, 5, 8, 11))

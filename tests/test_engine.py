@@ -137,19 +137,23 @@ def test_identity_baseline_groups(tiny_vit):
 
 
 def test_wrapped_backbone_prefix(tiny_vit):
-    """Detection/segmentation wrappers: backbone layer ids via the prefix, everything else is head."""
+    """Task models that wrap a backbone answer the contract with their own names (hpvit.models.contract.Wraps):
+    backbone layer ids and no-decay names carry the path to the backbone, everything else is head."""
     from torch import nn
 
     from hpvit.engine.optim import param_groups
+    from hpvit.models.contract import Wraps
 
-    class Wrapper(nn.Module):
+    class Wrapper(Wraps, nn.Module):
+        wrapped = "backbone"
+
         def __init__(self):
             super().__init__()
             self.backbone = hpvit.from_plain(tiny_vit, "paper-cls", num_classes=0, img_size=32)
             self.decoder = nn.Conv2d(64, 8, 1)
 
     w = Wrapper()
-    groups = param_groups(w, 0.05, 0.5, backbone=w.backbone, backbone_prefix="backbone.")
+    groups = param_groups(w, 0.05, 0.5)
     by_name = {n: g for g in groups for n in g["param_names"]}
     assert by_name["backbone.patch_embed.proj.weight"]["layer_id"] == 0
     assert by_name["backbone.blocks.1.downsample.conv.weight"]["layer_id"] == 2

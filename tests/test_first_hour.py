@@ -113,7 +113,7 @@ def test_one_subset_naming_scheme_with_old_aliases():
     assert (a.train_images, a.eval_images) == ("0:100", "100:128")
     with pytest.raises(SystemExit):
         p.parse_args(["train", "cls", "--init", "x", "--data", "d", "--out", "o", "--train-images", "many"])
-    from hpvit.tasks._args import subset_count, subset_indices
+    from hpvit.data.subset import subset_count, subset_indices
 
     assert subset_indices("3", 10, "--eval-images") == [0, 1, 2] and subset_indices("8:", 10, "--x") == [8, 9]
     with pytest.raises(hpvit.ConfigError, match="class-balanced"):
@@ -121,16 +121,15 @@ def test_one_subset_naming_scheme_with_old_aliases():
 
 
 def test_info_accepts_every_preset(deep_init, capsys):
-    from hpvit.models.plain import PLAIN_CONFIGS
-
-    for name in sorted(set(hpvit.list_presets()) | set(PLAIN_CONFIGS)):
+    assert {"plain-det", "plain-seg"} <= set(hpvit.list_presets())  # the plain baselines are presets too
+    for name in hpvit.list_presets():
         assert main(["info", str(deep_init), "--config", name, "--img-size", "64"]) == 0, name
         assert "total" in capsys.readouterr().out
 
 
 def test_recipe_auto_and_worker_cap():
     from hpvit.engine.loop import usable_cores, usable_workers
-    from hpvit.tasks.classification import choose_recipe
+    from hpvit.cli.cls import choose_recipe
 
     assert choose_recipe(5_000, "cpu")[0] == "cifar-mini"
     assert choose_recipe(1_281_167, "cpu")[0] == "cifar-mini"  # 100 epochs of ImageNet on a CPU is not a default

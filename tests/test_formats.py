@@ -20,7 +20,7 @@ from torch import nn
 
 import hpvit
 from hpvit.checkpoints import load_plain
-from hpvit.checkpoints.validate import validate_identity
+from hpvit.verify import validate_identity
 from hpvit.errors import CheckpointError, OfflineError
 
 timm = pytest.importorskip("timm")

@@ -294,7 +294,7 @@ def test_divergence_advice_resume_with_lower_lr_works(tmp_path, tiny_vit, capsys
 
 # ------------------------------------------------------------------ writes: umask, modes, temp files, full disks
 def test_writes_honour_umask_and_keep_the_replaced_mode(tmp_path):
-    from hpvit.checkpoints.io import atomic_write
+    from hpvit.utils import atomic_write
 
     old = os.umask(0o027)
     try:
@@ -323,7 +323,7 @@ def test_convert_force_keeps_mode_and_warns_about_nan_weights(tmp_path, tiny_vit
 
 
 def test_stale_temp_files_are_cleaned_up_and_live_ones_kept(tmp_path):
-    from hpvit.checkpoints.io import atomic_write
+    from hpvit.utils import atomic_write
     from hpvit.engine.rundir import claim_run_dir
 
     dead, live = _dead_pid(), os.getppid()
@@ -451,12 +451,12 @@ def test_every_new_error_is_an_hpvit_error():
 
 
 def test_cli_turns_leftover_file_system_errors_into_one_line(monkeypatch, capsys):
-    import hpvit.commands
+    import hpvit.cli.convert
 
     def full(args):
         raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/predictions.png")
 
-    monkeypatch.setattr(hpvit.commands, "cmd_info", full)
+    monkeypatch.setattr(hpvit.cli.convert, "cmd_info", full)
     assert main(["info", "whatever.pth"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hpvit: error: /runs/x/predictions.png: the disk is full") and "Traceback" not in err
@@ -464,6 +464,6 @@ def test_cli_turns_leftover_file_system_errors_into_one_line(monkeypatch, capsys
     def other(args):
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(hpvit.commands, "cmd_info", other)
+    monkeypatch.setattr(hpvit.cli.convert, "cmd_info", other)
     with pytest.raises(OSError):  # not something the user can fix by choosing another folder: not hidden
         main(["info", "whatever.pth"])

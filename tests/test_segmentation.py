@@ -92,7 +92,7 @@ def test_segmenter_odd_rectangular_inputs(tiny_vit_sd, config):
 
 
 def test_plain_seg_uses_blocks_4_6_8_12_for_vit_b_depth():
-    from hpvit.models.plain import plain_out_indices
+    from hpvit.models.dense import plain_out_indices
 
     assert plain_out_indices("plain-seg", 12) == (3, 5, 7, 11)
     assert plain_out_indices("plain-det", 12) == (2, 5, 8, 11)

@@ -221,3 +221,76 @@ def test_config_from_json_file_everywhere(tmp_path, vit):
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(ConfigError, match="not a valid JSON config"):
         get_config(str(tmp_path / "bad.json"))
+
+
+# ------------------------------------------------------------------ windows larger than the map (issue 14)
+@pytest.mark.parametrize("hw", [(3, 5), (7, 7), (1, 1), (5, 9), (9, 4)])
+@pytest.mark.parametrize("rel_pos", [True, False])
+def test_window_larger_than_map_equals_padded_window(hw, rel_pos):
+    """A map that fits in one window attends as that map-sized window: the same numbers as the padded
+    window (computed here the long way, with torch's own padding and masking), and plain global attention
+    when there is no relative-position table."""
+    from hpvit.layers import Attention, pad_partition, unpartition_crop
+
+    torch.manual_seed(0)
+    ws, d = 7, 32
+    attn = Attention(d, num_heads=4, window_size=ws, rel_pos=rel_pos).eval()
+    if rel_pos:
+        with torch.no_grad():
+            attn.rel_pos_table.normal_(0, 0.5)
+    h, w = hw
+    x = torch.randn(2, h, w, d)
+    with torch.no_grad():
+        got = attn(x)
+        # reference: pad to ws multiples with F.pad, mask padded keys with -inf, crop the padded queries
+        xw, key_ok = pad_partition(x, ws)
+        if key_ok is None:
+            key_ok = torch.ones(xw.shape[0] // 2, ws * ws, dtype=torch.bool)
+        mask = attn.window_mask(key_ok)
+        groups = key_ok.shape[0]
+        ref = unpartition_crop(attn._attend(xw, mask, groups=groups), ws, 2, h, w)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    if not rel_pos and h <= ws and w <= ws:
+        glob = Attention(d, num_heads=4, window_size=None).eval()
+        glob.load_state_dict(attn.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(got, glob(x.reshape(2, h * w, d)).view(2, h, w, d), rtol=1e-5, atol=1e-6)
+
+
+def test_paper_det_small_input_same_as_padded_run(tmp_path):
+    """paper-det at 192 px: its 14x14 windows cover the whole 6x6 (1/32) and 12x12 (1/16) maps; the model
+    runs those stages without padding and gives the numbers the padded windows give."""
+    from helpers import random_timm_vit
+
+    import hpvit.models.hierarchical as H
+
+    vit = random_timm_vit()
+    model = hpvit.from_plain(vit.state_dict(), "paper-det").eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("rel_pos_table"):
+                p.normal_(0, 0.3)
+    x = torch.randn(1, 3, 192, 192)
+    with torch.no_grad():
+        fast = model.forward_pyramid(x)
+        orig = H.Attention.forward
+
+        def padded(self, t):  # the old path: always pad to the window
+            if self.window_size is None or t.ndim != 4:
+                return orig(self, t)
+            from hpvit.layers import pad_partition, unpartition_crop
+
+            b, h, w, _ = t.shape
+            xw, key_ok = pad_partition(t, self.window_size)
+            groups = 1 if key_ok is None else key_ok.shape[0]
+            return unpartition_crop(self._attend(xw, self.window_mask(key_ok), groups=groups), self.window_size, b, h, w)
+
+        H.Attention.forward = padded
+        try:
+            model.set_grad_checkpointing(False)
+            ref = [m.clone() for m in model.forward_pyramid(x)]
+        finally:
+            H.Attention.forward = orig
+    assert [tuple(m.shape[-2:]) for m in fast] == [(48, 48), (24, 24), (12, 12), (6, 6)]
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _API = {
     "load_plain": ".checkpoints", "PlainSpec": ".checkpoints", "PlainViT": ".checkpoints",
-    "load": ".checkpoints.native", "save": ".checkpoints.native",
+    "load": ".export", "save": ".export",
     "PRESETS": ".config", "HPViTConfig": ".config", "get_config": ".config", "list_presets": ".config",
     "CheckpointError": ".errors", "ConfigError": ".errors", "HPViTError": ".errors", "InputError": ".errors",
     "OfflineError": ".errors",
@@ -39,7 +39,7 @@ def _started_as_cli() -> bool:
     imports torch only after parsing, so ``--help`` answers at once; the API below then loads on first use."""
     argv0 = _os.path.basename(_sys.argv[0]) if _sys.argv else ""
     orig = list(getattr(_sys, "orig_argv", []))
-    by_module = any(a == "-m" and b in ("hpvit", "hpvit.cli") for a, b in zip(orig, orig[1:]))
+    by_module = any(a == "-m" and b in ("hpvit", "hpvit.cli", "hpvit.cli.main") for a, b in zip(orig, orig[1:]))
     return argv0 in ("hpvit", "hpvit.exe") or by_module
 
 
@@ -54,7 +54,7 @@ def __getattr__(name: str):
 
 if not _started_as_cli():
     from .checkpoints import PlainSpec, PlainViT, load_plain
-    from .checkpoints.native import load, save
+    from .export import load, save
     from .config import PRESETS, HPViTConfig, get_config, list_presets
     from .errors import CheckpointError, ConfigError, HPViTError, InputError, OfflineError
     from .models import HierarchicalViT, ReuseReport

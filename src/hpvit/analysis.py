@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+
+from .utils import count_flops
 
 
 @dataclass
@@ -20,14 +21,6 @@ class StageRow:
     dim: int
     params: int
     gflops: float
-
-
-def count_flops(fn, *args) -> int:
-    """FLOPs of ``fn(*args)`` under no_grad, counted by FlopCounterMode."""
-    fc = FlopCounterMode(display=False)
-    with torch.no_grad(), fc:
-        fn(*args)
-    return fc.get_total_flops()
 
 
 def stage_table(model, img_size: int | tuple[int, int] = 224) -> tuple[list[StageRow], dict]:

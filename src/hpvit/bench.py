@@ -29,20 +29,27 @@ groups ``base`` (default), ``small``, ``tiny`` and ``all``. See docs/performance
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import gc
 import json
-import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
+import matplotlib
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .models.build import from_plain  # noqa: E402
+from .utils import atomic_write, count_flops  # noqa: E402
 
 SIZES = {"T": "tiny", "S": "small", "B": "base"}
 TIMM_FAMILY = {
@@ -121,21 +128,17 @@ class NaiveHPViT(nn.Module):
 
 def build_model(name: str) -> nn.Module:
     """A randomly initialised model by benchmark name (no downloads)."""
-    import timm
-
     if name.startswith("hpvit-"):
-        import hpvit
-
         size, _, variant = name[len("hpvit-"):].partition("/")
         if size not in SIZES or variant not in HPVIT_VARIANTS:
             raise ValueError(f"unknown hpvit model {name!r}: use hpvit-{{T,S,B}}/{{{','.join(HPVIT_VARIANTS)}}}")
         sd = timm.create_model(TIMM_FAMILY["vit"].format(size=SIZES[size])).state_dict()
         if variant == "paper-cls-avg":
-            model = hpvit.from_plain(sd, "paper-cls", pools=("avg", "avg", "avg"))
+            model = from_plain(sd, "paper-cls", pools=("avg", "avg", "avg"))
         elif variant == "paper-cls-naive":
-            return NaiveHPViT(hpvit.from_plain(sd, "paper-cls"))
+            return NaiveHPViT(from_plain(sd, "paper-cls"))
         else:
-            model = hpvit.from_plain(sd, variant)
+            model = from_plain(sd, variant)
         return model.reparameterize()
     try:
         return timm.create_model(name, pretrained=False)
@@ -145,12 +148,7 @@ def build_model(name: str) -> nn.Module:
 
 def count_gflops(model: nn.Module, img: int, device: str) -> float:
     """Forward GFLOPs per image (batch 1, no grad)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.randn(1, 3, img, img, device=device)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x)
-    return fc.get_total_flops() / 1e9
+    return count_flops(model, torch.randn(1, 3, img, img, device=device)) / 1e9
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -225,8 +223,6 @@ def _reset_peak_rss() -> bool:
 def measure_memory(name: str, mode: str, batch: int, img: int, device: str, dtype: str) -> float:
     """Peak memory (MB) of one ``mode`` step (``infer``, ``train``, ``train_ckpt``) in THIS process;
     meant to run in a fresh process (see :func:`memory_in_subprocess`)."""
-    import gc
-
     torch.manual_seed(0)
     model = build_model(name).to(device)
     x = torch.randn(batch, 3, img, img, device=device)
@@ -250,8 +246,6 @@ def measure_memory(name: str, mode: str, batch: int, img: int, device: str, dtyp
     else:
         base = _rss_kb("VmRSS") * 1024
         if not _reset_peak_rss():
-            import resource
-
             base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # best effort
     with autocast_ctx(device, dtype):
         if opt is None:
@@ -312,11 +306,6 @@ def format_table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: str) -> None:
     """Cost (GFLOPs per image, and training memory) against throughput, one point per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     batch = max(m["batch"] for m in result["models"])
     ms = [m for m in result["models"] if m["batch"] == batch]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -334,54 +323,8 @@ def plot(result: dict[str, Any], path: str) -> None:
     axes[0].set_title("cost vs throughput (red: hpvit, blue: timm)", fontsize=9)
     axes[1].set_title("training memory vs throughput", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), force=True)
     plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", default="base",
-                   help="comma-separated model names or groups (base, small, tiny, all); default: base. "
-                        "hpvit models are hpvit-{T,S,B}/{" + ",".join(HPVIT_VARIANTS) + "}")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--batch", default="8", help="comma-separated batch sizes, e.g. 1,8 (default 8)")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--warmup", type=int, default=2, help="discarded round-robin rounds")
-    p.add_argument("--iters", type=int, default=7, help="measured round-robin rounds (median reported)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: tiny models (unless --models is given), batch 1, 1+2 rounds")
-    p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--plot", default=None, help="write a PNG of cost against throughput here")
-    p.add_argument("--list", action="store_true", help="list the model names of the groups and exit")
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    if args.list:
-        for g in ("tiny", "small", "base"):
-            print(f"{g}: " + ", ".join(group_models(g)))
-        return 0
-    result = benchmark(
-        models=resolve_models("hpvit-T/paper-cls,vit_tiny_patch16_224" if args.quick and args.models == "base" else args.models),
-        device=args.device, dtype=args.dtype,
-        batches=[1] if args.quick and args.batch == "8" else [int(b) for b in args.batch.split(",")],
-        img=args.img_size, warmup=1 if args.quick else args.warmup, iters=2 if args.quick else args.iters,
-        threads=args.threads, memory=not args.no_memory, compile=args.compile, log=lambda s: print(s, flush=True),
-    )
-    print()
-    print(format_table(result))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
-    return 0
 
 
 def benchmark(
@@ -464,9 +407,7 @@ def _memory_worker(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--memory-worker":
+    if len(sys.argv) > 1 and sys.argv[1] == "--memory-worker":  # the fresh process measure_memory runs in
         _memory_worker(sys.argv[2:])
     else:
-        parser = argparse.ArgumentParser(prog="python -m hpvit.bench")
-        add_bench_args(parser)
-        sys.exit(run_bench(parser.parse_args()))
+        sys.exit("run the benchmark with `hpvit bench` (python -m hpvit.bench only serves its memory workers)")

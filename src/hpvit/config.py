@@ -9,12 +9,12 @@ split, the detection layout) are resolved by :meth:`HPViTConfig.resolve` once th
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .utils import DictIO, name_or_json
 
 POOL_KINDS = ("avgconv", "avg", "conv", "max", "gap")
 POOL_PADDINGS = ("zeros", "replicate")
@@ -70,7 +70,7 @@ def default_depth_split(depth: int, num_stages: int = 4) -> tuple[int, ...]:
 
 
 @dataclass
-class HPViTConfig:
+class HPViTConfig(DictIO):
     """How to transform a plain ViT into a hierarchical one.
 
     Attributes:
@@ -87,6 +87,7 @@ class HPViTConfig:
         global_blocks: optional 0-based block indices forced to global attention (every other block
             uses its stage's window). ``"det"`` = the paper's detection layout: the plain baseline has
             four evenly spaced global blocks; the first becomes windowed, the last three stay global.
+            ``"baseline"`` = those four (the plain ViTDet baseline, ``plain-det``).
         rel_pos: zero-initialised relative position bias in window attention.
         pools: pooling layer between consecutive stages (len = stages - 1): ``avgconv`` (3x3/2 average
             pool + parallel 3x3/2 conv initialised to zero), ``avg``, ``conv``, ``max`` (2x2/2) or ``gap``
@@ -133,37 +134,6 @@ class HPViTConfig:
     reparameterized: bool = False
     act: str | None = None
     fused_attn: bool = True
-
-    # ------------------------------------------------------------------ helpers
-    def replace(self, **changes: Any) -> "HPViTConfig":
-        """A copy with some fields changed (unknown fields raise a ConfigError)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        bad = sorted(set(changes) - names)
-        if bad:
-            raise ConfigError(f"unknown config field(s) {bad}; valid fields are {sorted(names)}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "HPViTConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(d) - names)
-        if bad:
-            raise ConfigError(f"unknown config field(s) {bad}; valid fields are {sorted(names)}")
-        d = dict(d)
-        for k in ("depths", "window_sizes", "pools"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        if isinstance(d.get("global_blocks"), list):
-            d["global_blocks"] = tuple(d["global_blocks"])
-        if isinstance(d.get("img_size"), list):
-            d["img_size"] = tuple(d["img_size"])
-        return cls(**d)
 
     # ------------------------------------------------------------------ resolution
     def resolve(self, depth: int) -> "ResolvedLayout":
@@ -214,8 +184,10 @@ class HPViTConfig:
         gb = self.global_blocks
         if gb == "det":
             gb = detection_global_blocks(depth)
+        elif gb == "baseline":
+            gb = baseline_global_blocks(depth)
         if isinstance(gb, str):
-            raise ConfigError(f"global_blocks must be a tuple of block indices or 'det', got {gb!r}")
+            raise ConfigError(f"global_blocks must be a tuple of block indices, 'det' or 'baseline', got {gb!r}")
         if gb is not None:
             gb = tuple(int(i) for i in gb)
             bad = [i for i in gb if not 0 <= i < depth]
@@ -314,40 +286,35 @@ PRESETS: dict[str, HPViTConfig] = {
         head="auto",
         keep_prefix_tokens=True,
     ),
+    # the paper's plain baselines for dense prediction (models/dense.py adds the simple feature pyramid):
+    # ViTDet's 14x14 windows with four evenly spaced global blocks, and BEiT's all-global ViT
+    "plain-det": HPViTConfig(
+        name="plain-det", patch_stride=None, num_stages=1, window_sizes=(14,), global_blocks="baseline", pools=(),
+        head="none", rel_pos=True,
+    ),
+    "plain-seg": HPViTConfig(
+        name="plain-seg", patch_stride=None, num_stages=1, window_sizes=(None,), pools=(), head="none",
+        rel_pos=False,
+    ),
 }
+DENSE_PRESETS = ("paper-det", "paper-seg", "plain-det", "plain-seg")
 
 
 def get_config(config: "str | HPViTConfig | dict | None", **overrides: Any) -> HPViTConfig:
-    """Return a config from a preset name, a dict, or a config instance, with ``overrides`` applied."""
+    """A config from a preset name, a JSON file of HPViTConfig fields (fields it leaves out keep their
+    defaults), a dict, or a config instance, with ``overrides`` applied. Always a fresh copy."""
     if config is None:
         config = "paper-cls"
     if isinstance(config, HPViTConfig):
         cfg = config
     elif isinstance(config, dict):
         cfg = HPViTConfig.from_dict(config)
-    elif isinstance(config, str) and config not in PRESETS and (config.endswith(".json") or Path(config).is_file()):
-        cfg = HPViTConfig.from_dict(_read_json_config(Path(config)))
-    elif isinstance(config, str):
-        if config not in PRESETS:
-            raise ConfigError(f"unknown config preset {config!r}; choose from {sorted(PRESETS)}, a JSON file of "
-                              "HPViTConfig fields, or an HPViTConfig")
-        cfg = PRESETS[config]
+    elif isinstance(config, (str, Path)):
+        where, d = name_or_json(config, list(PRESETS), "config preset")
+        cfg = PRESETS[where] if d is None else HPViTConfig.from_dict(d, where)
     else:
-        raise ConfigError(f"config must be a preset name, dict or HPViTConfig, got {type(config).__name__}")
+        raise ConfigError(f"config must be a preset name, JSON file, dict or HPViTConfig, got {type(config).__name__}")
     return cfg.replace(**overrides) if overrides else dataclasses.replace(cfg)
-
-
-def _read_json_config(path: Path) -> dict[str, Any]:
-    """A JSON file holding HPViTConfig fields (a preset's fields it leaves out keep their defaults)."""
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; give a preset name ({', '.join(sorted(PRESETS))}) or a JSON file")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not a valid JSON config ({e})") from e
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a JSON object of HPViTConfig fields")
-    return d
 
 
 def list_presets() -> list[str]:

@@ -1,4 +1,14 @@
-"""Graph export of hierarchical models: ONNX (``torch.onnx.export``, dynamo exporter) and ``torch.export``.
+"""Everything hpvit writes and reads back as a model: ``save`` / ``load`` (safetensors + JSON metadata; see
+:mod:`hpvit.checkpoints.native` for reading the metadata) and graph export: ONNX (``torch.onnx.export``,
+dynamo exporter) and ``torch.export``.
+
+:func:`load` reads every model file hpvit writes: classifiers and backbones (``hpvit.save``, ``hpvit
+convert``, ``hpvit train cls``, ``hpvit adapt``) and the detectors and segmenters of ``hpvit train det`` /
+``hpvit train seg``. The conversion's reuse report (which source tensors were reused, which are new, which
+were dropped) travels in the metadata, so ``reuse_report()`` on a loaded model describes that file's
+conversion.
+
+Graph export:
 
 The exported graph is the model's plain-call path (every block called as a module on ``(B, H, W, D)``
 maps; see ``HierarchicalViT._plain_calls``), re-parameterised first (average pool + conv merged into one
@@ -17,6 +27,8 @@ image size, export another file.
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import os
 import time
 from typing import Any, Callable
@@ -24,8 +36,96 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import ConfigError, InputError, OutputError
+from safetensors.torch import load_file, save_file
+
+from .checkpoints.native import FORMAT_VERSION, model_file, read_metadata
+from .checkpoints.spec import PlainSpec
+from .config import HPViTConfig
+from .errors import CheckpointError, ConfigError, InputError, OutputError
+from .models.dense_io import load_dense
 from .models.hierarchical import HierarchicalViT
+from .models.reuse import restore_reuse_report
+from .utils import atomic_write
+
+
+# ---------------------------------------------------------------------------------------------- files
+def save(model, path: "str | os.PathLike", force: bool = True) -> str:
+    """Write ``model`` (a HierarchicalViT) to ``path`` as safetensors, atomically.
+
+    The metadata holds ``hpvit_config`` and ``hpvit_spec`` (JSON) and ``num_classes`` so
+    :func:`load` rebuilds the same model. ``force=False`` refuses to replace an existing file.
+    """
+    meta = {
+        "hpvit_format": FORMAT_VERSION,
+        "hpvit_config": model.config.to_json(),
+        "hpvit_spec": model.spec.to_json(),
+        "num_classes": str(model.num_classes),
+        "head_type": model.head_type,
+    }
+    report = reuse_report_meta(model)
+    if report is not None:
+        meta["reuse_report"] = report
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta), force=force)
+    return os.fspath(path)
+
+
+def reuse_report_meta(model) -> "str | None":
+    """The model's conversion reuse report as JSON for a file's metadata (None for a model not converted)."""
+    report = getattr(model, "_reuse_report", None)
+    return None if report is None else report.to_json()
+
+
+def load(path: "str | os.PathLike", map_location: str = "cpu"):
+    """Rebuild any model hpvit wrote (bit-identical outputs): a classifier/backbone saved by :func:`save`
+    (a :class:`~hpvit.models.HierarchicalViT`), or a detector / segmenter written by ``hpvit train det|seg``
+    (``MaskRCNNModel`` / ``UperNetSegmenter``, with the file's description in ``model.hpvit_meta``).
+    ``path`` may also be a training output folder (its ``model.safetensors`` is loaded)."""
+    path = model_file(path)
+    meta = read_metadata(path)
+    if "hpvit_dense" in meta:
+        return load_dense(path)
+    if "hpvit_config" not in meta:
+        raise CheckpointError(
+            f"{path}: no hpvit metadata; this is not a file written by hpvit. For a plain ViT checkpoint use "
+            "hpvit.from_plain(path, config=...) (or `hpvit convert`)"
+        )
+    try:
+        cfg = HPViTConfig.from_dict(json.loads(meta["hpvit_config"]))
+        spec = PlainSpec.from_dict(json.loads(meta["hpvit_spec"]))
+        model = HierarchicalViT(spec, cfg, num_classes=int(meta.get("num_classes", "")))
+    except Exception as e:  # bad JSON, unknown/invalid fields, impossible sizes: the metadata was altered
+        raise CheckpointError(
+            f"{path}: the hpvit metadata (config / spec / num_classes) is damaged and cannot rebuild the model "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); the file was edited or corrupted. "
+            "Re-create it from the original checkpoint with `hpvit convert` (or save the model again with hpvit.save)"
+        ) from e
+    if meta.get("head_type") and meta["head_type"] != model.head_type:
+        model.head_type = meta["head_type"]
+    sd = load_file(os.fspath(path), device=map_location)
+    missing, unexpected = model.load_state_dict(sd, strict=False) if _shapes_fit(model, sd, path) else ([], [])
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: tensors do not match the stored config (missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}); the file was edited or corrupted. Re-create it with `hpvit convert`")
+    restore_reuse_report(model, meta.get("reuse_report") or meta.get("reuse_summary"), path)
+    return model
+
+
+def _shapes_fit(model, sd: dict, path) -> bool:
+    """Raise CheckpointError naming the tensors whose shapes differ from what the stored config builds."""
+    own = model.state_dict()
+    flexible = set(getattr(model, "flexible_shape_keys", ()))  # e.g. a position embedding stored at any grid
+    wrong = [f"{k} {tuple(v.shape)} (config needs {tuple(own[k].shape)})" for k, v in sd.items()
+             if k in own and k not in flexible and tuple(own[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise CheckpointError(
+            f"{path}: {len(wrong)} tensor(s) have shapes the stored config does not build, e.g. {wrong[:3]}; the "
+            "metadata or the tensors were edited. Re-create the file from the original checkpoint with `hpvit convert`"
+        )
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- graphs
 
 
 class _Logits(nn.Module):
@@ -129,8 +229,6 @@ def export_onnx(model: HierarchicalViT, path: "str | os.PathLike", img_size: "in
 
 
 def _require(*names: str) -> None:
-    import importlib.util
-
     missing = [n for n in names if importlib.util.find_spec(n) is None]
     if missing:
         raise ConfigError(f"ONNX export needs {', '.join(missing)}: pip install \"hpvit[export]\" "
@@ -171,24 +269,3 @@ def time_call(fn: Callable[[], Any], warmup: int = 2, rounds: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
-
-
-def cmd_export(args) -> int:
-    """``hpvit export MODEL -o OUT.onnx [--pyramid] [--dynamic-batch] [--img-size N] [--check]``."""
-    from .checkpoints.native import is_hpvit_file, load
-    from .models.build import from_plain
-
-    if is_hpvit_file(args.model):
-        model = load(args.model)
-    else:
-        model = from_plain(args.model, config=args.config or "paper-cls", num_classes=args.num_classes)
-    path = export_onnx(model, args.out, img_size=args.img_size, pyramid=args.pyramid,
-                       dynamic_batch=args.dynamic_batch, opset=args.opset, force=args.force)
-    outs = output_names(model, args.pyramid)
-    print(f"wrote {path}: images (B, {model.spec.in_chans}, {args.img_size}, {args.img_size}) -> {', '.join(outs)}"
-          f"{' (dynamic batch)' if args.dynamic_batch else ''}")
-    if args.check:
-        x = torch.randn(2 if args.dynamic_batch else 1, model.spec.in_chans, args.img_size, args.img_size)
-        diff = compare_onnx(model, path, x, args.pyramid)
-        print(f"onnxruntime vs PyTorch: max abs diff {diff:.2e}")
-    return 0

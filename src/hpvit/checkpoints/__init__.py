@@ -7,12 +7,15 @@ import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Iterator
+from urllib.parse import urlparse
 
+import timm
 import torch
+from huggingface_hub import constants as hub_constants
 
 from ..errors import CheckpointError, OfflineError
 from .detect import closest_format, detect_format, format_names, get_format
-from .io import read_file, unwrap_state_dict
+from .io import read_folder_config, read_folder_or_file, unwrap_state_dict
 from .spec import PlainSpec, check_shapes, infer_spec, is_canonical_key
 
 __all__ = ["PlainViT", "PlainSpec", "load_plain", "infer_spec"]
@@ -48,8 +51,6 @@ HUB_PROBE_TIMEOUT_S = 3.0
 def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     """Whether the Hugging Face Hub answers a TCP connection within ``timeout`` seconds (True behind a proxy,
     which cannot be probed this way). Lets an offline machine fail in seconds instead of retrying for a minute."""
-    from urllib.parse import urlparse
-
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True
     u = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
@@ -64,22 +65,15 @@ def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
 @contextlib.contextmanager
 def _hub_cache_only() -> Iterator[None]:
     """huggingface_hub in offline mode: weights come from the local cache or fail at once."""
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover - timm always brings it
-        yield
-        return
-    saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
+    saved = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
-        constants.HF_HUB_OFFLINE = saved
+        hub_constants.HF_HUB_OFFLINE = saved
 
 
 def _from_hub(name: str) -> tuple[dict[str, torch.Tensor], str]:
-    import timm
-
     offline = not _hub_reachable()
     try:
         with _hub_cache_only() if offline else contextlib.nullcontext():
@@ -150,8 +144,6 @@ def load_plain(
         spec_overrides = {**hub_overrides, **spec_overrides}
     else:
         source = os.fspath(src)
-        from .io import read_folder_config, read_folder_or_file
-
         obj = read_folder_or_file(source)
         folder_config = read_folder_config(source)
     sd = unwrap_state_dict(obj, source)

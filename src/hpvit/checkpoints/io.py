@@ -1,22 +1,24 @@
-"""Safe reading and atomic writing of weight files. Nothing here ever unpickles arbitrary code."""
+"""Safe reading of weight files. Nothing here ever unpickles arbitrary code (writing lives in
+:mod:`hpvit.utils` and :mod:`hpvit.export`)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
+import io as _io
+import json
 import os
 import pickle
-import secrets
-import shutil
-import stat
+import pickletools
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from ..errors import CheckpointError, OutputError
+from ..errors import CheckpointError
+from ..utils import atomic_write, write_text_atomic  # noqa: F401  TEMPORARY re-export, removed in this re-layering
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 WRAPPER_KEYS = ("model", "state_dict", "model_state", "module", "model_ema", "teacher")
@@ -36,9 +38,6 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p}: the file is empty (interrupted download?); download it again")
     if p.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return dict(load_file(str(p)))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -96,116 +95,6 @@ def unwrap_state_dict(obj: dict[str, Any], source: str = "<state_dict>") -> dict
     return tensors
 
 
-TEMP_SUFFIX = ".hpvit-tmp"
-
-
-def temp_path_for(dst: Path) -> Path:
-    """A fresh temporary name next to ``dst``: ``.<name>.<pid>.<random>.hpvit-tmp`` (same folder, so the final
-    rename is atomic; the pid lets :func:`clean_stale_temps` tell a dead writer's leftovers from a live one's)."""
-    return dst.with_name(f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def clean_stale_temps(folder: "str | os.PathLike", name: str | None = None) -> list[Path]:
-    """Delete hpvit temp files in ``folder`` (only those for target ``name`` when given) whose writing process
-    is gone (killed mid-write). Returns the deleted paths. Files of live processes are left alone."""
-    d = Path(folder)
-    if not d.is_dir():
-        return []
-    removed = []
-    for f in d.glob(f".{name or '*'}.*{TEMP_SUFFIX}"):
-        parts = f.name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
-        if len(parts) != 3 or not parts[1].isdigit():
-            continue
-        pid = int(parts[1])
-        if pid != os.getpid() and _pid_alive(pid):
-            continue
-        try:
-            f.unlink()
-            removed.append(f)
-        except OSError:
-            pass
-    return removed
-
-
-def _target_mode(dst: Path) -> int:
-    """The mode a new ``dst`` gets: that of the file it replaces, else 0o666 minus the umask (like ``open``)."""
-    try:
-        return stat.S_IMODE(dst.stat().st_mode)
-    except OSError:
-        mask = os.umask(0)
-        os.umask(mask)
-        return 0o666 & ~mask
-
-
-def write_error(dst: Path, e: BaseException) -> OutputError:
-    """An :class:`OutputError` for a failed write of ``dst``: names the target (never a temp file) and the fix."""
-    free = ""
-    try:
-        free = f"; {shutil.disk_usage(dst.parent).free / 2**20:.0f} MiB free there"
-    except OSError:
-        pass
-    err = getattr(e, "errno", None)
-    text = str(e)
-    if err == errno.ENOSPC or "unexpected pos" in text or "failed writing" in text or "No space left" in text:
-        return OutputError(f"cannot write {dst}: the disk is full{free}; free some space or choose an output on "
-                           "another disk, then run again")
-    if err in (errno.EACCES, errno.EPERM, errno.EROFS):
-        why = "the file system is read-only" if err == errno.EROFS else "permission denied"
-        return OutputError(f"cannot write {dst}: {why}; choose a writable output folder (or fix the folder's "
-                           "permissions)")
-    return OutputError(f"cannot write {dst} ({type(e).__name__}: {text.splitlines()[0][:200] if text else ''}); "
-                       f"check that {dst.parent} is writable and has free space{free}")
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], force: bool = False) -> Path:
-    """Call ``write(tmp_path)`` then atomically rename onto ``path``.
-
-    The destination is never left half-written: either the old file (or nothing) or the complete new one.
-    The temp file (``.<name>.<pid>.<random>.hpvit-tmp``) sits next to ``path``; leftovers of killed writers
-    are removed on the next write of the same target. The result keeps the mode of the file it replaces,
-    else gets the umask's default. Refuses to replace an existing file unless ``force``. Failures to write
-    (read-only folder, disk full...) raise :class:`~hpvit.errors.OutputError` naming ``path``.
-    """
-    dst = Path(path)
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} exists; refusing to overwrite it (use --force / force=True to replace it)")
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_error(dst, e) from e
-    clean_stale_temps(dst.parent, dst.name)
-    mode = _target_mode(dst)
-    tmp = temp_path_for(dst)
-    try:
-        write(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, dst)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, FileExistsError):
-            raise write_error(dst, e) from e
-        raise
-    return dst
-
-
-def write_text_atomic(path: "str | os.PathLike", text: str) -> Path:
-    """Replace the text file ``path`` atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text), force=True)
-
-
 def read_folder_or_file(path: str) -> dict[str, Any]:
     """A weight file, or a folder holding exactly one recognisable weight file."""
     p = Path(path)
@@ -226,8 +115,6 @@ def read_folder_or_file(path: str) -> dict[str, Any]:
 
 def read_folder_config(path: str) -> dict[str, Any] | None:
     """``config.json`` of a Hugging Face model folder (or next to a weight file inside one), else None."""
-    import json
-
     p = Path(path)
     cfg = (p if p.is_dir() else p.parent) / "config.json"
     if not cfg.is_file():
@@ -242,9 +129,6 @@ def read_folder_config(path: str) -> dict[str, Any] | None:
 def _pickle_globals(p: Path) -> list[str] | None:
     """The global names a pickle (or a torch zip's data.pkl) references, read with pickletools without
     executing anything; None when the bytes are not a readable pickle at all."""
-    import io as _io
-    import pickletools
-
     try:
         if zipfile.is_zipfile(p):
             with zipfile.ZipFile(p) as z:

@@ -10,15 +10,15 @@ Canonical layout = timm's ``VisionTransformer`` state-dict names:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
+from ..utils import DictIO
 
 CANONICAL_PATTERNS = [
     r"cls_token",
@@ -48,7 +48,7 @@ def is_canonical_key(k: str) -> bool:
 
 
 @dataclass
-class PlainSpec:
+class PlainSpec(DictIO):
     """Architecture of a plain ViT, as far as the hierarchical transform needs it."""
 
     embed_dim: int
@@ -79,22 +79,8 @@ class PlainSpec:
     def num_prefix_tokens(self) -> int:
         return int(self.class_token) + self.num_reg_tokens
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PlainSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(d) - names)
-        if bad:
-            raise CheckpointError(f"unknown PlainSpec field(s) {bad}")
-        d = dict(d)
-        if d.get("pos_grid") is not None:
-            d["pos_grid"] = tuple(d["pos_grid"])
-        return cls(**d)
+    _dict_error = CheckpointError
+    _dict_what = "PlainSpec field"
 
     def describe(self) -> str:
         bits = [

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import torch
+from tqdm import tqdm
 
 from ..errors import BadImageError, DataError
 
@@ -66,8 +67,6 @@ def find_bad_items(ds, full: bool, desc: str, num_workers: int = 0) -> list[BadI
     bar = None
     big = n >= PROGRESS_MIN_ITEMS
     if big and sys.stderr.isatty() and not os.environ.get("HPVIT_PLAIN_LOG"):
-        from tqdm import tqdm
-
         bar = tqdm(total=n, desc=desc, unit="img", dynamic_ncols=True, leave=False)
     elif big:
         _log(f"{desc}: {n} images ...")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoints.io import atomic_write
+from ..utils import atomic_write
 from ..errors import CheckpointError
 
 CKPT_VERSION = 1

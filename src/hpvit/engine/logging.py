@@ -11,7 +11,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..checkpoints.io import atomic_write, write_error, write_text_atomic
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from ..utils import atomic_write, write_error, write_text_atomic
 
 
 def log(msg: str, enabled: bool = True) -> None:
@@ -39,12 +46,7 @@ class Progress:
             plain = True
         self.bar = None
         if enabled and not plain:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=True)
-            except ImportError:
-                self.bar = None
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=True)
 
     def update(self, **metrics: float) -> None:
         self.n += 1
@@ -147,11 +149,6 @@ def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "to
     """Training loss per logged step and evaluation ``metric`` per epoch, side by side; every logged point
     is drawn with a marker, so a run with a single record still shows it. ``empty_note`` fills the evaluation
     panel when there is no evaluation record."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     recs = list(records)
     tr = [r for r in recs if r.get("kind") == "train"]
     ev = [r for r in recs if r.get("kind") == "eval"]
@@ -161,8 +158,6 @@ def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "to
         a.legend()
     else:
         a.text(0.5, 0.5, "no training loss logged yet", ha="center", va="center", transform=a.transAxes)
-    from matplotlib.ticker import MaxNLocator
-
     a.xaxis.set_major_locator(MaxNLocator(integer=True))
     a.set_xlabel("optimizer step")
     a.set_ylabel("training loss")

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoints.io import write_text_atomic
+from ..utils import write_text_atomic
 from ..data.check import SkipBadImages, describe_bad, find_bad_items, unwrap_worker_error, write_skipped
 from ..data.seeded import ResumableSampler, SeededDataset
 from ..errors import ConfigError, DataError, HPViTError, RunDirError
 from . import distributed as D
 from .checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .rundir import SKIPPED_NAME, claim_run_dir
+from .rundir import LOCK_NAME, SKIPPED_NAME, claim_run_dir
 from .ema import ModelEMA
 from .logging import MetricsFile, Progress, format_summary, log, plot_curves, recipe_summary
 from .optim import build_optimizer
@@ -143,8 +143,6 @@ class Trainer:
         """A run that failed before writing anything but its start files leaves no folder behind (it made it)."""
         if not self.dist.is_main:
             return
-        from .rundir import LOCK_NAME
-
         names = {p.name for p in self.out.iterdir()} if self.out.is_dir() else set()
         if names <= {LOCK_NAME, *OWN_START_FILES}:
             for n in names - {LOCK_NAME}:
@@ -214,7 +212,7 @@ class Trainer:
             )
         total_steps = steps_per_epoch * r.epochs
         lr = r.absolute_lr(dist.world_size)
-        optimizer = build_optimizer(model, r, lr, **self.task.param_group_kwargs(model))
+        optimizer = build_optimizer(model, r, lr)
         sched = WarmupCosine(optimizer, lr, r.min_lr, round(r.warmup_epochs * steps_per_epoch), total_steps)
         scaler = torch.amp.GradScaler(dist.device.type, enabled=r.amp == "fp16")
         ema = ModelEMA(model, r.ema_decay) if r.ema else None
@@ -472,8 +470,10 @@ class Trainer:
         )
 
     def evaluate(self, model: nn.Module, eval_ds, desc: str = "evaluating") -> dict[str, float]:
-        return evaluate(self.task, model, eval_ds, self.recipe.batch_size, self.workers, self.dist,
-                        self._autocast, desc=desc)
+        task = self.task
+        return evaluate(task.evaluator(), model, eval_ds, self.recipe.batch_size, self.workers, self.dist,
+                        self._autocast, desc=desc, collate_fn=task.collate_fn(False),
+                        prepare=lambda b, dev: task.prepare_batch(b, dev, train=False))
 
     def _split_name(self) -> str:
         """The evaluation split as the task names it (e.g. ``val``, ``test``, ``images 100:128 of ann.json``)."""
@@ -487,20 +487,22 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(task: Task, model: nn.Module, eval_ds, batch_size: int, num_workers: int = 0,
-             dist: "D.DistInfo | None" = None, autocast=contextlib.nullcontext,
-             desc: str = "evaluating") -> dict[str, float]:
-    """Run ``task.eval_batch`` over ``eval_ds`` (sharded over ranks, each image exactly once) and
-    return ``task.eval_finalize`` of the sums, reduced over ranks. The main process shows a progress bar
-    (a log line every ~10% when stderr is not a terminal)."""
+def evaluate(evaluator, model: nn.Module, eval_ds, batch_size: int, num_workers: int = 0,
+             dist: "D.DistInfo | None" = None, autocast=contextlib.nullcontext, desc: str = "evaluating",
+             collate_fn=None, prepare=None) -> dict[str, float]:
+    """Run ``evaluator`` (:class:`hpvit.evaluation.Evaluator`) over ``eval_ds``, sharded over ranks (each image
+    exactly once), and return its metrics (reduced over ranks). ``collate_fn`` / ``prepare(batch, device)``: how
+    a batch is collated and moved to the device (default: PyTorch's collation, tensors moved). The main process
+    shows a progress bar (a log line every ~10% when stderr is not a terminal)."""
     dist = dist or D.DistInfo()
     sampler = ResumableSampler(len(eval_ds), dist.rank, dist.world_size, shuffle=False, pad=False)
     loader = torch.utils.data.DataLoader(
-        eval_ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=task.collate_fn(False),
+        eval_ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
         pin_memory=dist.device.type == "cuda", generator=torch.Generator().manual_seed(0))
+    prepare = prepare or (lambda b, dev: [t.to(dev, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in b])
     was = model.training
     model.eval()
-    sums: dict[str, float] = {}
+    evaluator.reset()
     it = iter(loader)
     n_batches = len(loader)
     prog = Progress(n_batches, f"{desc} ({len(eval_ds)} images)", dist.is_main, max(n_batches // 10, 1),
@@ -513,15 +515,9 @@ def evaluate(task: Task, model: nn.Module, eval_ds, batch_size: int, num_workers
         except DataError as e:  # from a worker: drop the worker's traceback, keep the message naming the file
             prog.close()
             raise unwrap_worker_error(e) from None
-        batch = task.prepare_batch(batch, dist.device, train=False)
         with autocast():
-            out = task.eval_batch(model, batch)
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+            evaluator.process(model, prepare(batch, dist.device))
         prog.update()
     prog.close()
-    keys = sorted(set().union(*D.all_gather_objects(sorted(sums), dist)))
-    t = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64)
-    t = D.all_reduce_sum(t, dist)
     model.train(was)
-    return task.eval_finalize(dict(zip(keys, t.tolist())))
+    return evaluator.evaluate(dist)

@@ -10,9 +10,9 @@ Parameters the transform adds (``model.new_parameter_names()``: pooling convs, r
 tables) start from zero and have no pre-trained value to protect; with ``new_param_lr_scale`` set they
 train at that fraction of the base lr instead of the (up to 100x) decayed lr of the block they feed.
 
-No weight decay on 1-d parameters (norm weights, biases), on ``model.no_weight_decay()`` names
-(position embeddings, class/register tokens, relative-position tables) or on any parameter whose
-name ends with one of them (detection/segmentation wrappers prefix the backbone's names).
+No weight decay on 1-d parameters (norm weights, biases) or on ``model.no_weight_decay()`` names
+(position embeddings, class/register tokens, relative-position tables; task models that wrap a backbone
+answer with the full names, prefix included).
 """
 
 from __future__ import annotations
@@ -27,25 +27,30 @@ from torch import nn
 def _matchers(model: nn.Module):
     gm = model.group_matcher() if hasattr(model, "group_matcher") else {}
     stem = gm.get("stem")
-    blocks = gm.get("blocks", [(r"^blocks\.(\d+)", None)])
+    blocks = gm.get("blocks", [])
     if isinstance(blocks, str):
         blocks = [(blocks, None)]
     return (re.compile(stem) if stem else None), [(re.compile(p), fixed) for p, fixed in blocks]
 
 
 def num_layers(model: nn.Module) -> int:
-    """Number of layer ids: stem + one per block + head."""
-    depth = len(model.blocks) if hasattr(model, "blocks") else 0
-    return depth + 2
+    """Number of layer ids: stem + one per block + head (blocks counted by the model's ``group_matcher``)."""
+    _, blocks = _matchers(model)
+    top = -1
+    for name, _ in model.named_parameters():
+        for pat, fixed in blocks:
+            m = pat.match(name)
+            if m and fixed is None:
+                top = max(top, int(m.group(1)))
+                break
+    return top + 3
 
 
-def layer_id(name: str, model: nn.Module, prefix: str = "") -> int:
-    """Layer id of parameter ``name`` (see the module docstring)."""
-    n_layers = num_layers(model)
-    if prefix:
-        if not name.startswith(prefix):
-            return n_layers - 1  # a task head outside the backbone: the last layer
-        name = name[len(prefix):]
+def layer_id(name: str, model: nn.Module, n_layers: "int | None" = None) -> int:
+    """Layer id of parameter ``name`` of ``model`` (see the module docstring): 0 for what the model's
+    ``group_matcher`` calls the stem, ``i + 1`` for block ``i``, the last id for everything else (norms after
+    the blocks, heads, necks of task models)."""
+    n_layers = num_layers(model) if n_layers is None else n_layers
     stem, blocks = _matchers(model)
     if stem is not None and stem.match(name):
         return 0
@@ -59,39 +64,32 @@ def layer_id(name: str, model: nn.Module, prefix: str = "") -> int:
 
 
 def no_decay(name: str, param: torch.Tensor, skip: set[str]) -> bool:
-    if param.ndim <= 1:
-        return True
-    base = name.split(".")[-1]
-    return name in skip or any(name.endswith("." + s) or name == s for s in skip) or base in skip
+    return param.ndim <= 1 or name in skip
 
 
 def param_groups(
     model: nn.Module,
     weight_decay: float,
     layer_decay: float = 1.0,
-    backbone: nn.Module | None = None,
-    backbone_prefix: str = "",
     new_param_lr_scale: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Parameter groups for AdamW: one per (layer id, decay/no-decay), with ``lr_scale`` and ``layer_id``.
+    """Parameter groups for AdamW: one per (layer id, decay/no-decay, new), with ``lr_scale`` and ``layer_id``.
 
-    ``backbone``/``backbone_prefix``: for task models that wrap a backbone (detection, segmentation), the
-    backbone module whose ``group_matcher`` defines layer ids and the attribute prefix of its
-    parameters (e.g. ``"backbone."``); every other parameter is a head parameter (last layer).
+    Everything comes from the model's dense-backbone contract (timm's names): ``group_matcher()`` for the
+    layer ids, ``no_weight_decay()`` for the parameters without weight decay (full names), and, when
+    ``new_param_lr_scale`` is set, ``new_parameter_names()`` for the parameters the transform added. Task
+    models that wrap a backbone (detection, segmentation, adaptation) answer with their own full names.
     """
-    bb = backbone if backbone is not None else model
-    skip = set(bb.no_weight_decay()) if hasattr(bb, "no_weight_decay") else set()
-    if backbone is not None and hasattr(model, "no_weight_decay") and model is not backbone:
-        skip |= set(model.no_weight_decay())
-    n_layers = num_layers(bb)
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    n_layers = num_layers(model)
     new = set()
-    if new_param_lr_scale is not None and hasattr(bb, "new_parameter_names"):
-        new = {backbone_prefix + n for n in bb.new_parameter_names()}
+    if new_param_lr_scale is not None and hasattr(model, "new_parameter_names"):
+        new = set(model.new_parameter_names())
     groups: dict[tuple[int, bool, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lid = layer_id(name, bb, backbone_prefix)
+        lid = layer_id(name, model, n_layers)
         nd = no_decay(name, p, skip)
         is_new = name in new
         key = (lid, nd, is_new)

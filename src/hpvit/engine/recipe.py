@@ -7,19 +7,17 @@ silently falls back to a default.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
-from typing import Any
 
 from ..errors import ConfigError
+from ..utils import DictIO, name_or_json
 
 
 @dataclass
-class Recipe:
+class Recipe(DictIO):
     """Hyperparameters of a fine-tuning run (defaults: MAE's ViT-B ImageNet fine-tuning recipe).
 
     Learning rate: ``lr`` if given, else ``blr * global_batch / 256`` (MAE's linear scaling rule),
@@ -78,32 +76,10 @@ class Recipe:
     log_every_steps: int = 20
     deterministic: bool = False
 
-    def replace(self, **changes: Any) -> "Recipe":
-        names = {f.name for f in dataclasses.fields(self)}
-        bad = sorted(set(changes) - names)
-        if bad:
-            raise ConfigError(f"unknown recipe key(s) {bad}; valid keys are {sorted(names)}")
-        r = dataclasses.replace(self, **changes)
-        r.validate()
-        return r
+    _dict_what = "recipe key"
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> "Recipe":
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if not k.startswith("_")}  # "_comment" keys document the file
-        bad = sorted(set(d) - names)
-        if bad:
-            raise ConfigError(f"{where}: unknown recipe key(s) {bad}; valid keys are {sorted(names)}")
-        d = dict(d)
-        for k in ("betas", "scale", "mean", "std"):
-            if isinstance(d.get(k), list):
-                d[k] = tuple(d[k])
-        r = cls(**d)
-        r.validate(where)
-        return r
+    def _check(self, where: str = "") -> None:
+        self.validate(where or "recipe")
 
     def validate(self, where: str = "recipe") -> None:
         def need(cond: bool, msg: str) -> None:
@@ -143,22 +119,9 @@ def list_recipes() -> list[str]:
 
 
 def load_recipe(name_or_path: "str | os.PathLike") -> Recipe:
-    """A packaged recipe by name (``imagenet-paper``, ``cifar-mini``) or a JSON file path."""
-    s = os.fspath(name_or_path)
-    p = Path(s)
-    if s.endswith(".json") or p.exists():
-        if not p.is_file():
-            raise ConfigError(f"recipe file {p} does not exist; give a JSON file or one of {list_recipes()}")
-        text, where = p.read_text(), str(p)
-    else:
-        f = resources.files("hpvit") / "recipes" / f"{s}.json"
-        if not f.is_file():
-            raise ConfigError(f"unknown recipe {s!r}; choose from {list_recipes()} or pass a JSON file path")
-        text, where = f.read_text(), f"recipe {s!r}"
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}: not valid JSON ({e})") from e
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a JSON object of recipe keys")
+    """A packaged recipe by name (``imagenet-paper``, ``coco-maskrcnn-1x``...) or a JSON file path."""
+    where, d = name_or_json(name_or_path, list_recipes(), "recipe")
+    if d is None:
+        f = resources.files("hpvit") / "recipes" / f"{where}.json"
+        d, where = json.loads(f.read_text()), f"recipe {where!r}"
     return Recipe.from_dict(d, where)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..checkpoints.io import clean_stale_temps, write_error
+from ..utils import clean_stale_temps, write_error
 from ..errors import ConfigError, RunDirError
 from .logging import log
 

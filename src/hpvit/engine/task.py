@@ -45,18 +45,13 @@ class Task:
     def batch_size_of(self, batch: Any) -> int:
         return len(batch[0])
 
-    def param_group_kwargs(self, model: nn.Module) -> dict[str, Any]:
-        """Extra arguments for :func:`hpvit.engine.optim.param_groups` (``backbone=``, ``backbone_prefix=``)
-        when the model wraps a backbone; layer ids then come from the backbone's ``group_matcher``."""
-        return {}
+    def evaluator(self):
+        """*Required for evaluation.* A fresh :class:`hpvit.evaluation.Evaluator` for the evaluation set."""
+        if hasattr(self, "eval_batch"):  # TEMPORARY bridge for tasks not yet moved to an evaluator
+            from ..evaluation.base import SumEvaluator
 
-    def eval_batch(self, model: nn.Module, batch: Any) -> dict[str, float]:
-        """Sums over one evaluation batch (e.g. ``{"correct1": 31, "count": 32}``); summed over ranks."""
+            return SumEvaluator(self.eval_batch, getattr(self, "eval_finalize", dict))
         raise NotImplementedError
-
-    def eval_finalize(self, sums: dict[str, float]) -> dict[str, float]:
-        """Turn the summed :meth:`eval_batch` values into metrics."""
-        return sums
 
     def results(self, model: nn.Module) -> dict[str, Any]:
         """Extra entries for ``results.json`` (e.g. GFLOPs per image)."""

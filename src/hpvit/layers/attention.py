@@ -4,7 +4,8 @@ Tensor layouts:
   * A *sequence* is ``(B, L, D)`` (plain ViT tokens, possibly with class/register tokens first).
   * A *map* is ``(B, H, W, D)``: channels last, row-major, so ``map.reshape(B, H * W, D)`` is the
     sequence of the same tokens without a copy.
-Global attention (``window_size=None``) accepts either. Window attention needs a map: it pads H and W
+Global attention (``window_size=None``) accepts either. A map no larger than the window is one window of
+the map's size (the padded window's numbers, without the padding). Otherwise window attention pads H and W
 up to multiples of the window (padded keys are masked out, so padding never changes a real token's
 output), partitions into ``ws x ws`` windows with one copy, attends inside each window with an additive
 relative-position bias, and copies back.
@@ -113,6 +114,16 @@ class Attention(nn.Module):
         n = self.window_size * self.window_size
         return self.rel_pos_table[self.rel_pos_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
 
+    def map_bias(self, h: int, w: int) -> torch.Tensor | None:
+        """``(1, heads, h*w, h*w)`` bias for a map that fits in one window (``h, w <= window_size``): the
+        entries of :meth:`rel_pos_bias` between the map's positions, as padding puts them (top left)."""
+        bias = self.rel_pos_bias()
+        if bias is None:
+            return None
+        ws = self.window_size
+        idx = (torch.arange(h, device=bias.device)[:, None] * ws + torch.arange(w, device=bias.device)[None, :]).flatten()
+        return bias[:, idx][:, :, idx].unsqueeze(0)
+
     def window_mask(self, key_ok: torch.Tensor | None) -> torch.Tensor | None:
         """Additive logits mask for windowed attention: the relative-position bias ``(1, heads, N, N)``
         plus ``-inf`` on padded keys, ``(nW, heads|1, N, N)`` when ``key_ok`` (``(nW, N)``) is given."""
@@ -163,6 +174,11 @@ class Attention(nn.Module):
             raise ValueError("window attention needs a (B, H, W, D) map, got a sequence")
         b, h, w, d = x.shape
         ws = self.window_size
+        if h <= ws and w <= ws:
+            # the map fits in one window: that window is the map (no padding, no masked keys). The numbers
+            # are those of the padded window exactly (padded keys are masked, padded queries cropped), at
+            # h*w instead of ws*ws tokens; without rel_pos this is global attention.
+            return self._attend(x.reshape(b, h * w, d), self.map_bias(h, w)).view(b, h, w, d)
         xw, key_ok = pad_partition(x, ws)
         mask = self.window_mask(key_ok)
         groups = 1 if key_ok is None else key_ok.shape[0]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoints.native import restore_reuse_report  # noqa: F401 (used by the detector / segmenter loaders)
+from .reuse import restore_reuse_report  # noqa: F401 (used by the detector / segmenter loaders)
 from ..errors import CheckpointError
 
 DENSE_LOADERS = {"det": "hpvit.models.detector:load_detector", "seg": "hpvit.models.segmenter:load_segmenter"}

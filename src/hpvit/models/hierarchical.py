@@ -13,7 +13,6 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -22,6 +21,7 @@ from ..config import HPViTConfig, get_config
 from ..errors import ConfigError, InputError
 from ..layers import Block, Downsample, PatchEmbed, pad_partition, resample_abs_pos_embed, unpartition_crop
 from ..layers.attention import Attention, DropPath, Mlp
+from .reuse import ReuseReport
 
 # Inference on CPU works through large stages this many bytes of MLP hidden activations at a time
 # (tokens per chunk = CHUNK_BYTES / (4 * mlp_hidden): 2048 for ViT-B). Buffers this small are recycled
@@ -345,7 +345,8 @@ class HierarchicalViT(nn.Module):
             return t.view(b, h, w, d), None
         b, h, w, d = x.shape
         hp, wp = h + (-h) % ws, w + (-w) % ws
-        if hp * wp > PAD_FALLBACK * h * w:
+        if (h <= ws and w <= ws) or hp * wp > PAD_FALLBACK * h * w:
+            # the map fits in one window (attention then runs at the map's size, see Attention.forward), or
             # padding would be a large share of the windows (small or odd maps): keeping the map in window
             # order would run the MLPs on the padding too, so pad only inside each block's attention
             for blk in self.blocks[start:stop]:
@@ -525,17 +526,16 @@ class HierarchicalViT(nn.Module):
     # ------------------------------------------------------------------ timm-style helpers
     def reuse_report(self):
         """Which tensors came from the plain checkpoint, which are new, which were dropped."""
-        from .reuse import ReuseReport
-
         if self._reuse_report is None:
             return ReuseReport(reused=[], new=sorted(self.state_dict()), dropped={}, source="<random init>")
         return self._reuse_report
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        nwd = {"pos_embed", "cls_token", "reg_token"}
-        nwd |= {n for n, _ in self.named_parameters() if n.endswith("rel_pos_table")}
-        return nwd
+        """Full names of the parameters without weight decay: position embedding, class/register tokens,
+        relative-position tables (only those this model has)."""
+        return {n for n, _ in self.named_parameters()
+                if n in ("pos_embed", "cls_token", "reg_token") or n.endswith("rel_pos_table")}
 
     def set_drop_path_rate(self, rate: float) -> None:
         """Stochastic depth rising linearly from 0 to ``rate`` over the blocks (as at construction); for

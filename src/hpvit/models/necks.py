@@ -1,14 +1,5 @@
-"""Necks and heads for dense prediction on top of a 4-level backbone.
+"""Heads for dense prediction on top of a 4-level backbone (:mod:`hpvit.models.dense`).
 
-Every dense backbone here (:class:`PyramidBackbone` for the transformed model,
-:class:`~hpvit.models.plain.PlainPyramidBackbone` for the plain baseline) maps images
-``(B, 3, H, W)`` to four NCHW maps at strides 4, 8, 16, 32 with ``out_channels[i]`` channels each,
-and exposes the wrapped ViT as ``.vit`` (for layer-wise lr decay and weight decay rules).
-
-* :class:`LayerNorm2d` -- LayerNorm over the channels of an NCHW map.
-* :class:`PyramidBackbone` -- ``vit.forward_pyramid`` plus one LayerNorm per level (as Swin adds
-  before its detection/segmentation necks: the stage outputs are pre-norm residual streams whose
-  scale grows with depth).
 * :class:`UperNetHead` -- UperNet (Xiao et al. 2018): pyramid pooling on the 1/32 map, FPN top-down
   path, fusion of all levels at 1/4, 1x1 classifier. GroupNorm instead of BatchNorm (CPU batches of
   2-8 images); see docs/dense.md for why it is written here rather than taken from
@@ -22,44 +13,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channel dim of ``(B, C, H, W)``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps).permute(
-            0, 3, 1, 2
-        )
-
-
-class PyramidBackbone(nn.Module):
-    """The transformed (hierarchical) ViT as a dense backbone.
-
-    ``vit``: a :class:`~hpvit.models.hierarchical.HierarchicalViT` with 4 stages (``paper-det``,
-    ``paper-seg``...). Input ``(B, 3, H, W)`` with H, W >= ``vit.min_input_size``; output four
-    ``(B, D, H_s, W_s)`` maps, ``H_0 = floor(H/4)``, ``H_{s+1} = ceil(H_s/2)``, each LayerNorm-ed.
-    """
-
-    def __init__(self, vit: nn.Module):
-        super().__init__()
-        if len(vit.feature_info) != 4:
-            raise ValueError(f"a dense backbone needs 4 pyramid levels, the config gives {len(vit.feature_info)}")
-        self.vit = vit
-        self.out_channels = [f["num_chs"] for f in vit.feature_info]
-        self.strides = [f["reduction"] for f in vit.feature_info]
-        self.norms = nn.ModuleList(LayerNorm2d(c, eps=1e-6) for c in self.out_channels)
-        self.kind = "hierarchical"
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [n(f) for n, f in zip(self.norms, self.vit.forward_pyramid(x))]
-
-    @property
-    def min_input_size(self) -> int:
-        return self.vit.min_input_size
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.vit.set_grad_checkpointing(enable)
 
 
 def _conv_gn_relu(cin: int, cout: int, k: int, groups: int) -> nn.Sequential:

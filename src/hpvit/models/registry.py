@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 from typing import Any, Iterable
 
+import timm.models._registry as reg
 import torch
+from timm.layers import register_notrace_module
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from torch import nn
 
 from ..checkpoints import load_plain
@@ -251,8 +255,6 @@ def _family(variant: str, pretrained_cfg: Any) -> str:
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> HierarchicalViT:
-    from timm.models import build_model_with_cfg
-
     arch = variant.split(".")[0]
     kwargs.setdefault("family", _family(variant, kwargs.get("pretrained_cfg")))
     try:
@@ -275,8 +277,6 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> Hierarchic
 
 def _pretrained_cfgs() -> dict[str, dict]:
     """One cfg per (model, tag): hub id, classes and data config copied from timm's cfg of the plain weights."""
-    from timm.models import get_pretrained_cfg
-
     cfgs = {}
     for arch, tags in PLAIN_WEIGHTS.items():
         patch = ARCHS[arch][3]
@@ -297,12 +297,6 @@ def _pretrained_cfgs() -> dict[str, dict]:
 
 
 def _register() -> None:
-    import sys
-
-    import timm.models._registry as reg
-    from timm.layers import register_notrace_module
-    from timm.models import generate_default_cfgs, register_model
-
     for cls in FX_LEAF_MODULES:  # timm's FX tracer (feature_cls='fx', FX tools) calls these as leaves
         register_notrace_module(cls)
     mod = sys.modules[__name__]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,3 +139,21 @@ def convert_state_dict(plain: PlainViT, model: nn.Module) -> tuple[dict[str, tor
     )
     report = ReuseReport(reused=reused, new=new, dropped=dropped, source=plain.source, numel=numel)
     return full, report
+
+
+def restore_reuse_report(model, stored: "str | dict | None", path: "str | os.PathLike") -> None:
+    """Give ``model`` back the reuse report ``stored`` in ``path``'s metadata (JSON text or dict).
+
+    Files written before full reports were kept hold only counts (``reuse_summary``): the report then lists
+    no tensors and its source says so."""
+    if stored is None:
+        return
+    d = json.loads(stored) if isinstance(stored, str) else dict(stored)
+    src = f"{d.get('source', '<unknown>')} (recorded in {os.fspath(path)} at conversion)"
+    if isinstance(d.get("reused"), int):  # old count-only summary
+        model._reuse_report = ReuseReport(reused=[], new=[], dropped={}, source=(
+            f"{src}: only counts were kept: {d['reused']} reused, {d.get('new', 0)} new, {d.get('dropped', 0)} dropped"))
+        return
+    model._reuse_report = ReuseReport(
+        reused=[(r["model"], r["source"], r.get("note", "")) for r in d.get("reused", [])], new=list(d.get("new", [])),
+        dropped=dict(d.get("dropped", {})), source=src, numel=dict(d.get("numel", {})))

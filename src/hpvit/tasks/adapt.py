@@ -20,7 +20,6 @@ shared engine (progress, exact resume, AMP, DDP). See docs/classification.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -31,15 +30,18 @@ from torch import nn
 
 from ..analysis import map_cosine, plain_block_outputs, stage_reference_blocks, tokens_to_map
 from ..checkpoints import load_plain
-from ..cli import parse_key_values
 from ..config import get_config
+from ..data import build_transform
+from ..data.unlabeled import UnlabeledImages
 from ..engine.recipe import Recipe
 from ..engine.task import Task
 from ..errors import ConfigError
+from ..evaluation import SumEvaluator
+from ..export import save
 from ..models.build import from_plain
+from ..models.contract import Wraps
 from ..models.hierarchical import HierarchicalViT
-from ._args import subset_count
-from ._cli import recipe_from_flags, run_training
+from ..utils import write_text_atomic
 
 TARGETS = ("features", "logits")  # also in tasks/_args.py (the --targets help)
 MODEL_FILE = "model.safetensors"
@@ -52,11 +54,13 @@ def map_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (1.0 - map_cosine(student, teacher)).mean()
 
 
-class AdaptModel(nn.Module):
+class AdaptModel(Wraps, nn.Module):
     """The trained module: the student only (the frozen teacher lives in the task, outside the optimizer
-    and the checkpoints). ``forward(x)`` -> ``(final, maps, logits)``: the normalised final output
+    and the checkpoints); the student's contract (layer ids, weight decay) answers for it. ``forward(x)`` -> ``(final, maps, logits)``: the normalised final output
     (``(B, H, W, D)`` map, or ``(B, P + H * W, D)`` with a joined class token), one ``(B, D, H_s, W_s)``
     map per stage, and the logits (None without a classifier)."""
+
+    wrapped = "student"
 
     def __init__(self, student: HierarchicalViT):
         super().__init__()
@@ -73,7 +77,7 @@ class AdaptTask(Task):
 
     name = "adapt"
 
-    def __init__(self, init: str, images: list[str], recipe: Recipe, config: Any = "paper-cls", fmt: str | None = None,
+    def __init__(self, init: str, images: list[str], recipe: Recipe, *, config: Any = "paper-cls", fmt: str | None = None,
                  eval_images: list[str] | None = None, targets: tuple[str, ...] = TARGETS, temperature: float = 1.0,
                  feature_weight: float = 1.0, logit_weight: float = 1.0, max_eval_samples: int | None = None,
                  spec_overrides: dict[str, Any] | None = None):
@@ -119,14 +123,8 @@ class AdaptTask(Task):
             raise ConfigError(f"img_size {self.recipe.img_size} is below the minimum {student.min_input_size} of this config")
         return AdaptModel(student)
 
-    def param_group_kwargs(self, model: nn.Module) -> dict[str, Any]:
-        return {"backbone": model.student, "backbone_prefix": "student."}
-
     # ---------------------------------------------------------------- data
     def datasets(self):
-        from ..data import build_transform
-        from ..data.unlabeled import UnlabeledImages
-
         r = self.recipe
         train = UnlabeledImages(self.images, build_transform(r, True), r.max_train_samples, r.seed)
         ev = None
@@ -177,7 +175,10 @@ class AdaptTask(Task):
         return total
 
     # ---------------------------------------------------------------- evaluation (label-free)
-    def eval_batch(self, model, x):
+    def evaluator(self) -> SumEvaluator:
+        return SumEvaluator(self.eval_sums, self.eval_metrics)
+
+    def eval_sums(self, model, x):
         final, maps, logits = model(x)
         t_maps, t_logits, _ = self._teacher_targets(x)
         s_maps = [m for m, b in zip(maps, self.stage_blocks) if b >= 0]
@@ -188,7 +189,7 @@ class AdaptTask(Task):
                                      reduction="sum", log_target=True).item()
         return out
 
-    def eval_finalize(self, s):
+    def eval_metrics(self, s):
         n = max(s.get("count", 0.0), 1.0)
         m = {"feat_dist": s.get("feat_dist_sum", 0.0) / n, "eval_count": int(s.get("count", 0))}
         if "agree1_sum" in s:
@@ -206,36 +207,11 @@ class AdaptTask(Task):
         return {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3)}
 
     def save_model(self, model, out_dir, ema=None):
-        from ..checkpoints.native import save
-
         paths = [Path(save(model.student, out_dir / MODEL_FILE))]
         if ema is not None:
             paths.append(Path(save(ema.student, out_dir / EMA_FILE)))
         r = self.recipe
         pre = {"img_size": r.img_size, "interpolation": r.interpolation, "crop_pct": r.crop_pct,
                "mean": list(r.mean), "std": list(r.std), "adapted_from": str(self.init)}
-        (out_dir / PREPROC_FILE).write_text(json.dumps(pre, indent=2))
+        write_text_atomic(out_dir / PREPROC_FILE, json.dumps(pre, indent=2))
         return paths
-
-
-# -------------------------------------------------------------------- command line
-# (the arguments live in tasks/_args.py, free of heavy imports, so that `hpvit adapt --help` is instant)
-
-
-def build_recipe(args) -> Recipe:
-    flags = {"epochs": args.epochs, "img_size": args.img_size, "batch_size": args.batch_size, "blr": args.blr,
-             "lr": args.lr, "max_train_samples": subset_count(args.train_images, "--train-images"), "amp": args.amp,
-             "num_workers": args.workers, "seed": args.seed}
-    return recipe_from_flags(args.recipe, flags, args.set)
-
-
-def run(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    recipe = build_recipe(args)
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    task = AdaptTask(args.init, args.images, recipe, args.config, args.format, args.holdout,
-                     targets, args.temperature, args.feature_weight, args.logit_weight,
-                     subset_count(args.eval_images, "--eval-images"),
-                     parse_key_values(args.spec, "--spec"))
-    return run_training(task, recipe, args)

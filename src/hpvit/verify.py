@@ -22,21 +22,27 @@ clip        ``open_clip.transformer.VisionTransformer``: the projected image emb
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import tempfile
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
+from timm.layers import QuickGELU as TimmQuickGELU
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..errors import CheckpointError
+from .checkpoints import _from_hub, hf_format, load_plain
+from .checkpoints.io import read_folder_or_file, unwrap_state_dict
+from .errors import CheckpointError
+from .models.build import from_plain
 
 _LIBRARY = {"timm": "timm", "mae": "timm", "dinov2": "timm", "deit": "timm", "hf": "transformers", "clip": "open_clip"}
 
 
 def _require(lib: str, fmt: str):
-    import importlib
-
     try:
         return importlib.import_module(lib)
     except ImportError as e:
@@ -48,22 +54,16 @@ def _require(lib: str, fmt: str):
 
 
 def _raw_state_dict(src: Any) -> dict[str, torch.Tensor]:
-    from .io import read_folder_or_file, unwrap_state_dict
-
     if isinstance(src, dict):
         return unwrap_state_dict(src)
     if isinstance(src, str) and src.startswith("timm:"):
-        from . import _from_hub
-
         return _from_hub(src[len("timm:"):])[0]
     return unwrap_state_dict(read_folder_or_file(os.fspath(src)), os.fspath(src))
 
 
 def _act_module(act: str) -> type[nn.Module]:
     if act == "quick_gelu":
-        from timm.layers import QuickGELU
-
-        return QuickGELU
+        return TimmQuickGELU
     if act == "gelu_tanh":
         return functools.partial(nn.GELU, approximate="tanh")
     return nn.GELU
@@ -71,8 +71,6 @@ def _act_module(act: str) -> type[nn.Module]:
 
 def _timm_reference(plain, raw: dict[str, torch.Tensor]) -> tuple[nn.Module, str, Any]:
     """timm's own ViT with the source weights; returns (model, what is compared, fn(model, x) -> output)."""
-    from timm.models.vision_transformer import VisionTransformer
-
     s = plain.spec
     if s.proj_dim:
         raise CheckpointError("timm validation does not cover a head projection (head_proj); validate with open_clip")
@@ -86,8 +84,6 @@ def _timm_reference(plain, raw: dict[str, torch.Tensor]) -> tuple[nn.Module, str
         norm_layer=functools.partial(nn.LayerNorm, eps=s.norm_eps), act_layer=_act_module(s.act),
     )
     if plain.format == "deit":
-        from timm.models.deit import VisionTransformerDistilled
-
         model = VisionTransformerDistilled(**kw)
         model.load_state_dict(raw, strict=True)
 
@@ -113,7 +109,6 @@ _HF_CLASSES = {
 def _hf_reference(plain, raw, src) -> tuple[nn.Module, str, Any]:
     import transformers as T
 
-    from . import hf_format
 
     folder = None
     if isinstance(src, (str, os.PathLike)) and not str(src).startswith("timm:"):
@@ -146,8 +141,6 @@ def _hf_reference(plain, raw, src) -> tuple[nn.Module, str, Any]:
                 cfg = T.ViTMAEConfig(**common)
             else:
                 cfg = T.ViTConfig(**common, num_labels=max(s.num_classes, 1))
-            from safetensors.torch import save_file
-
             getattr(T, kind)(cfg).save_pretrained(tmp)
             save_file({k: v.contiguous() for k, v in raw.items()}, os.path.join(tmp, "model.safetensors"))
             folder = tmp
@@ -204,8 +197,6 @@ def validate_identity(src: Any, plain: Any = None, tol: float = 1e-4, batch: int
     Returns ``{"library", "model", "compared", "max_abs_diff", "max_rel_diff", "ok"}``. Raises
     :class:`~hpvit.errors.CheckpointError` when the library is not installed.
     """
-    from ..models.build import from_plain
-    from . import load_plain
 
     if plain is None:
         plain = load_plain(src)

@@ -1,62 +1,63 @@
-"""Implementations of the non-task CLI commands: demo, convert, info.
+"""``hpvit demo``, ``convert``, ``info`` and ``export``: the commands that read a checkpoint and write or
+describe one model.
 
 ``info`` and ``demo --checkpoint`` take plain checkpoints and every file hpvit writes (classifier or
 backbone, detector, segmenter): a saved file is described with its own stored config and the reuse
-report recorded when it was converted."""
+report recorded when it was converted. The arguments are built without importing torch; the commands'
+own imports happen when one runs."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from .cli import parse_key_values
-from .config import HPViTConfig, get_config
-from .errors import ConfigError
+from ..errors import ConfigError
+from .common import Steps, add_common_model_args, parse_key_values
 
 
-def _config_arg(value: str) -> "str | HPViTConfig":
-    """A preset name or a JSON file holding an HPViTConfig dict."""
-    if value.endswith(".json"):
-        p = Path(value)
-        if not p.is_file():
-            raise ConfigError(f"config file {value} not found")
-        try:
-            return HPViTConfig.from_dict(json.loads(p.read_text()))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {value} is not valid JSON: {e}") from e
-    return get_config(value)
+def add_parsers(sub) -> None:
+    p = sub.add_parser("demo", help="transform a plain ViT, print the reuse report and stage table, save a feature-map PNG")
+    p.add_argument("--checkpoint", default=None,
+                   help="plain ViT checkpoint or a file hpvit wrote (default: a randomly initialised ViT-Tiny)")
+    p.add_argument("--image", default=None, help="input image (default: a built-in synthetic scene)")
+    p.add_argument("--config", default="paper-cls", help="preset for a plain checkpoint (default paper-cls)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--out", default="hpvit_demo.png", help="PNG to write")
+    p.set_defaults(func="hpvit.cli.convert:cmd_demo")
 
+    p = sub.add_parser("convert", help="convert a plain ViT checkpoint into an hpvit .safetensors file")
+    p.add_argument("src", help="checkpoint path, Hugging Face folder, or timm:<model name>")
+    p.add_argument("-o", "--out", required=True, help="output .safetensors path")
+    add_common_model_args(p)
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--validate", action="store_true", help="check the identity config against the source's own library")
+    p.add_argument("--reparameterize", action="store_true", help="merge avg-pool + conv pairs before saving")
+    p.set_defaults(func="hpvit.cli.convert:cmd_convert")
 
-class Steps:
-    """Numbered steps of a long command on stderr: a tqdm bar on a terminal, else one log line per step."""
+    p = sub.add_parser("info", help="per-stage table: blocks, tokens, window, dim, params, GFLOPs")
+    p.add_argument("src", help="plain checkpoint, a file hpvit wrote (classifier, detector, segmenter), or timm:<model name>")
+    add_common_model_args(p, config_default=None)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--similarity", default=None, metavar="IMAGES",
+                   help="folder or zip of images: per stage, cosine similarity of the transformed model's output to "
+                        "the plain model's output after the same block (and top-1 agreement when both classify)")
+    p.add_argument("--max-images", type=int, default=32, help="images used by --similarity (default 32)")
+    p.add_argument("--plain", default=None, help="with --similarity: the plain checkpoint to compare with (default: SRC)")
+    p.set_defaults(func="hpvit.cli.convert:cmd_info")
 
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.n, self.bar = total, desc, 0, None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False,
-                            bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
-
-    def step(self, what: str) -> None:
-        """Mark the previous step done and announce ``what`` (the next one)."""
-        if self.bar is not None:
-            if self.n:
-                self.bar.update(1)
-            self.bar.set_postfix_str(what)
-        else:
-            print(f"[hpvit {time.strftime('%H:%M:%S')}] {self.desc} {self.n + 1}/{self.total}: {what}", file=sys.stderr,
-                  flush=True)
-        self.n += 1
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.update(self.total - self.bar.n)
-            self.bar.close()
+    p = sub.add_parser("export", help="write an ONNX file of a model: classifier logits or the 4-level pyramid")
+    p.add_argument("model", help="a file hpvit wrote (.safetensors) or a plain ViT checkpoint (converted with --config)")
+    p.add_argument("-o", "--out", required=True, help="output .onnx path")
+    p.add_argument("--config", default=None, help="preset for a plain checkpoint (default paper-cls)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size for a plain checkpoint")
+    p.add_argument("--pyramid", action="store_true", help="export the backbone's pyramid (p1..p4, NCHW) instead of logits")
+    p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic")
+    p.add_argument("--img-size", type=int, default=224, help="input side the graph is exported for (default 224)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--check", action="store_true", help="run the file with onnxruntime and print the max abs diff to PyTorch")
+    p.set_defaults(func="hpvit.cli.convert:cmd_export")
 
 
 def _size(path: str) -> str:
@@ -66,20 +67,16 @@ def _size(path: str) -> str:
     return ""
 
 
-def _plain_dense_config(config: "str | None") -> bool:
-    from .models.plain import PLAIN_CONFIGS
-
-    return isinstance(config, str) and config in PLAIN_CONFIGS
-
-
 def _build(src: str, config: "str | None", num_classes: int | None = None, format: str | None = None,
            spec: list[str] | None = None, steps: "Steps | None" = None):
     """``(model, plain)`` from a plain checkpoint (``plain`` its :class:`PlainViT`), or ``(model, None)`` from a
     file hpvit wrote (whose stored config wins; see :func:`_saved_backbone`). ``config`` may name any preset,
     the plain dense baselines (``plain-det``, ``plain-seg``) included."""
-    from .checkpoints import load_plain
-    from .checkpoints.native import is_hpvit_model_file, load
-    from .models.build import from_plain
+    from ..checkpoints import load_plain
+    from ..checkpoints.native import is_hpvit_model_file
+    from ..config import get_config
+    from ..export import load
+    from ..models.build import from_plain
 
     if is_hpvit_model_file(src):
         return load(src), None
@@ -89,13 +86,7 @@ def _build(src: str, config: "str | None", num_classes: int | None = None, forma
     plain = load_plain(src, format=format, **parse_key_values(spec, "--spec"))
     if steps:
         steps.step(f"mapping its weights onto {config}")
-    if _plain_dense_config(config):
-        from .models.plain import plain_config
-
-        cfg = plain_config(config, plain.spec.depth)
-    else:
-        cfg = _config_arg(config)
-    return from_plain(plain, config=cfg, num_classes=num_classes), plain
+    return from_plain(plain, config=get_config(config), num_classes=num_classes), plain
 
 
 def _saved_backbone(model, src: str, config: "str | None"):
@@ -114,7 +105,7 @@ def _saved_backbone(model, src: str, config: "str | None"):
 
 
 def cmd_info(args) -> int:
-    from .analysis import format_table, stage_table
+    from ..analysis import format_table, stage_table
 
     model, plain = _build(args.src, args.config, args.num_classes, args.format, args.spec)
     if plain is not None:
@@ -131,11 +122,13 @@ def cmd_info(args) -> int:
 
 def _print_similarity(model, plain, args) -> None:
     """``hpvit info --similarity IMAGES``: distance of ``model`` to its plain source, stage by stage."""
-    from .analysis import format_similarity, similarity_to_plain
-    from .data import build_transform
-    from .data.unlabeled import UnlabeledImages
-    from .engine.recipe import Recipe
-    from .models.build import from_plain
+    import torch
+
+    from ..analysis import format_similarity, similarity_to_plain
+    from ..data import build_transform
+    from ..data.unlabeled import UnlabeledImages
+    from ..engine.recipe import Recipe
+    from ..models.build import from_plain
 
     if model.keep_prefix:
         raise ConfigError("--similarity compares a hierarchical config with the plain model; pick e.g. --config paper-cls")
@@ -155,6 +148,8 @@ def _print_similarity(model, plain, args) -> None:
 
 def _warn_non_finite(state_dict: dict, src: str) -> list[str]:
     """Print a warning naming the tensors of ``src`` that hold NaN or inf values; returns their names."""
+    import torch
+
     bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         print(f"hpvit: warning: {len(bad)} tensor(s) of {src} hold NaN or inf values, e.g. {bad[:3]}; the converted "
@@ -164,6 +159,7 @@ def _warn_non_finite(state_dict: dict, src: str) -> list[str]:
 
 
 def cmd_convert(args) -> int:
+
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"output {out} must end in .safetensors (hpvit writes safetensors + JSON metadata)")
@@ -183,17 +179,16 @@ def cmd_convert(args) -> int:
 
 def _finish_convert(args, out: Path, model, plain, steps: Steps, src_path: Path, before: "int | None") -> int:
     """Report, optionally validate, and write the converted ``model`` (the rest of ``hpvit convert``)."""
-    from .checkpoints.native import save
+    from ..export import save
+    from ..verify import validate_identity
 
     print(f"detected format: {plain.format}")
     print(plain.summary())
     _warn_non_finite(plain.state_dict, args.src)
     print(model.reuse_report().summary())
     if args.validate:
-        from .checkpoints import validate as _validate
-
         steps.step("validating the identity config against the source's own library")
-        res = _validate.validate_identity(args.src, plain=plain)
+        res = validate_identity(args.src, plain=plain)
         print(f"validate: identity config vs {res['library']}: max |diff| {res['max_abs_diff']:.3g}, "
               f"max rel diff {res['max_rel_diff']:.3g} -> {'OK' if res['ok'] else 'MISMATCH'}")
         if not res["ok"]:
@@ -237,8 +232,10 @@ def synthetic_scene(size: int = 224):
     return img
 
 
-def _pca_rgb(fmap: torch.Tensor):
+def _pca_rgb(fmap):
     """(D, H, W) -> (H, W, 3) in [0, 1]: the first three principal components of the channels."""
+    import torch
+
     d, h, w = fmap.shape
     x = fmap.reshape(d, -1).T.float()
     x = x - x.mean(0, keepdim=True)
@@ -250,14 +247,22 @@ def _pca_rgb(fmap: torch.Tensor):
 
 
 def cmd_demo(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     import numpy as np
+    import timm
+    import torch
     from PIL import Image
 
-    from .analysis import format_table, stage_table
-    from .checkpoints import load_plain
-    from .models.build import from_plain
-
-    from .checkpoints.native import is_hpvit_model_file, load
+    from ..analysis import format_table, stage_table
+    from ..checkpoints import load_plain
+    from ..checkpoints.native import is_hpvit_model_file
+    from ..config import get_config
+    from ..export import load
+    from ..models.build import from_plain
+    from ..utils import atomic_write
 
     t0 = time.time()
     model, plain = None, None
@@ -267,8 +272,6 @@ def cmd_demo(args) -> int:
     elif args.checkpoint:
         plain = load_plain(args.checkpoint)
     else:
-        import timm
-
         banner = "!" * 78
         print(banner)
         print("!! NO --checkpoint GIVEN: using a RANDOMLY INITIALISED ViT-Tiny/16 (timm architecture).")
@@ -280,7 +283,7 @@ def cmd_demo(args) -> int:
         plain = load_plain(sd)
         plain.source = "random ViT-Tiny/16 (no checkpoint)"
     if model is None:
-        model = from_plain(plain, config=_config_arg(args.config)).eval()
+        model = from_plain(plain, config=get_config(args.config)).eval()
         source = plain.source
         print(plain.summary())
     if model.keep_prefix or len(model.feature_info) != 4:
@@ -305,11 +308,6 @@ def cmd_demo(args) -> int:
     with torch.no_grad():
         maps = model.forward_pyramid(x)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 5, figsize=(17, 3.8))
     axes[0].imshow(arr)
     axes[0].set_title(f"input {size}x{size}")
@@ -320,8 +318,6 @@ def cmd_demo(args) -> int:
         ax.axis("off")
     fig.suptitle(f"hpvit {model.config.name} from {source} — feature maps (first 3 principal components)", fontsize=10)
     fig.tight_layout()
-    from .checkpoints.io import atomic_write
-
     out = Path(args.out)
     try:
         atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), force=True)
@@ -330,4 +326,28 @@ def cmd_demo(args) -> int:
     print()
     print(f"input: {img_name}; pyramid: " + ", ".join(f"1/{s} {tuple(m.shape)}" for s, m in zip(model.strides, maps)))
     print(f"wrote {out} in {time.time() - t0:.1f}s")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """``hpvit export MODEL -o OUT.onnx [--pyramid] [--dynamic-batch] [--img-size N] [--check]``."""
+    import torch
+
+    from ..checkpoints.native import is_hpvit_file
+    from ..export import compare_onnx, export_onnx, load, output_names
+    from ..models.build import from_plain
+
+    if is_hpvit_file(args.model):
+        model = load(args.model)
+    else:
+        model = from_plain(args.model, config=args.config or "paper-cls", num_classes=args.num_classes)
+    path = export_onnx(model, args.out, img_size=args.img_size, pyramid=args.pyramid,
+                       dynamic_batch=args.dynamic_batch, opset=args.opset, force=args.force)
+    outs = output_names(model, args.pyramid)
+    print(f"wrote {path}: images (B, {model.spec.in_chans}, {args.img_size}, {args.img_size}) -> {', '.join(outs)}"
+          f"{' (dynamic batch)' if args.dynamic_batch else ''}")
+    if args.check:
+        x = torch.randn(2 if args.dynamic_batch else 1, model.spec.in_chans, args.img_size, args.img_size)
+        diff = compare_onnx(model, path, x, args.pyramid)
+        print(f"onnxruntime vs PyTorch: max abs diff {diff:.2e}")
     return 0

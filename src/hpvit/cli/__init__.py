@@ -1,0 +1,10 @@
+"""The ``hpvit`` command line (argument parsing and the commands' entry points; see :mod:`hpvit.cli.main`).
+
+``main`` is the console script. Building any parser imports no torch: the modules here import the
+library only inside the functions that run a command.
+"""
+
+from .common import parse_key_values  # noqa: F401  TEMPORARY (tasks/detection, tasks/segmentation)
+from .main import build_parser, main
+
+__all__ = ["main", "build_parser"]

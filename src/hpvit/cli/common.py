@@ -1,0 +1,163 @@
+"""What every ``hpvit`` command shares: ``KEY=VALUE`` flags, subsets, run flags, recipes, progress steps.
+
+Nothing heavy is imported at module level: building any parser (``--help``) must not import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from ..errors import ConfigError
+
+AUTO_RECIPE = "auto"
+_SUBSET = re.compile(r"^\s*(\d+)\s*$|^\s*(-?\d*)\s*:\s*(-?\d*)\s*$")
+OS_ERRNOS = (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT)
+PRESET_HELP = ("preset name (paper-cls, paper-det, paper-seg, fast-cls, lite-cls, identity, plain-det, plain-seg) "
+               "or a JSON file")
+
+
+def parse_key_values(items: "list[str] | None", flag: str = "--set") -> dict:
+    """``["a=1", "b=gelu"]`` -> ``{"a": 1, "b": "gelu"}``: values parse as JSON when they can, else stay
+    strings. Used by every ``KEY=VALUE`` flag (``--spec``, ``--set``, ``--rcnn``)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def os_error_message(e: OSError) -> str:
+    """``PATH: what happened; what to do`` for the file-system errors a user can fix."""
+    what = e.filename or "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{what}: the disk is full (or over quota); free some space or use another disk, then run again"
+    return f"{what}: {e.strerror or 'permission denied'}; check the path's permissions or choose a writable folder"
+
+
+def add_common_model_args(p: argparse.ArgumentParser, config_default: "str | None" = "paper-cls") -> None:
+    p.add_argument("--config", default=config_default,
+                   help=PRESET_HELP + (f" (default {config_default})" if config_default else
+                                       " (default paper-cls; an hpvit file uses its own stored config)"))
+    p.add_argument("--format", default=None, help="force the checkpoint format instead of auto-detecting it")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the source's)")
+    p.add_argument("--spec", action="append", default=[], metavar="KEY=VALUE",
+                   help="override what weights cannot show, e.g. --spec act=gelu --spec num_heads=16 (repeatable)")
+
+
+# ---------------------------------------------------------------------------------- subsets
+def subset_spec(value: str) -> str:
+    """argparse type of ``--train-images`` / ``--eval-images``: ``N`` or ``START:STOP`` (checked, kept as text)."""
+    m = _SUBSET.match(value)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expects a count N or a slice START:STOP (e.g. 1000 or 0:100), got {value!r}")
+    if m.group(1) is not None and int(m.group(1)) < 1:
+        raise argparse.ArgumentTypeError(f"expects a count >= 1, got {value!r}")
+    return value.strip()
+
+
+def _alias(p: argparse.ArgumentParser, old: str, new: str, dest: str, metavar: str) -> None:
+    """``old`` as a second spelling of ``new`` (same destination), marked as the old name in ``--help``."""
+    p.add_argument(old, dest=dest, type=subset_spec, default=None, metavar=metavar,
+                   help=f"old name of {new} (kept as an alias)")
+
+
+def add_subset_args(p: argparse.ArgumentParser, slices: bool, train: bool = True,
+                    aliases: "dict[str, str] | None" = None) -> None:
+    """``--train-images`` (when ``train``) and ``--eval-images``; ``aliases`` maps old flag -> new flag.
+
+    Subsets share one naming scheme across tasks: a count ``N`` (classification: a fixed class-balanced
+    subset of N images; detection and segmentation: the first N images) or, for detection and
+    segmentation, a slice ``START:STOP`` of the images in their listed order."""
+    what = ("N (the first N images) or START:STOP (a slice, images in listed order)" if slices
+            else "N: a fixed class-balanced subset of N images")
+    metavar = "N|A:B" if slices else "N"
+    if train:
+        p.add_argument("--train-images", type=subset_spec, default=None, metavar=metavar,
+                       help=f"train on a subset: {what} (default: all)")
+    p.add_argument("--eval-images", type=subset_spec, default=None, metavar=metavar,
+                   help=f"evaluate on a subset: {what} (default: all)")
+    for old, new in (aliases or {}).items():
+        _alias(p, old, new, new.lstrip("-").replace("-", "_"), metavar)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """Flags every training command shares (threads, device, resume/overwrite, bad images)."""
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (finished or not); without it such a run is never replaced")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out training images that cannot be decoded and list them in OUT/skipped-images.txt "
+                        "(default: such an image is an error naming the file)")
+
+
+# ---------------------------------------------------------------------------------- running
+def recipe_from_flags(name: str, flags: dict, set_items: "list[str] | None"):
+    """Recipe ``name`` (or a JSON file) with the command's flags that were given (not None) and every
+    ``--set KEY=VALUE`` applied, in that order."""
+    from ..engine.recipe import load_recipe
+
+    changes = {k: v for k, v in flags.items() if v is not None}
+    changes.update(parse_key_values(set_items, "--set"))
+    r = load_recipe(name)
+    return r.replace(**changes) if changes else r
+
+
+def run_training(task, recipe, args) -> int:
+    """Run ``task`` with the shared engine in the folder ``args.out`` (claimed for this run; ``--overwrite`` and
+    ``--skip-bad-images`` are honoured when the command defines them); the command line goes into results.json."""
+    from ..engine.loop import Trainer
+
+    run_cfg = {k: v for k, v in vars(args).items() if k != "func"}
+    Trainer(task, recipe, args.out, resume=args.resume, device=args.device, run_config=run_cfg,
+            overwrite=getattr(args, "overwrite", False), skip_bad_images=getattr(args, "skip_bad_images", False)).run()
+    return 0
+
+
+def eval_out_dir(model: str, out: "str | None") -> Path:
+    """``--out`` if given, else ``eval/`` next to the model (its run directory, or the file's folder)."""
+    if out:
+        return Path(out)
+    mp = Path(model)
+    return (mp if mp.is_dir() else mp.parent) / "eval"
+
+
+class Steps:
+    """Numbered steps of a long command on stderr: a tqdm bar on a terminal, else one log line per step."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n, self.bar = total, desc, 0, None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False,
+                            bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
+
+    def step(self, what: str) -> None:
+        """Mark the previous step done and announce ``what`` (the next one)."""
+        if self.bar is not None:
+            if self.n:
+                self.bar.update(1)
+            self.bar.set_postfix_str(what)
+        else:
+            print(f"[hpvit {time.strftime('%H:%M:%S')}] {self.desc} {self.n + 1}/{self.total}: {what}", file=sys.stderr,
+                  flush=True)
+        self.n += 1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.total - self.bar.n)
+            self.bar.close()

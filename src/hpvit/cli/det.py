@@ -1,0 +1,61 @@
+"""``hpvit train det`` and ``hpvit eval det``: Mask R-CNN (FPN) on a transformed or plain ViT backbone."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_run_args, add_subset_args
+
+TRAIN_HELP = "train Mask R-CNN (FPN) on a transformed or plain ViT backbone with COCO-format data"
+EVAL_HELP = "COCO box / mask AP of a trained Mask R-CNN, predictions json and a PNG of predictions"
+RUN_TRAIN = "hpvit.tasks.detection:run_train"
+RUN_EVAL = "hpvit.tasks.detection:run_eval"
+
+
+def add_dense_train_args(p: argparse.ArgumentParser, default_config: str, configs: str) -> None:
+    """Flags shared by ``train det`` and ``train seg``."""
+    p.add_argument("--init", required=True, help="plain ViT checkpoint (file, HF folder, timm:<name>)")
+    p.add_argument("--config", default=default_config, help=configs)
+    p.add_argument("--format", default=None, help="force the checkpoint format instead of auto-detecting it")
+    p.add_argument("--out", required=True, help="output directory (checkpoint, recipe.json, metrics.jsonl, results.json, PNGs)")
+    p.add_argument("--recipe", default=None, help="recipe JSON file (default: the task's built-in defaults, printed at start)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="per-process batch size")
+    p.add_argument("--accum-steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="absolute learning rate")
+    p.add_argument("--warmup-epochs", type=float, default=None)
+    p.add_argument("--layer-decay", type=float, default=None)
+    p.add_argument("--drop-path", type=float, default=None)
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None)
+    p.add_argument("--grad-checkpointing", action="store_true", default=None)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (at most the usable cores)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs (and at the end)")
+    p.add_argument("--ckpt-every-steps", type=int, default=None)
+    add_run_args(p)
+
+
+def add_det_train_args(p: argparse.ArgumentParser) -> None:
+    add_dense_train_args(p, "paper-det", "paper-det (transformed backbone, default) or plain-det (the ViTDet-style plain baseline)")
+    p.add_argument("--ann", required=True, help="COCO instances json (polygon or RLE masks)")
+    p.add_argument("--images", required=True, help="folder holding the json's file_name images")
+    add_subset_args(p, slices=True, aliases={"--val-images": "--eval-images"})
+    p.add_argument("--val-ann", default=None, help="validation json (default: --ann restricted to --eval-images)")
+    p.add_argument("--val-images-dir", default=None, help="image folder of --val-ann (default: --images)")
+    p.add_argument("--lsj", action="store_true", help="large-scale jitter (scale 0.1-2.0, crop/pad to img-size square)")
+    p.add_argument("--rcnn", action="append", metavar="KEY=VALUE",
+                   help="torchvision MaskRCNN argument (repeatable), e.g. box_batch_size_per_image=128")
+
+
+def add_det_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a `hpvit train det` output directory or its model.safetensors")
+    p.add_argument("--ann", required=True, help="COCO instances json to evaluate on")
+    p.add_argument("--images", required=True, help="image folder of --ann")
+    add_subset_args(p, slices=True, train=False, aliases={"--val-images": "--eval-images"})
+    p.add_argument("--out", default=None, help="output directory (default: MODEL_DIR/eval)")
+    p.add_argument("--img-size", type=int, default=None, help="default: the training size")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--vis-images", type=int, default=4, help="images drawn into predictions.png")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None)

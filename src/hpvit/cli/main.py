@@ -1,0 +1,67 @@
+"""The ``hpvit`` command line: one parser, one error policy.
+
+Every command names the function that runs it as ``"module:function"``, imported only after parsing, so
+``hpvit --help`` and every ``hpvit <command> --help`` answer without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Sequence
+
+from ..errors import HPViTError
+from . import adapt, bench, cls, convert, det, seg
+from .common import OS_ERRNOS, os_error_message
+
+TASKS = (("cls", cls), ("det", det), ("seg", seg))
+
+
+def build_parser(argv: "Sequence[str] | None" = None) -> argparse.ArgumentParser:
+    """The full ``hpvit`` parser (``argv`` is accepted for compatibility; every parser is cheap to build)."""
+    parser = argparse.ArgumentParser(prog="hpvit", description="Turn plain ViT checkpoints into hierarchical backbones.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    convert.add_parsers(sub)
+    adapt.add_adapt_args(sub.add_parser("adapt", help=adapt.HELP))
+    p = sub.add_parser("bench", help=bench.HELP)
+    bench.add_bench_args(p)
+    p.set_defaults(func="hpvit.cli.bench:run_bench")
+    tr = sub.add_parser("train", help="fine-tune a transformed (or plain baseline) model").add_subparsers(dest="task", required=True)
+    ev = sub.add_parser("eval", help="evaluate a fine-tuned model").add_subparsers(dest="task", required=True)
+    for name, mod in TASKS:
+        p = tr.add_parser(name, help=mod.TRAIN_HELP)
+        getattr(mod, f"add_{name}_train_args")(p)
+        p.set_defaults(func=getattr(mod, "RUN_TRAIN", f"hpvit.cli.{name}:run_train"))
+        p = ev.add_parser(name, help=mod.EVAL_HELP)
+        getattr(mod, f"add_{name}_eval_args")(p)
+        p.set_defaults(func=getattr(mod, "RUN_EVAL", f"hpvit.cli.{name}:run_eval"))
+    return parser
+
+
+def resolve_func(func: "Callable | str") -> Callable:
+    """A command's function: given directly, or as ``"module:function"`` (imported now)."""
+    if callable(func):
+        return func
+    module, name = func.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        importlib.import_module("hpvit.models.registry")  # what `import hpvit` does outside the CLI (timm names)
+        rc = resolve_func(args.func)(args)
+    except (HPViTError, FileExistsError, FileNotFoundError) as e:
+        print(f"hpvit: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a write outside hpvit's own helpers (a PNG, a JSON): disk full, read-only folder...
+        if e.errno not in OS_ERRNOS:
+            raise
+        print(f"hpvit: error: {os_error_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hpvit: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)

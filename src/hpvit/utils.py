@@ -1,0 +1,234 @@
+"""Small helpers every part of hpvit uses (the bottom of the chain, beside ``errors``).
+
+* atomic file writes: :func:`atomic_write` / :func:`write_text_atomic` (every file hpvit writes goes
+  through them: a destination is never left half-written; temp files of killed writers are cleaned);
+* :class:`DictIO`: ``to_dict`` / ``to_json`` / ``from_dict`` for the dataclasses hpvit stores in files
+  (configs, recipes, plain specs), with unknown keys refused by name;
+* :func:`count_flops`: forward FLOPs with ``torch.utils.flop_counter`` (2 FLOPs per multiply-add).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import os
+import secrets
+import shutil
+import stat
+import typing
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import ConfigError, HPViTError, OutputError
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+TEMP_SUFFIX = ".hpvit-tmp"
+
+
+def temp_path_for(dst: Path) -> Path:
+    """A fresh temporary name next to ``dst``: ``.<name>.<pid>.<random>.hpvit-tmp`` (same folder, so the final
+    rename is atomic; the pid lets :func:`clean_stale_temps` tell a dead writer's leftovers from a live one's)."""
+    return dst.with_name(f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temps(folder: "str | os.PathLike", name: str | None = None) -> list[Path]:
+    """Delete hpvit temp files in ``folder`` (only those for target ``name`` when given) whose writing process
+    is gone (killed mid-write). Returns the deleted paths. Files of live processes are left alone."""
+    d = Path(folder)
+    if not d.is_dir():
+        return []
+    removed = []
+    for f in d.glob(f".{name or '*'}.*{TEMP_SUFFIX}"):
+        parts = f.name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        try:
+            f.unlink()
+            removed.append(f)
+        except OSError:
+            pass
+    return removed
+
+
+def _target_mode(dst: Path) -> int:
+    """The mode a new ``dst`` gets: that of the file it replaces, else 0o666 minus the umask (like ``open``)."""
+    try:
+        return stat.S_IMODE(dst.stat().st_mode)
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
+def write_error(dst: Path, e: BaseException) -> OutputError:
+    """An :class:`OutputError` for a failed write of ``dst``: names the target (never a temp file) and the fix."""
+    free = ""
+    try:
+        free = f"; {shutil.disk_usage(dst.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        pass
+    err = getattr(e, "errno", None)
+    text = str(e)
+    if err == errno.ENOSPC or "unexpected pos" in text or "failed writing" in text or "No space left" in text:
+        return OutputError(f"cannot write {dst}: the disk is full{free}; free some space or choose an output on "
+                           "another disk, then run again")
+    if err in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "the file system is read-only" if err == errno.EROFS else "permission denied"
+        return OutputError(f"cannot write {dst}: {why}; choose a writable output folder (or fix the folder's "
+                           "permissions)")
+    return OutputError(f"cannot write {dst} ({type(e).__name__}: {text.splitlines()[0][:200] if text else ''}); "
+                       f"check that {dst.parent} is writable and has free space{free}")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], force: bool = False) -> Path:
+    """Call ``write(tmp_path)`` then atomically rename onto ``path``.
+
+    The destination is never left half-written: either the old file (or nothing) or the complete new one.
+    The temp file (``.<name>.<pid>.<random>.hpvit-tmp``) sits next to ``path``; leftovers of killed writers
+    are removed on the next write of the same target. The result keeps the mode of the file it replaces,
+    else gets the umask's default. Refuses to replace an existing file unless ``force``. Failures to write
+    (read-only folder, disk full...) raise :class:`~hpvit.errors.OutputError` naming ``path``.
+    """
+    dst = Path(path)
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} exists; refusing to overwrite it (use --force / force=True to replace it)")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(dst, e) from e
+    clean_stale_temps(dst.parent, dst.name)
+    mode = _target_mode(dst)
+    tmp = temp_path_for(dst)
+    try:
+        write(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, dst)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, FileExistsError):
+            raise write_error(dst, e) from e
+        raise
+    return dst
+
+
+def write_text_atomic(path: "str | os.PathLike", text: str) -> Path:
+    """Replace the text file ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text), force=True)
+
+
+# ---------------------------------------------------------------------------------------------- dataclass IO
+class DictIO:
+    """Mixin for dataclasses stored as JSON: ``to_dict``, ``to_json``, ``from_dict`` and ``replace``.
+
+    ``from_dict`` / ``replace`` refuse unknown keys, naming them and the valid ones (raised as the class's
+    ``_dict_error``); ``from_dict`` skips keys that start with ``_`` (``"_comment"`` documents a JSON file) and
+    turns JSON lists back into tuples for fields declared as tuples. Both end with :meth:`_check`, which a
+    subclass overrides to validate the built object.
+    """
+
+    _dict_error: ClassVar[type[HPViTError]] = ConfigError
+    _dict_what: ClassVar[str] = "config field"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def _refuse_unknown(cls, keys, where: str = "") -> None:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        bad = sorted(set(keys) - names)
+        if bad:
+            pre = f"{where}: " if where else ""
+            kind = cls._dict_what.split()[-1]
+            raise cls._dict_error(f"{pre}unknown {cls._dict_what}(s) {bad}; valid {kind}s are {sorted(names)}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = ""):
+        d = {k: v for k, v in d.items() if not str(k).startswith("_")}
+        cls._refuse_unknown(d, where)
+        hints = typing.get_type_hints(cls)
+        d = {k: tuple(v) if isinstance(v, list) and _is_tuple_type(hints.get(k)) else v for k, v in d.items()}
+        obj = cls(**d)
+        obj._check(where)
+        return obj
+
+    def replace(self, **changes: Any):
+        """A copy with some fields changed (unknown fields are refused)."""
+        self._refuse_unknown(changes)
+        obj = dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        obj._check()
+        return obj
+
+    def _check(self, where: str = "") -> None:
+        """Validate a freshly built object (default: nothing to check)."""
+
+
+def _is_tuple_type(tp: Any) -> bool:
+    if tp is None:
+        return False
+    if typing.get_origin(tp) is tuple or tp is tuple:
+        return True
+    return any(_is_tuple_type(a) for a in typing.get_args(tp))
+
+
+def name_or_json(value: "str | os.PathLike", names: "list[str]", kind: str) -> "tuple[str, dict[str, Any] | None]":
+    """The one "built-in name or JSON file" rule of hpvit (presets, recipes): ``(name, None)`` when ``value``
+    names a built-in (one of ``names``), else ``(where, fields)`` read from the JSON file ``value`` (which must
+    hold a JSON object). ``kind`` ("config", "recipe") goes into the errors, which list the built-in names."""
+    s = os.fspath(value)
+    if s in names:
+        return s, None
+    p = Path(s)
+    if not (s.endswith(".json") or p.exists()):
+        raise ConfigError(f"unknown {kind} {s!r}; choose from {sorted(names)} or pass a JSON file path")
+    if not p.is_file():
+        raise ConfigError(f"{kind} file {p} does not exist; give a JSON file or one of {sorted(names)}")
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: expected a JSON object of {kind} fields")
+    return str(p), d
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+def count_flops(fn: "nn.Module | Callable[..., Any]", *args: Any) -> int:
+    """Forward FLOPs of ``fn(*args)`` under no_grad, counted by ``torch.utils.flop_counter`` (2 FLOPs per
+    multiply-add; attention matmuls included). A module runs in eval mode for the count (its training
+    mode is restored); any other callable (e.g. a lambda that stops a forward early) runs as is."""
+    module = fn if isinstance(fn, nn.Module) else None
+    was = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            fn(*args)
+    finally:
+        if module is not None:
+            module.train(was)
+    return int(fc.get_total_flops())

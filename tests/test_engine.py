@@ -188,14 +188,54 @@ def test_bad_recipe_key_and_value(tmp_path):
 
 
 def test_warmup_cosine_schedule():
-    from hpvit.engine.schedule import WarmupCosine
+    from hpvit.engine.schedule import LRSchedule
 
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([{"params": [p], "lr_scale": 0.5}], lr=1.0)
-    s = WarmupCosine(opt, base_lr=1.0, min_lr=0.0, warmup_steps=10, total_steps=110)
+    s = LRSchedule(opt, base_lr=1.0, min_lr=0.0, warmup_steps=10, total_steps=110)
     assert s.apply(0) == 0.0 and s.apply(5) == pytest.approx(0.5)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.25)  # lr_scale applied
     assert s.apply(10) == pytest.approx(1.0) and s.apply(60) == pytest.approx(0.5) and s.apply(110) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("kind", ["step", "poly"])
+def test_step_and_poly_schedules_match_torch(kind):
+    """After warmup, the dense recipes' schedules equal torch's own schedulers: MultiStepLR (Mask R-CNN 1x)
+    and PolynomialLR (mmseg's poly with min_lr 0)."""
+    from hpvit.engine.schedule import LRSchedule
+
+    warm, total, base = 20, 220, 1e-3
+    ours = LRSchedule(None, base, 0.0, warm, total, kind, milestones=(warm + 100, warm + 160), factor=0.1, power=0.9)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=base)
+    ref = (torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[100, 160], gamma=0.1) if kind == "step"
+           else torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=total - warm, power=0.9))
+    for t in range(total - warm):
+        assert ours.lr_at(warm + t) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-6, abs=1e-12), t
+        opt.step()
+        ref.step()
+    assert ours.lr_at(warm // 2) == pytest.approx(base / 2)
+
+
+def test_iteration_budget_plan_and_dry_run(capsys):
+    """An iteration budget becomes whole epochs; --dry-run prints the plan without data or weights."""
+    from hpvit.cli import main
+    from hpvit.engine.schedule import Plan
+
+    from hpvit.engine.recipe import load_recipe
+
+    r = load_recipe("ade20k-upernet-80k")
+    plan = Plan.of(r, 1263)
+    assert plan.epochs == 64 and plan.total_steps == 80832 >= r.iterations and plan.warmup_steps == 1500
+    assert main(["train", "seg", "--recipe", "ade20k-upernet-80k", "--dry-run", "--nproc", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "global batch 16" in out and "80,000 iterations" in out and "lr 0.0001 " in out and "slide" in out
+    assert main(["train", "det", "--recipe", "coco-maskrcnn-1x", "--dry-run", "--nproc", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "global batch 4 (the recipe assumes 16; --accum-steps 4 keeps it)" in out and "lr 2.5e-05" in out
+    assert "x0.1 after epochs 8, 11" in out and "480..800" in out
+    with pytest.raises(SystemExit):  # without --dry-run the data and model flags are required
+        main(["train", "det", "--recipe", "coco-maskrcnn-1x"])
 
 
 # ------------------------------------------------------------------ data

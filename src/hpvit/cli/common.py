@@ -127,6 +127,30 @@ def run_training(task, recipe, args) -> int:
     return 0
 
 
+def dense_recipe(args):
+    """The recipe ``train det|seg`` runs: ``--recipe`` (name or JSON), then the flags given, then ``--set``."""
+    flags = {"epochs": args.epochs, "img_size": args.img_size, "batch_size": args.batch_size,
+             "accum_steps": args.accum_steps, "lr": args.lr, "warmup_epochs": args.warmup_epochs,
+             "layer_decay": args.layer_decay, "drop_path": args.drop_path, "amp": args.amp,
+             "grad_checkpointing": args.grad_checkpointing, "num_workers": args.workers, "seed": args.seed,
+             "eval_every_epochs": args.eval_every, "ckpt_every_steps": args.ckpt_every_steps}
+    return recipe_from_flags(args.recipe, flags, args.set)
+
+
+def run_dry_run(args) -> int:
+    """``hpvit train det|seg ... --dry-run``: print the resolved schedule; read no data, build no model."""
+    import os
+
+    from ..engine.schedule import describe_plan
+
+    world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {world}")
+    for line in describe_plan(dense_recipe(args), world, args.dry_run_images):
+        print(line)
+    return 0
+
+
 def eval_out_dir(model: str, out: "str | None") -> Path:
     """``--out`` if given, else ``eval/`` next to the model (its run directory, or the file's folder)."""
     if out:

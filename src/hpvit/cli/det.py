@@ -14,11 +14,25 @@ RUN_EVAL = "hpvit.tasks.detection:run_eval"
 
 def add_dense_train_args(p: argparse.ArgumentParser, default_config: str, configs: str) -> None:
     """Flags shared by ``train det`` and ``train seg``."""
-    p.add_argument("--init", required=True, help="plain ViT checkpoint (file, HF folder, timm:<name>)")
+    p.add_argument("--init", help="plain ViT checkpoint (file, HF folder, timm:<name>) or an hpvit file (e.g. "
+                                  "`hpvit adapt`'s output); required unless --dry-run")
     p.add_argument("--config", default=default_config, help=configs)
     p.add_argument("--format", default=None, help="force the checkpoint format instead of auto-detecting it")
-    p.add_argument("--out", required=True, help="output directory (checkpoint, recipe.json, metrics.jsonl, results.json, PNGs)")
-    p.add_argument("--recipe", default=None, help="recipe JSON file (default: the task's built-in defaults, printed at start)")
+    p.add_argument("--out", help="output directory (checkpoint, recipe.json, metrics.jsonl, results.json, PNGs); "
+                                 "required unless --dry-run")
+    p.set_defaults(required_unless_dry_run=("--init", "--out"))
+    task = "det" if "det" in default_config else "seg"
+    p.add_argument("--recipe", default=f"{task}-default",
+                   help=f"recipe name or JSON file (default {task}-default, sized for small runs); the paper's rows: "
+                        + ("coco-maskrcnn-1x" if task == "det" else "ade20k-upernet-80k, cityscapes-upernet-40k")
+                        + " (docs/dense.md)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved schedule (updates, epochs, lr at its milestones, batch per process, input "
+                        "sizes) and exit, without reading data or weights")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="with --dry-run: processes to plan for (default: WORLD_SIZE, else 1)")
+    p.add_argument("--dry-run-images", type=int, default=None, metavar="N",
+                   help="with --dry-run: training images to plan for (default: the recipe's dataset_images)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="per-process batch size")
@@ -38,8 +52,9 @@ def add_dense_train_args(p: argparse.ArgumentParser, default_config: str, config
 
 def add_det_train_args(p: argparse.ArgumentParser) -> None:
     add_dense_train_args(p, "paper-det", "paper-det (transformed backbone, default) or plain-det (the ViTDet-style plain baseline)")
-    p.add_argument("--ann", required=True, help="COCO instances json (polygon or RLE masks)")
-    p.add_argument("--images", required=True, help="folder holding the json's file_name images")
+    p.add_argument("--ann", help="COCO instances json (polygon or RLE masks); required unless --dry-run")
+    p.add_argument("--images", help="folder holding the json's file_name images; required unless --dry-run")
+    p.set_defaults(required_unless_dry_run=("--init", "--out", "--ann", "--images"))
     add_subset_args(p, slices=True, aliases={"--val-images": "--eval-images"})
     p.add_argument("--val-ann", default=None, help="validation json (default: --ann restricted to --eval-images)")
     p.add_argument("--val-images-dir", default=None, help="image folder of --val-ann (default: --images)")

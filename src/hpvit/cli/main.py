@@ -49,7 +49,14 @@ def resolve_func(func: "Callable | str") -> Callable:
 
 def main(argv: "list[str] | None" = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "dry_run", False):
+        missing = [f for f in getattr(args, "required_unless_dry_run", ()) if getattr(args, f[2:].replace("-", "_")) is None]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)} (or --dry-run)")
+    elif hasattr(args, "required_unless_dry_run"):
+        args.func = "hpvit.cli.common:run_dry_run"
     try:
         importlib.import_module("hpvit.models.registry")  # what `import hpvit` does outside the CLI (timm names)
         rc = resolve_func(args.func)(args)

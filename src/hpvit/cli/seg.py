@@ -13,8 +13,8 @@ RUN_TRAIN = "hpvit.tasks.segmentation:run_train"
 RUN_EVAL = "hpvit.tasks.segmentation:run_eval"
 
 
-def _add_seg_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="dataset root folder")
+def _add_seg_data_args(p: argparse.ArgumentParser, train: bool = False) -> None:
+    p.add_argument("--data", required=not train, help="dataset root folder" + ("; required unless --dry-run" if train else ""))
     p.add_argument("--layout", default="camvid", choices=("camvid", "ade20k", "cityscapes"),
                    help="folder layout and label convention (docs/dense.md)")
     p.add_argument("--base-size", type=int, default=None,
@@ -27,7 +27,8 @@ def _add_seg_data_args(p: argparse.ArgumentParser) -> None:
 
 def add_seg_train_args(p: argparse.ArgumentParser) -> None:
     add_dense_train_args(p, "paper-seg", "paper-seg (transformed backbone, default) or plain-seg (the BEiT-style plain baseline)")
-    _add_seg_data_args(p)
+    _add_seg_data_args(p, train=True)
+    p.set_defaults(required_unless_dry_run=("--init", "--out", "--data"))
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val", help="evaluation split ('' for none)")
     add_subset_args(p, slices=True, aliases={"--max-train-images": "--train-images", "--max-val-images": "--eval-images"})

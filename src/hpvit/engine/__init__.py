@@ -11,10 +11,10 @@ from .loop import DivergenceError, Trainer, param_digest
 from .optim import build_optimizer, layer_id, param_groups
 from .recipe import Recipe, list_recipes, load_recipe
 from .rundir import RunDir, claim_run_dir
-from .schedule import WarmupCosine
+from .schedule import LRSchedule, Plan
 from .task import Task
 
 __all__ = [
     "Trainer", "Task", "Recipe", "load_recipe", "list_recipes", "param_groups", "layer_id", "build_optimizer",
-    "WarmupCosine", "DivergenceError", "param_digest", "claim_run_dir", "RunDir",
+    "LRSchedule", "Plan", "DivergenceError", "param_digest", "claim_run_dir", "RunDir",
 ]

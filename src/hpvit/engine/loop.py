@@ -27,12 +27,12 @@ from .ema import ModelEMA
 from .logging import MetricsFile, Progress, format_summary, log, plot_curves, recipe_summary
 from .optim import build_optimizer
 from .recipe import Recipe
-from .schedule import WarmupCosine
+from .schedule import LRSchedule, Plan
 from .task import Task
 
 # recipe keys that fix the data order / optimisation trajectory: a resumed run must match them
-RESUME_KEYS = ("seed", "batch_size", "accum_steps", "max_train_samples", "epochs", "warmup_epochs",
-               "layer_decay", "weight_decay", "img_size")
+RESUME_KEYS = ("seed", "batch_size", "accum_steps", "max_train_samples", "epochs", "iterations", "warmup_epochs",
+               "warmup_iters", "schedule", "lr_steps", "layer_decay", "weight_decay", "img_size")
 # keys a resumed run may change (what the divergence advice tells the user to change); each change is noted
 ADJUSTABLE_ON_RESUME = ("lr", "blr", "min_lr", "clip_grad", "amp")
 
@@ -210,10 +210,11 @@ class Trainer:
                 f"{len(train_ds)} training images over {dist.world_size} process(es) do not fill one optimizer step of "
                 f"batch_size {r.batch_size} x accum_steps {r.accum_steps}; lower --batch-size or use more data"
             )
-        total_steps = steps_per_epoch * r.epochs
+        plan = Plan.of(r, steps_per_epoch)
+        n_epochs = plan.epochs
         lr = r.absolute_lr(dist.world_size)
         optimizer = build_optimizer(model, r, lr)
-        sched = WarmupCosine(optimizer, lr, r.min_lr, round(r.warmup_epochs * steps_per_epoch), total_steps)
+        sched = LRSchedule.for_plan(optimizer, r, plan, lr)
         scaler = torch.amp.GradScaler(dist.device.type, enabled=r.amp == "fp16")
         ema = ModelEMA(model, r.ema_decay) if r.ema else None
         net: nn.Module = model
@@ -251,7 +252,9 @@ class Trainer:
             f"{dist.world_size} process(es) on {dist.device.type}"
             + (f" ({dist.backend})" if dist.backend else "")
             + f"; per-process batch {r.batch_size} x accum {r.accum_steps}, global batch {gb}; lr {lr:.3g} "
-            f"(layer decay {r.layer_decay}); {steps_per_epoch} steps/epoch x {r.epochs} epochs",
+            f"(layer decay {r.layer_decay}, {r.schedule} schedule); {steps_per_epoch} steps/epoch x {n_epochs} epochs"
+            + (f" ({r.iterations} iterations rounded up to whole epochs: {plan.total_steps} updates)"
+               if r.iterations else ""),
             main,
         )
 
@@ -274,13 +277,13 @@ class Trainer:
 
         fault_at = int(os.environ.get("HPVIT_FAULT_AT_STEP", "0") or 0)  # test hook: SIGKILL after this update
         last_eval: dict[str, float] = history[-1] if history else {}
-        while epoch < r.epochs:
+        while epoch < n_epochs:
             sampler.set_epoch(epoch, start=step_in_epoch * r.accum_steps * r.batch_size)
             train_ds.set_epoch(epoch)
             loader = self._loader(train_ds, sampler, r.batch_size, True, r.seed * 7 + epoch)
             it = iter(loader)
             net.train()
-            prog = Progress(steps_per_epoch, f"epoch {epoch + 1}/{r.epochs}", main, r.log_every_steps, step_in_epoch,
+            prog = Progress(steps_per_epoch, f"epoch {epoch + 1}/{n_epochs}", main, r.log_every_steps, step_in_epoch,
                             unit_scale=gb)
             t_epoch = time.time()
             loss_acc, n_acc = 0.0, 0
@@ -333,18 +336,18 @@ class Trainer:
             epoch += 1
             step_in_epoch = 0
             epoch_time = time.time() - t_epoch
-            if eval_ds is not None and (epoch % max(r.eval_every_epochs, 1) == 0 or epoch == r.epochs):
+            if eval_ds is not None and (epoch % max(r.eval_every_epochs, 1) == 0 or epoch == n_epochs):
                 t_eval = time.time()
-                ev = self.evaluate(model, eval_ds, f"epoch {epoch}/{r.epochs}: evaluating {self._split_name()}")
+                ev = self.evaluate(model, eval_ds, f"epoch {epoch}/{n_epochs}: evaluating {self._split_name()}")
                 rec = {"kind": "eval", "epoch": epoch, "step": gstep, "split": self._split_name(),
                        "images": len(eval_ds), **ev}
                 if ema is not None:
                     rec.update({f"ema_{k}": v for k, v in
-                                self.evaluate(ema.module, eval_ds, f"epoch {epoch}/{r.epochs}: evaluating EMA").items()})
+                                self.evaluate(ema.module, eval_ds, f"epoch {epoch}/{n_epochs}: evaluating EMA").items()})
                 history.append(rec)
                 last_eval = rec
                 metrics.write(rec)
-                log(format_summary(epoch, r.epochs, rec, self._summary_keys(), self._units(),
+                log(format_summary(epoch, n_epochs, rec, self._summary_keys(), self._units(),
                                    epoch_time, time.time() - t_eval, self.out / "metrics.jsonl"), main)
             checkpoint(epoch, 0)
             if main:
@@ -363,7 +366,7 @@ class Trainer:
                 **{k: v for k, v in last_eval.items() if k not in ("kind", "step", "split", "images")},
                 "eval_split": self._split_name() if eval_ds is not None else None,
                 "metric_units": self._units(),
-                "epochs": r.epochs,
+                "epochs": n_epochs,
                 "steps": gstep,
                 "wall_time_s": round(wall, 2),
                 "train_time_s": round(train_time, 2),
@@ -432,7 +435,7 @@ class Trainer:
         return [b.index for b in bad]
 
     def _check_resume(self, ckpt: dict[str, Any]) -> None:
-        old = json.loads(ckpt["recipe"])
+        old = {**Recipe().to_dict(), **json.loads(ckpt["recipe"])}  # keys added since the checkpoint: defaults
         new = self.recipe.to_dict()
         changed = [k for k in ADJUSTABLE_ON_RESUME if json.dumps(old.get(k)) != json.dumps(new.get(k))]
         if changed:

@@ -26,11 +26,21 @@ class Recipe(DictIO):
 
     name: str = "custom"
     source: str = ""
-    # schedule
+    # schedule (engine/schedule.py): length in epochs, or ``iterations`` updates (rounded up to whole epochs)
     epochs: int = 100
+    iterations: int | None = None
     warmup_epochs: float = 5.0
-    batch_size: int = 32
+    warmup_iters: int | None = None  # overrides warmup_epochs
+    schedule: str = "cosine"  # cosine | step | poly
+    lr_steps: tuple[float, ...] = ()  # step: epochs after which the lr is multiplied by lr_step_factor
+    lr_step_factor: float = 0.1
+    poly_power: float = 1.0
+    batch_size: int = 32  # per process
     accum_steps: int = 1
+    # the global batch (and so the lr, by linear scaling) the recipe was written for; None: not stated
+    global_batch_assumed: int | None = None
+    # training images of the dataset the recipe was written for (``--dry-run`` plans with it); None: not stated
+    dataset_images: int | None = None
     # optimizer (AdamW)
     blr: float = 5e-4
     lr: float | None = None
@@ -63,6 +73,14 @@ class Recipe(DictIO):
     crop_pct: float = 0.875
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # dense prediction (det / seg); None = the task's own default
+    train_short_sides: tuple[int, ...] | None = None  # det: multi-scale training, shorter side picked at random
+    max_long_side: int | None = None  # det: longer side capped at this (train and test)
+    test_short_side: int | None = None  # det: evaluation shorter side
+    ratio_range: tuple[float, float] | None = None  # seg: random resize ratio of base_size before the crop
+    base_size: int | None = None  # seg: longer side images are resized to before jitter / for evaluation
+    eval_mode: str | None = None  # seg: whole | slide
+    slide_stride: int | None = None  # seg: sliding-window stride (default: 2/3 of the crop)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     num_workers: int = 8
@@ -90,6 +108,13 @@ class Recipe(DictIO):
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.accum_steps >= 1, f"accum_steps must be >= 1, got {self.accum_steps}")
         need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        need(self.iterations is None or self.iterations >= 1, f"iterations must be >= 1 or null, got {self.iterations}")
+        need(self.warmup_iters is None or self.warmup_iters >= 0, f"warmup_iters must be >= 0, got {self.warmup_iters}")
+        need(self.schedule in ("cosine", "step", "poly"),
+             f"schedule must be 'cosine', 'step' or 'poly', got {self.schedule!r}")
+        need(all(s > 0 for s in self.lr_steps), f"lr_steps are epochs > 0, got {self.lr_steps}")
+        need(0 < self.lr_step_factor <= 1, f"lr_step_factor must be in (0, 1], got {self.lr_step_factor}")
+        need(self.eval_mode in (None, "whole", "slide"), f"eval_mode must be 'whole', 'slide' or null, got {self.eval_mode!r}")
         need(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}")
         need(self.amp in ("none", "bf16", "fp16"), f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         need(self.img_size >= 8, f"img_size must be >= 8, got {self.img_size}")

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..utils import atomic_write
+
 
 class Task:
     """Base class of engine tasks. ``primary_metric`` names the headline number (``top1``, ``mAP``...)."""
@@ -64,5 +66,5 @@ class Task:
     def save_model(self, model: nn.Module, out_dir: Path, ema: nn.Module | None = None) -> list[Path]:
         """Write the final model(s) into ``out_dir``; returns the paths written."""
         p = out_dir / "model.pt"
-        torch.save(model.state_dict(), p)
+        atomic_write(p, lambda tmp: torch.save(model.state_dict(), tmp), force=True)
         return [p]

@@ -257,9 +257,6 @@ class DetectionTask(Task):
         self.last_losses = {k: float(v.detach()) for k, v in losses.items()}
         return sum(v.float() for v in losses.values())
 
-    def param_group_kwargs(self, model):
-        return {"backbone": model.body.vit, "backbone_prefix": "detector.backbone.body.vit."}
-
     def eval_batch(self, model, batch):
         images, targets = batch
         outputs = model(images)
@@ -391,7 +388,8 @@ def run_eval(args) -> int:
     try:
         model.to(dist.device)
         t = time.time()
-        m = evaluate(task, model, ds, args.batch_size, 0, dist, desc=f"evaluating {task.eval_split}")
+        m = evaluate(task.evaluator(), model, ds, args.batch_size, 0, dist, desc=f"evaluating {task.eval_split}",
+                     collate_fn=collate_detection, prepare=lambda b, dev: task.prepare_batch(b, dev, train=False))
         if dist.is_main:
             vis = CocoInstances(src, idx[: args.vis_images], False, img_size)
             png = visualize(model, vis, src.cat_names, out / "predictions.png")

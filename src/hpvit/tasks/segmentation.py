@@ -240,9 +240,6 @@ class SegmentationTask(Task):
         x, y = batch
         return F.cross_entropy(model(x).float(), y, ignore_index=IGNORE)
 
-    def param_group_kwargs(self, model):
-        return {"backbone": model.body.vit, "backbone_prefix": "body.vit."}
-
     def eval_batch(self, model, batch):
         imgs, labs = batch
         if isinstance(imgs, torch.Tensor):
@@ -352,7 +349,8 @@ def run_eval(args) -> int:
     try:
         model.to(dist.device)
         t = time.time()
-        m = evaluate(task, model, ds, 1, 0, dist, desc=f"evaluating {args.split}")
+        m = evaluate(task.evaluator(), model, ds, 1, 0, dist, desc=f"evaluating {args.split}", collate_fn=collate_seg,
+                     prepare=lambda b, dev: task.prepare_batch(b, dev, train=False))
         if dist.is_main:
             png = visualize(model, ds, args.vis_images, args.mode, crop, layout.palette, out / "predictions.png")
             m.update({"model": str(args.model), "data": str(args.data), "split": args.split, "inference": args.mode,

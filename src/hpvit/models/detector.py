@@ -14,6 +14,60 @@ from ..errors import ConfigError
 from .dense_io import read_dense, restore_reuse_report
 from .plain import backbone_from_config, build_dense_backbone
 
+# The parts of the plain ViT that no dense backbone runs. Both backbones read the pyramid levels off the
+# blocks' outputs (HierarchicalViT.forward_intermediates with norm=False; the plain baseline's chosen blocks),
+# and each level gets its own LayerNorm2d (``body.norms`` / ``body.fpn.norms``): the ViT's final ``norm`` --
+# and a classifier checkpoint's ``fc_norm``, ``head_proj`` and ``head`` -- would be parameters that can never
+# get a gradient. Kept, they are dead weight in every saved model and they make DistributedDataParallel fail
+# on the second step ("Expected to have finished reduction in the prior iteration ... parameters that were
+# not used in producing loss"). So the dense models leave them out (and the reuse report says so).
+UNUSED_IN_DENSE = ("norm", "fc_norm", "head_proj", "head")
+UNUSED_IN_DENSE_WHY = ("not used by the dense backbone: every pyramid level gets its own LayerNorm (the "
+                       "ViT's final norm / pooled-feature norm / classifier is never run)")
+
+
+def drop_unused_vit_parts(body: nn.Module) -> list[str]:
+    """Remove from ``body.vit`` (in place) the modules a dense backbone never runs (:data:`UNUSED_IN_DENSE`).
+    Returns the state-dict keys (relative to ``body.vit``) that went; the ViT's reuse report lists them as
+    dropped rather than reused."""
+    vit = body.vit
+    sd = vit.state_dict()
+    removed = [k for k in sd if k.split(".", 1)[0] in UNUSED_IN_DENSE]
+    vit.norm = nn.Identity()
+    vit.fc_norm = nn.Identity()
+    vit.head = nn.Identity()
+    vit.head_proj = None
+    mark_dropped_in_report(vit, {k: sd[k].numel() for k in removed})
+    return removed
+
+
+def mark_dropped_in_report(vit: nn.Module, numel: dict[str, int]) -> None:
+    """Move the model keys ``numel`` (key -> element count) from the reuse report's ``reused`` list to its
+    ``dropped`` map (idempotent; also fixes reports stored in files saved before these parts were removed)."""
+    report = getattr(vit, "_reuse_report", None)
+    if report is None:
+        return
+    gone = lambda key: key.split(".", 1)[0] in UNUSED_IN_DENSE  # noqa: E731
+    moved = [r for r in report.reused if gone(r[0])]
+    fresh = [k for k in report.new if gone(k)]
+    report.reused = [r for r in report.reused if not gone(r[0])]
+    report.new = [k for k in report.new if not gone(k)]
+    for _, source_key, _ in moved:
+        report.dropped[source_key] = UNUSED_IN_DENSE_WHY
+    n_moved, n_fresh = sum(numel.get(m, 0) for m, _, _ in moved), sum(numel.get(k, 0) for k in fresh)
+    if report.numel:
+        if n_moved:
+            report.numel["reused"] = report.numel.get("reused", 0) - n_moved
+            report.numel["dropped"] = report.numel.get("dropped", 0) + n_moved
+        if n_fresh:
+            report.numel["new"] = report.numel.get("new", 0) - n_fresh
+
+
+def unused_dense_keys(sd: dict[str, torch.Tensor], vit_prefix: str) -> list[str]:
+    """Keys of ``sd`` under ``vit_prefix`` that belong to :data:`UNUSED_IN_DENSE` (files saved before they
+    were left out of dense models hold them)."""
+    return [k for k in sd if k.startswith(vit_prefix) and k[len(vit_prefix):].split(".", 1)[0] in UNUSED_IN_DENSE]
+
 
 class BackboneWithFPN(nn.Module):
     """A dense backbone (4 maps at strides 4..32) + torchvision's FPN (``fpn_channels``, an extra
@@ -85,6 +139,7 @@ def build_detector(init, config: str, num_classes: int, img_size: int, drop_path
                    fmt: str | None = None, fpn_channels: int = 256, rcnn: dict[str, Any] | None = None) -> MaskRCNNModel:
     """Mask R-CNN over the dense backbone ``config`` (paper-det, plain-det, ...) from plain checkpoint ``init``."""
     body = build_dense_backbone(init, config, fmt=fmt, drop_path_rate=drop_path, img_size=img_size)
+    drop_unused_vit_parts(body)
     return MaskRCNNModel(body, num_classes, fpn_channels, img_size, rcnn)
 
 
@@ -94,7 +149,10 @@ def load_detector(path) -> tuple[MaskRCNNModel, dict[str, Any]]:
 
     sd, meta = read_dense(path, "det")
     body = backbone_from_config(PlainSpec.from_dict(meta["spec"]), meta["config"], meta["backbone"], meta["out_indices"])
+    drop_unused_vit_parts(body)
     model = MaskRCNNModel(body, meta["num_classes"], meta["fpn_channels"], meta["img_size"], meta.get("rcnn"))
-    model.load_state_dict(sd, strict=True)
+    old = unused_dense_keys(sd, "detector.backbone.body.vit.")
+    model.load_state_dict({k: v for k, v in sd.items() if k not in old}, strict=True)
     restore_reuse_report(body.vit, meta.get("reuse"), path)
+    mark_dropped_in_report(body.vit, {k[len("detector.backbone.body.vit."):]: sd[k].numel() for k in old})
     return model, meta

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dense_io import read_dense, restore_reuse_report
+from .detector import drop_unused_vit_parts, mark_dropped_in_report, unused_dense_keys
 from .necks import UperNetHead
 from .plain import backbone_from_config, build_dense_backbone
 
@@ -50,6 +51,7 @@ class UperNetSegmenter(nn.Module):
 def build_segmenter(init, config: str, num_classes: int, img_size: int, drop_path: float = 0.0,
                     fmt: str | None = None, channels: int = 128) -> UperNetSegmenter:
     body = build_dense_backbone(init, config, fmt=fmt, drop_path_rate=drop_path, img_size=img_size)
+    drop_unused_vit_parts(body)  # the ViT's final norm / head never run here (see hpvit.models.detector)
     return UperNetSegmenter(body, num_classes, channels)
 
 
@@ -59,7 +61,10 @@ def load_segmenter(path) -> tuple[UperNetSegmenter, dict[str, Any]]:
 
     sd, meta = read_dense(path, "seg")
     body = backbone_from_config(PlainSpec.from_dict(meta["spec"]), meta["config"], meta["backbone"], meta["out_indices"])
+    drop_unused_vit_parts(body)
     model = UperNetSegmenter(body, meta["num_classes"], meta["head_channels"])
-    model.load_state_dict(sd, strict=True)
+    old = unused_dense_keys(sd, "body.vit.")  # files saved while the dense model still held them
+    model.load_state_dict({k: v for k, v in sd.items() if k not in old}, strict=True)
     restore_reuse_report(body.vit, meta.get("reuse"), path)
+    mark_dropped_in_report(body.vit, {k[len("body.vit."):]: sd[k].numel() for k in old})
     return model, meta

@@ -4,6 +4,7 @@ transformed (``paper-det``) or plain-baseline (``plain-det``) backbone; building
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any
 
@@ -101,6 +102,28 @@ def _no_resize_transform(min_size: int, max_size: int):
               size_divisible=32)
 
 
+def _fix_roi_pool_scales(roi_heads: nn.Module, strides) -> None:
+    """Give the RoI poolers their levels' scales (1 / stride) up front.
+
+    torchvision's ``MultiScaleRoIAlign`` infers them on its first call, from the first batch's feature-map
+    size over its (unpadded) image size, rounded to a power of two, and keeps them for good. Since
+    :class:`~hpvit.data.coco.CocoInstances` resizes images itself, the batch is only padded to a multiple
+    of 32, so a small first image (e.g. 64x43 padded to 64x64: 16 / 43 -> 1/2 instead of 1/4) fixes every
+    level's scale at twice its true value for the rest of the run. The pooled RoI features then depended on
+    which image a process happened to see first: each DDP rank, a resumed run and a reloaded model could
+    pool differently, and a model evaluated in training scored differently from the same weights reloaded.
+    The values set here are what torchvision infers for a well-proportioned input."""
+    for pool in (roi_heads.box_roi_pool, getattr(roi_heads, "mask_roi_pool", None)):
+        if pool is None or not hasattr(pool, "featmap_names"):
+            continue
+        from torchvision.ops.poolers import initLevelMapper
+
+        scales = [2.0 ** -round(math.log2(strides[int(n)])) for n in pool.featmap_names]
+        pool.scales = scales
+        pool.map_levels = initLevelMapper(int(-math.log2(scales[0])), int(-math.log2(scales[-1])),
+                                          canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
+
+
 class MaskRCNNModel(nn.Module):
     """torchvision ``MaskRCNN`` whose backbone is :class:`BackboneWithFPN` over a dense ViT backbone.
 
@@ -122,6 +145,7 @@ class MaskRCNNModel(nn.Module):
             raise ConfigError(f"--rcnn: {e}; valid keys are torchvision MaskRCNN arguments such as "
                               "box_batch_size_per_image, rpn_post_nms_top_n_train, box_detections_per_img") from e
         self.detector.transform = _no_resize_transform(img_size, img_size)
+        _fix_roi_pool_scales(self.detector.roi_heads, body.strides)
         self.num_classes = num_classes
 
     @property

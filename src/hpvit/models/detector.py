@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .contract import Wraps
+from .dense import backbone_from_config, build_dense_backbone
 from .dense_io import read_dense, restore_reuse_report
-from .plain import backbone_from_config, build_dense_backbone
 
 # The parts of the plain ViT that no dense backbone runs. Both backbones read the pyramid levels off the
 # blocks' outputs (HierarchicalViT.forward_intermediates with norm=False; the plain baseline's chosen blocks),
@@ -124,13 +125,16 @@ def _fix_roi_pool_scales(roi_heads: nn.Module, strides) -> None:
                                           canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
 
 
-class MaskRCNNModel(nn.Module):
+class MaskRCNNModel(Wraps, nn.Module):
     """torchvision ``MaskRCNN`` whose backbone is :class:`BackboneWithFPN` over a dense ViT backbone.
 
     ``forward(images, targets)``: images a list of ``(3, h, w)`` float tensors in [0, 1] (any sizes;
     padded to a multiple of 32 inside); training returns the loss dict, eval a list of
-    ``{boxes, labels, scores, masks}`` in the input images' pixel coordinates.
+    ``{boxes, labels, scores, masks}`` in the input images' pixel coordinates. The dense backbone's contract
+    (:mod:`hpvit.models.contract`: layer ids, no-weight-decay names...) answers for the whole model.
     """
+
+    wrapped = "detector.backbone.body"
 
     def __init__(self, body: nn.Module, num_classes: int, fpn_channels: int = 256, img_size: int = 512,
                  rcnn: dict[str, Any] | None = None):
@@ -155,8 +159,10 @@ class MaskRCNNModel(nn.Module):
     def forward(self, images, targets=None):
         return self.detector(images, targets)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.body.set_grad_checkpointing(enable)
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's four maps for images ``(B, 3, H, W)`` in [0, 1] (normalised and padded as in
+        :meth:`forward`)."""
+        return self.body(self.detector.transform(list(x))[0].tensors)
 
 
 def build_detector(init, config: str, num_classes: int, img_size: int, drop_path: float = 0.0,

@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .contract import Wraps
+from .dense import backbone_from_config, build_dense_backbone
 from .dense_io import read_dense, restore_reuse_report
 from .detector import drop_unused_vit_parts, mark_dropped_in_report, unused_dense_keys
 from .necks import UperNetHead
-from .plain import backbone_from_config, build_dense_backbone
 
 
-class UperNetSegmenter(nn.Module):
+class UperNetSegmenter(Wraps, nn.Module):
     """Dense backbone + :class:`~hpvit.models.necks.UperNetHead`.
 
     ``forward(x)``: ``(B, 3, H, W)`` (any H, W >= 32) -> logits ``(B, K, H, W)``. The input is zero-padded
@@ -24,6 +25,7 @@ class UperNetSegmenter(nn.Module):
     """
 
     size_divisor = 32
+    wrapped = "body"  # the dense backbone's contract (hpvit.models.contract) answers for the whole model
 
     def __init__(self, body: nn.Module, num_classes: int, channels: int = 128):
         super().__init__()
@@ -33,19 +35,23 @@ class UperNetSegmenter(nn.Module):
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
         d = self.size_divisor
-        ph, pw = (-h) % d, (-w) % d
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
+        ph, pw = (-x.shape[-2]) % d, (-x.shape[-1]) % d
+        return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        x = self._prepare(x)
         logits = self.head(self.body(x))
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits[..., :h, :w]
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.body.set_grad_checkpointing(enable)
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's four maps for images ``(B, 3, H, W)`` in [0, 1] (normalised and padded as in
+        :meth:`forward`)."""
+        return self.body(self._prepare(x))
 
 
 def build_segmenter(init, config: str, num_classes: int, img_size: int, drop_path: float = 0.0,

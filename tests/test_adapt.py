@@ -83,7 +83,9 @@ def test_adapt_lowers_the_objective_and_keeps_the_source_head(tmp_path, source, 
     assert ft.blocks[-1].drop_path1.p == pytest.approx(0.2)
     from hpvit.models.dense import build_dense_backbone
 
-    bb = build_dense_backbone(str(out / "model.safetensors"), "paper-seg")
+    with pytest.raises(hpvit.CheckpointError, match="hpvit.load"):  # a transformed file is not a plain checkpoint
+        build_dense_backbone(str(out / "model.safetensors"), "paper-seg")
+    bb = build_dense_backbone(hpvit.load(out / "model.safetensors"), "paper-seg")
     maps = bb(torch.rand(1, 3, 64, 64))
     assert [m.shape[-1] for m in maps] == [16, 8, 4, 2]
 

@@ -88,8 +88,10 @@ def test_contract(name, small_sd):
     n_layers = num_layers(model)
     ids = {n: layer_id(n, model, n_layers) for n in names}
     assert min(ids.values()) == 0 and max(ids.values()) == n_layers - 1
-    blocks = sorted({int(m.group(1)) for n in names for m in [re.search(r"blocks\.(\d+)\.", n)] if m})
-    assert [ids[next(n for n in names if f"blocks.{b}." in n)] for b in blocks] == [b + 1 for b in blocks]
+    vit_names = _backbone_param_names(model)
+    blocks = sorted({int(m.group(1)) for n in vit_names for m in [re.search(r"(?:^|\.)blocks\.(\d+)\.", n)] if m})
+    first = [next(n for n in vit_names if re.search(rf"(?:^|\.)blocks\.{b}\.", n)) for b in blocks]
+    assert [ids[n] for n in first] == [b + 1 for b in blocks]
 
     # no_weight_decay names full parameter names of this model; the optimizer groups honour them
     nwd = set(model.no_weight_decay())

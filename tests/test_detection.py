@@ -20,7 +20,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 import hpvit
 from hpvit.data.coco import CocoFormatError, CocoInstances, CocoSource, collate_detection, parse_range
 from hpvit.models.dense import build_dense_backbone
-from hpvit.tasks.detection import STAT_NAMES, build_detector, coco_metrics
+from hpvit.evaluation.detection import STAT_NAMES, coco_metrics
+from hpvit.models.detector import build_detector
 
 from conftest import shared_path
 

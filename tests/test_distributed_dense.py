@@ -170,7 +170,8 @@ def test_dense_files_saved_with_the_final_norm_still_load(tmp_path, tiny_vit_sd)
     (those tensors are skipped) and their reuse report lists the norm as dropped."""
     from safetensors.torch import save_file
 
-    from hpvit.models.segmenter import build_segmenter, load_segmenter
+    from hpvit.export import load_dense
+    from hpvit.models.segmenter import build_segmenter
 
     m = build_segmenter(str(tiny_vit_sd), "paper-seg", 5, 64, channels=32).eval()
     sd = {k: v.contiguous() for k, v in m.state_dict().items()}
@@ -184,7 +185,7 @@ def test_dense_files_saved_with_the_final_norm_still_load(tmp_path, tiny_vit_sd)
             "layout": "camvid", "crop": 64, "base_size": None, "head_channels": 32, "ignore_value": None,
             "reuse": report}
     save_file(sd, str(tmp_path / "old.safetensors"), metadata={"hpvit_dense": json.dumps(meta)})
-    m2, _ = load_segmenter(tmp_path / "old.safetensors")
+    m2 = load_dense(tmp_path / "old.safetensors", "seg")
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(m(x), m2.eval()(x))
@@ -221,14 +222,14 @@ def det_ddp(tmp_path_factory, small_vit, coco8) -> Path:
 @pytest.mark.slow
 def test_det_ddp_ranks_in_sync_and_eval_gathers_every_rank(tmp_path, det_ddp, coco8):
     from hpvit.engine.loop import param_digest
-    from hpvit.models.detector import load_detector
+    from hpvit.export import load_dense
 
     res = _results(det_ddp)
     # (a) both ranks hold the same weights, and they are the saved model's
     assert res["world_size"] == 2 and res["global_batch"] == 2 and res["steps"] == 2
     d = res["rank_param_digests"]
     assert len(d) == 2 and d[0] == d[1] and res["ranks_in_sync"]
-    assert param_digest(load_detector(det_ddp)[0]) == d[0]
+    assert param_digest(load_dense(det_ddp, "det")) == d[0]
     # (b) the evaluation at the end of training ran on 2 processes (2 images + 1): every image once
     ids = [im["id"] for im in json.loads((coco8 / "instances_coco8seg_val.json").read_text())["images"][:N_EVAL]]
     preds2 = json.loads((det_ddp / "predictions.json").read_text())
@@ -304,14 +305,14 @@ SEG_METRICS = ("mIoU", "mAcc", "aAcc", "eval_images")
 @pytest.mark.slow
 def test_seg_ddp_ranks_in_sync_and_eval_gathers_every_rank(tmp_path, seg_ddp, camvid):
     from hpvit.engine.loop import param_digest
-    from hpvit.models.segmenter import load_segmenter
+    from hpvit.export import load_dense
 
     res = _results(seg_ddp)
     # (a)
     assert res["world_size"] == 2 and res["global_batch"] == 4 and res["steps"] == 2
     d = res["rank_param_digests"]
     assert len(d) == 2 and d[0] == d[1] and res["ranks_in_sync"]
-    assert param_digest(load_segmenter(seg_ddp)[0]) == d[0]
+    assert param_digest(load_dense(seg_ddp, "seg")) == d[0]
     # (b) `hpvit eval seg` with 1 and with 2 processes, and the 2-process evaluation at the end of training
     evs = {}
     for n in (1, 2):
@@ -334,7 +335,8 @@ def _seg_val_loss(model, camvid: Path) -> float:
     import torch.nn.functional as F
 
     from hpvit.data.segmentation import IGNORE
-    from hpvit.tasks.segmentation import predict_logits, seg_subset
+    from hpvit.evaluation.segmentation import predict_logits
+    from hpvit.tasks.segmentation import seg_subset
 
     ds = seg_subset(N_EVAL, "--eval-images", camvid, "camvid", "val", False, 64, 80)
     model.eval()
@@ -350,12 +352,13 @@ def _seg_val_loss(model, camvid: Path) -> float:
 @pytest.mark.slow
 def test_seg_two_processes_train_like_one(tmp_path, seg_ddp, small_vit, camvid):
     """(c) 2 processes x batch 2 vs 1 process x batch 2 x 2 accumulation steps (see TRAIN_TOL)."""
-    from hpvit.models.segmenter import build_segmenter, load_segmenter
+    from hpvit.export import load_dense
+    from hpvit.models.segmenter import build_segmenter
 
     one = tmp_path / "one"
     r = _ok(_hpvit(_seg_args(small_vit, camvid, one, 2, "--accum-steps", 2)))
     assert "1 process(es)" in r.stderr and "global batch 4" in r.stderr and _results(one)["steps"] == 2
-    m1, m2 = load_segmenter(one)[0], load_segmenter(seg_ddp)[0]
+    m1, m2 = load_dense(one, "seg"), load_dense(seg_ddp, "seg")
     m0 = _fresh_init(lambda: build_segmenter(str(small_vit), "paper-seg", 11, 64, 0.0, channels=32))
     _assert_is_start_of(m0, m1.state_dict(), SEG_LR, 2)
     _assert_is_start_of(m0, m2.state_dict(), SEG_LR, 2)

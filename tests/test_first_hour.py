@@ -184,22 +184,18 @@ def test_failed_train_leaves_no_folder(tmp_path, capsys):
 
 # ------------------------------------------------------------------ one load() for detectors and segmenters
 def _seg_task_meta(model, config: str) -> dict:
-    from hpvit.data.segmentation import get_layout
-    from hpvit.engine.recipe import Recipe
-    from hpvit.tasks.segmentation import SegmentationTask
+    from hpvit.tasks.segmentation import segmenter_meta
 
-    t = SegmentationTask.__new__(SegmentationTask)
-    t.config, t.layout, t.layout_name, t.recipe = config, get_layout("camvid"), "camvid", Recipe(img_size=64)
-    t.base_size, t.head_channels, t.ignore_value = None, 32, None
-    return t.meta(model)
+    return segmenter_meta(model, config, "camvid", crop=64, base_size=None, head_channels=32)
 
 
 def test_load_returns_detector_and_segmenter(tmp_path, tiny_init, capsys):
-    from hpvit.models.dense_io import save_dense
+    from hpvit.export import save_dense
     from hpvit.models.detector import MaskRCNNModel
     from hpvit.models.segmenter import UperNetSegmenter
-    from hpvit.tasks.detection import build_detector, detector_meta
-    from hpvit.tasks.segmentation import build_segmenter
+    from hpvit.models.detector import build_detector
+    from hpvit.models.segmenter import build_segmenter
+    from hpvit.tasks.detection import detector_meta
 
     det = build_detector(str(tiny_init), "plain-det", 2, 64, rcnn={"rpn_post_nms_top_n_test": 20}).eval()
     src = SimpleNamespace(cat_ids=[1, 2], cat_names=["cat", "dog"])
@@ -234,7 +230,7 @@ def test_load_returns_detector_and_segmenter(tmp_path, tiny_init, capsys):
 # ------------------------------------------------------------------ pictures
 def test_segmentation_picture_has_titles_and_legend(tmp_path, monkeypatch):
     from hpvit.data.segmentation import get_layout
-    from hpvit.tasks.segmentation import draw_segmentation, spread_indices
+    from hpvit.evaluation.segmentation import draw_segmentation, spread_indices
 
     assert spread_indices(101, 3) == [0, 50, 100] and spread_indices(2, 3) == [0, 1]
     figs = FigureTexts(monkeypatch)
@@ -251,7 +247,7 @@ def test_segmentation_picture_has_titles_and_legend(tmp_path, monkeypatch):
 
 
 def test_detection_picture_shows_ground_truth_and_says_when_nothing_is_detected(tmp_path, monkeypatch):
-    from hpvit.tasks.detection import draw_predictions
+    from hpvit.evaluation.detection import draw_predictions
 
     figs = FigureTexts(monkeypatch)
     img = torch.rand(3, 64, 80)

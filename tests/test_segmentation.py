@@ -17,7 +17,8 @@ from PIL import Image
 from helpers import random_timm_vit
 
 from hpvit.data.segmentation import IGNORE, SegDataError, SegDataset, collate_seg
-from hpvit.tasks.segmentation import UperNetSegmenter, build_segmenter, confusion_sums, predict_logits, seg_metrics
+from hpvit.evaluation.segmentation import confusion_sums, predict_logits, seg_metrics
+from hpvit.models.segmenter import UperNetSegmenter, build_segmenter
 
 from conftest import shared_path
 

@@ -31,21 +31,27 @@ import importlib.util
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_file, save_model
 
 from .checkpoints.native import FORMAT_VERSION, model_file, read_metadata
 from .checkpoints.spec import PlainSpec
 from .config import HPViTConfig
 from .errors import CheckpointError, ConfigError, InputError, OutputError
-from .models.dense_io import load_dense
+from .models.dense import mark_dropped_in_report, unused_dense_keys
+from .models.detector import detector_from_meta
 from .models.hierarchical import HierarchicalViT
 from .models.reuse import restore_reuse_report
-from .utils import atomic_write
+from .models.segmenter import segmenter_from_meta
+from .utils import atomic_write, write_text_atomic
+
+# what a dense file's "task" names -> the function that builds that (untrained) model from the description
+DENSE_FROM_META = {"det": detector_from_meta, "seg": segmenter_from_meta}
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -123,6 +129,71 @@ def _shapes_fit(model, sd: dict, path) -> bool:
             "metadata or the tensors were edited. Re-create the file from the original checkpoint with `hpvit convert`"
         )
     return True
+
+
+# ---------------------------------------------------------------------------------------------- dense models
+def dense_backbone_meta(body: nn.Module) -> dict[str, Any]:
+    """The backbone's part of a detector / segmenter file's description: kind (``hierarchical`` / ``plain``),
+    HPViTConfig, plain spec, pyramid blocks (plain baseline) and the conversion's reuse report."""
+    meta = {"backbone": body.kind, "config": body.vit.config.to_dict(), "spec": body.vit.spec.to_dict(),
+            "out_indices": list(getattr(body, "out_indices", []) or [])}
+    report = getattr(body.vit, "_reuse_report", None)
+    if report is not None:
+        meta["reuse"] = report.to_dict()
+    return meta
+
+
+def save_dense(model: nn.Module, path: "str | os.PathLike", meta: dict[str, Any]) -> Path:
+    """Write a detector / segmenter's weights to ``path`` (.safetensors, the description ``meta`` in its metadata)
+    and ``meta`` next to it (``path`` with .json), both atomically."""
+    p = Path(path)
+    atomic_write(p, lambda tmp: save_model(model, tmp, metadata={"hpvit_dense": json.dumps(meta)}), force=True)
+    write_text_atomic(p.with_suffix(".json"), json.dumps(meta, indent=2))
+    return p
+
+
+def read_dense(path: "str | os.PathLike", expect_task: "str | None",
+               tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state_dict, meta)`` of a file written by :func:`save_dense`; ``path`` may be a training directory.
+    ``expect_task`` None accepts any task; ``tensors=False`` reads only the metadata (empty state dict)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such model file; pass a `hpvit train {expect_task or 'det|seg'}` output "
+                              "directory or its model.safetensors")
+    md = read_metadata(p)
+    try:
+        sd = load_file(str(p)) if tensors else {}
+    except Exception as e:
+        raise CheckpointError(f"{p}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if "hpvit_dense" not in md:
+        hint = " (it is an hpvit classifier/backbone file: load it with hpvit.load)" if "hpvit_config" in md else ""
+        raise CheckpointError(f"{p}: not an hpvit dense-prediction model (no 'hpvit_dense' metadata){hint}; give the "
+                              f"output of `hpvit train {expect_task or 'det|seg'}`")
+    meta = json.loads(md["hpvit_dense"])
+    if expect_task is not None and meta.get("task") != expect_task:
+        raise CheckpointError(f"{p}: holds a {meta.get('task')!r} model, not a {expect_task!r} one; use "
+                              f"`hpvit eval {meta.get('task')}`")
+    return sd, meta
+
+
+def load_dense(path: "str | os.PathLike", expect_task: "str | None" = None) -> nn.Module:
+    """The detector or segmenter in ``path`` (whichever its metadata names, or ``expect_task``), with its
+    description in ``model.hpvit_meta`` and its conversion's reuse report restored."""
+    sd, meta = read_dense(path, expect_task)
+    task = meta.get("task")
+    if task not in DENSE_FROM_META:
+        raise CheckpointError(f"{path}: holds a {task!r} model, which this version of hpvit cannot load; upgrade hpvit")
+    model = DENSE_FROM_META[task](meta)
+    vit = model.body.vit
+    prefix = next(n for n, m in model.named_modules() if m is vit) + "."
+    old = unused_dense_keys(sd, prefix)  # files saved while dense models still held the ViT's final norm / head
+    model.load_state_dict({k: v for k, v in sd.items() if k not in old}, strict=True)
+    restore_reuse_report(vit, meta.get("reuse"), path)
+    mark_dropped_in_report(vit, {k[len(prefix):]: sd[k].numel() for k in old})
+    model.hpvit_meta = meta
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- graphs

@@ -210,7 +210,7 @@ def name_or_json(value: "str | os.PathLike", names: "list[str]", kind: str) -> "
     try:
         d = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: not valid JSON ({e})") from e
+        raise ConfigError(f"{p}: not a valid JSON {kind.split()[0]} ({e})") from e
     if not isinstance(d, dict):
         raise ConfigError(f"{p}: expected a JSON object of {kind} fields")
     return str(p), d

@@ -16,6 +16,7 @@ from huggingface_hub import constants as hub_constants
 from ..errors import CheckpointError, OfflineError
 from .detect import closest_format, detect_format, format_names, get_format
 from .io import read_folder_config, read_folder_or_file, unwrap_state_dict
+from .native import is_hpvit_model_file
 from .spec import PlainSpec, check_shapes, infer_spec, is_canonical_key
 
 __all__ = ["PlainViT", "PlainSpec", "load_plain", "infer_spec"]
@@ -144,6 +145,11 @@ def load_plain(
         spec_overrides = {**hub_overrides, **spec_overrides}
     else:
         source = os.fspath(src)
+        if is_hpvit_model_file(source):
+            raise CheckpointError(
+                f"{source}: a model file hpvit wrote (already transformed), not a plain ViT checkpoint; load it with "
+                "hpvit.load(path) (dense backbones: build_dense_backbone(hpvit.load(path), ...); the commands take "
+                "such files as --init directly)")
         obj = read_folder_or_file(source)
         folder_config = read_folder_config(source)
     sd = unwrap_state_dict(obj, source)

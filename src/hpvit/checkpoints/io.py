@@ -18,7 +18,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import CheckpointError
-from ..utils import atomic_write, write_text_atomic  # noqa: F401  TEMPORARY re-export, removed in this re-layering
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 WRAPPER_KEYS = ("model", "state_dict", "model_state", "module", "model_ema", "teacher")

@@ -4,7 +4,6 @@
 library only inside the functions that run a command.
 """
 
-from .common import parse_key_values  # noqa: F401  TEMPORARY (tasks/detection, tasks/segmentation)
 from .main import build_parser, main
 
 __all__ = ["main", "build_parser"]

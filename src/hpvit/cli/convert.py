@@ -74,7 +74,6 @@ def _build(src: str, config: "str | None", num_classes: int | None = None, forma
     the plain dense baselines (``plain-det``, ``plain-seg``) included."""
     from ..checkpoints import load_plain
     from ..checkpoints.native import is_hpvit_model_file
-    from ..config import get_config
     from ..export import load
     from ..models.build import from_plain
 
@@ -86,7 +85,7 @@ def _build(src: str, config: "str | None", num_classes: int | None = None, forma
     plain = load_plain(src, format=format, **parse_key_values(spec, "--spec"))
     if steps:
         steps.step(f"mapping its weights onto {config}")
-    return from_plain(plain, config=get_config(config), num_classes=num_classes), plain
+    return from_plain(plain, config=config, num_classes=num_classes), plain
 
 
 def _saved_backbone(model, src: str, config: "str | None"):
@@ -259,7 +258,6 @@ def cmd_demo(args) -> int:
     from ..analysis import format_table, stage_table
     from ..checkpoints import load_plain
     from ..checkpoints.native import is_hpvit_model_file
-    from ..config import get_config
     from ..export import load
     from ..models.build import from_plain
     from ..utils import atomic_write
@@ -283,7 +281,7 @@ def cmd_demo(args) -> int:
         plain = load_plain(sd)
         plain.source = "random ViT-Tiny/16 (no checkpoint)"
     if model is None:
-        model = from_plain(plain, config=get_config(args.config)).eval()
+        model = from_plain(plain, config=args.config).eval()
         source = plain.source
         print(plain.summary())
     if model.keep_prefix or len(model.feature_info) != 4:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import time
 
-from .common import add_run_args, add_subset_args
+from .common import add_run_args, add_subset_args, dense_recipe, eval_out_dir, parse_key_values, run_training
 
 TRAIN_HELP = "train Mask R-CNN (FPN) on a transformed or plain ViT backbone with COCO-format data"
 EVAL_HELP = "COCO box / mask AP of a trained Mask R-CNN, predictions json and a PNG of predictions"
-RUN_TRAIN = "hpvit.tasks.detection:run_train"
-RUN_EVAL = "hpvit.tasks.detection:run_eval"
 
 
 def add_dense_train_args(p: argparse.ArgumentParser, default_config: str, configs: str) -> None:
@@ -69,8 +69,81 @@ def add_det_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, help="image folder of --ann")
     add_subset_args(p, slices=True, train=False, aliases={"--val-images": "--eval-images"})
     p.add_argument("--out", default=None, help="output directory (default: MODEL_DIR/eval)")
-    p.add_argument("--img-size", type=int, default=None, help="default: the training size")
+    p.add_argument("--img-size", type=int, default=None, help="longer side (default: the training size)")
+    p.add_argument("--short-side", type=int, default=None,
+                   help="resize the shorter side to this instead (the 1x protocol's 800), longer side capped by "
+                        "--max-long-side")
+    p.add_argument("--max-long-side", type=int, default=None, help="with --short-side: longer side at most this (1333)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--vis-images", type=int, default=4, help="images drawn into predictions.png")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None)
+
+
+def as_range(spec: "str | None") -> "str | None":
+    """A subset flag for the COCO image list: ``N`` -> ``"0:N"`` (the first N), ``START:STOP`` unchanged."""
+    return f"0:{int(spec)}" if spec is not None and ":" not in spec else spec
+
+
+def run_train(args) -> int:
+    import torch
+
+    from ..tasks.detection import DetectionTask
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = dense_recipe(args)
+    task = DetectionTask(args.init, recipe, config=args.config, ann=args.ann, images=args.images, out=args.out,
+                         train_range=as_range(args.train_images), val_ann=args.val_ann, val_images=args.val_images_dir,
+                         val_range=as_range(args.eval_images), lsj=args.lsj, fmt=args.format,
+                         rcnn=parse_key_values(args.rcnn, "--rcnn"))
+    return run_training(task, recipe, args)
+
+
+def run_eval(args) -> int:
+    """Evaluate a saved detector: the model, the COCO images and the detection evaluator (no training task)."""
+    import torch
+
+    from ..data.coco import CocoSource, collate_detection, parse_range
+    from ..engine import distributed as D
+    from ..engine.loop import evaluate
+    from ..engine.recipe import Recipe
+    from ..errors import ConfigError
+    from ..evaluation.detection import METRIC_UNITS, DetectionEvaluator
+    from ..export import load_dense
+    from ..tasks.detection import coco_dataset, prepare_detection, visualize
+    from ..utils import write_text_atomic
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_dense(args.model, "det")
+    meta = model.hpvit_meta
+    out = eval_out_dir(args.model, args.out)
+    src = CocoSource(args.ann, args.images)
+    if src.cat_ids != meta["cat_ids"]:
+        raise ConfigError(f"{args.ann}: its categories differ from the model's ({len(src.cat_ids)} vs "
+                          f"{len(meta['cat_ids'])}); evaluate on data with the training category list")
+    rng = as_range(args.eval_images)
+    idx = parse_range(rng, len(src.images), "--eval-images")
+    img_size = args.img_size or meta["img_size"]
+    recipe = Recipe(img_size=img_size, test_short_side=args.short_side, max_long_side=args.max_long_side)
+    split = f"{src.ann_file.name}" + (f" images {rng}" if rng else "")
+    ds = coco_dataset(src, idx, False, recipe)
+    dist = D.init_distributed(args.device)
+    try:
+        model.to(dist.device)
+        t = time.time()
+        m = evaluate(DetectionEvaluator(src, idx, out), model, ds, args.batch_size, 0, dist,
+                     desc=f"evaluating {split}", collate_fn=collate_detection, prepare=prepare_detection)
+        if dist.is_main:
+            png = visualize(model, coco_dataset(src, idx[: args.vis_images], False, recipe), src.cat_names,
+                            out / "predictions.png")
+            m.update({"model": str(args.model), "ann": str(args.ann), "split": split, "img_size": img_size,
+                      "metric_units": METRIC_UNITS,
+                      "eval_time_s": round(time.time() - t, 2), "predictions_json": str(out / "predictions.json"),
+                      "predictions_png": str(png)})
+            write_text_atomic(out / "results.json", json.dumps(m, indent=2))
+            print(json.dumps(m, indent=2))
+    finally:
+        D.cleanup(dist)
+    return 0

@@ -32,10 +32,10 @@ def build_parser(argv: "Sequence[str] | None" = None) -> argparse.ArgumentParser
     for name, mod in TASKS:
         p = tr.add_parser(name, help=mod.TRAIN_HELP)
         getattr(mod, f"add_{name}_train_args")(p)
-        p.set_defaults(func=getattr(mod, "RUN_TRAIN", f"hpvit.cli.{name}:run_train"))
+        p.set_defaults(func=f"hpvit.cli.{name}:run_train")
         p = ev.add_parser(name, help=mod.EVAL_HELP)
         getattr(mod, f"add_{name}_eval_args")(p)
-        p.set_defaults(func=getattr(mod, "RUN_EVAL", f"hpvit.cli.{name}:run_eval"))
+        p.set_defaults(func=f"hpvit.cli.{name}:run_eval")
     return parser
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
+import time
 
-from .common import add_subset_args
+from .common import add_subset_args, dense_recipe, eval_out_dir, run_training
 from .det import add_dense_train_args
 
 TRAIN_HELP = "train UperNet on a transformed or plain ViT backbone (CamVid / ADE20K / Cityscapes layouts)"
 EVAL_HELP = "mIoU / mAcc (and per class) of a trained segmenter, whole-image or sliding-window inference"
-RUN_TRAIN = "hpvit.tasks.segmentation:run_train"
-RUN_EVAL = "hpvit.tasks.segmentation:run_eval"
 
 
 def _add_seg_data_args(p: argparse.ArgumentParser, train: bool = False) -> None:
@@ -18,8 +18,11 @@ def _add_seg_data_args(p: argparse.ArgumentParser, train: bool = False) -> None:
     p.add_argument("--layout", default="camvid", choices=("camvid", "ade20k", "cityscapes"),
                    help="folder layout and label convention (docs/dense.md)")
     p.add_argument("--base-size", type=int, default=None,
-                   help="resize images so the longer side is this (before scale jitter / for evaluation); default: original")
-    p.add_argument("--mode", default="whole", choices=("whole", "slide"), help="inference: whole image or sliding window")
+                   help="resize images so the longer side is this (before scale jitter / for evaluation); default: "
+                        + ("the recipe's base_size, else original" if train else "the training base size"))
+    p.add_argument("--mode", default=None if train else "whole", choices=("whole", "slide"),
+                   help="inference: whole image or sliding window (default: "
+                        + ("the recipe's eval_mode, else whole)" if train else "whole)"))
     p.add_argument("--ignore-value", type=int, default=None,
                    help="raw label value meaning 'not labelled' (default per layout: camvid 11, ade20k 0, "
                         "cityscapes 255); any other value outside the classes is an error")
@@ -45,3 +48,65 @@ def add_seg_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vis-images", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None)
+
+
+def run_train(args) -> int:
+    import torch
+
+    from ..tasks.segmentation import SegData, SegmentationTask
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = dense_recipe(args)
+    data = SegData(args.data, args.layout, args.train_split, args.val_split or None, args.train_images,
+                   args.eval_images, args.base_size, args.ignore_value)
+    task = SegmentationTask(args.init, recipe, data, config=args.config, out=args.out, mode=args.mode,
+                            head_channels=args.head_channels, fmt=args.format)
+    return run_training(task, recipe, args)
+
+
+def run_eval(args) -> int:
+    """Evaluate a saved segmenter: the model, the dataset and the segmentation evaluator (no training task)."""
+    import torch
+
+    from ..data.segmentation import collate_seg, get_layout
+    from ..engine import distributed as D
+    from ..engine.loop import evaluate
+    from ..errors import ConfigError
+    from ..evaluation.segmentation import METRIC_UNITS, SegmentationEvaluator
+    from ..export import load_dense
+    from ..tasks.segmentation import prepare_segmentation, seg_subset, visualize
+    from ..utils import write_text_atomic
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_dense(args.model, "seg")
+    meta = model.hpvit_meta
+    out = eval_out_dir(args.model, args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    layout = get_layout(args.layout)
+    if list(layout.classes) != list(meta["classes"]):
+        raise ConfigError(f"the model was trained on the {meta['layout']} classes; --layout {args.layout} has different "
+                          "classes")
+    base = args.base_size if args.base_size is not None else meta["base_size"]
+    crop = args.crop or meta["crop"]
+    ignore = args.ignore_value if args.ignore_value is not None else meta.get("ignore_value")
+    ds = seg_subset(args.eval_images, "--eval-images", args.data, args.layout, args.split, False, crop, base,
+                    ignore_value=ignore)
+    dist = D.init_distributed(args.device)
+    try:
+        model.to(dist.device)
+        t = time.time()
+        m = evaluate(SegmentationEvaluator(layout.classes, args.mode, crop), model, ds, 1, 0, dist,
+                     desc=f"evaluating {args.split}", collate_fn=collate_seg, prepare=prepare_segmentation)
+        if dist.is_main:
+            png = visualize(model, ds, args.vis_images, args.mode, crop, layout.palette, out / "predictions.png")
+            m.update({"model": str(args.model), "data": str(args.data), "split": args.split, "inference": args.mode,
+                      "metric_units": METRIC_UNITS,
+                      "base_size": base, "crop": crop, "eval_time_s": round(time.time() - t, 2),
+                      "predictions_png": str(png)})
+            write_text_atomic(out / "results.json", json.dumps(m, indent=2))
+            print(json.dumps({k: v for k, v in m.items() if not k.startswith(("IoU.", "Acc."))}, indent=2))
+    finally:
+        D.cleanup(dist)
+    return 0

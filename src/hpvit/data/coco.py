@@ -19,6 +19,8 @@ for training, plus horizontal flips; ``lsj=True`` is large-scale jitter (factor 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError, HPViTError
+from ..errors import ConfigError, DataError, HPViTError
 from .images import decode_image, probe_image
 
 
@@ -236,9 +238,6 @@ class CocoSource:
                              for a in self.raw["annotations"] if a["image_id"] in ids]}
         gt = COCO()
         gt.dataset = d
-        import contextlib
-        import io
-
         with contextlib.redirect_stdout(io.StringIO()):
             gt.createIndex()
         return gt
@@ -274,11 +273,18 @@ class CocoInstances(torch.utils.data.Dataset):
 
     def __init__(self, source: CocoSource, indices: Sequence[int] | None, train: bool, img_size: int = 512,
                  scale_range: tuple[float, float] = (0.75, 1.25), flip: float = 0.5, lsj: bool = False,
-                 lsj_range: tuple[float, float] = (0.1, 2.0)):
+                 lsj_range: tuple[float, float] = (0.1, 2.0), short_sides: "Sequence[int] | None" = None,
+                 max_long_side: "int | None" = None):
         self.source = source
         self.indices = list(range(len(source.images))) if indices is None else list(indices)
         self.train, self.img_size, self.scale_range, self.flip = train, img_size, scale_range, flip
         self.lsj, self.lsj_range = lsj, lsj_range
+        # the 1x protocol (mmdet's multi-scale resize): shorter side drawn from short_sides (one value at
+        # test), longer side at most max_long_side; replaces the longer-side img_size + jitter resizing
+        self.short_sides, self.max_long_side = (tuple(short_sides) if short_sides else None), max_long_side
+        if self.short_sides and lsj:
+            raise ConfigError("--lsj and the recipe's train_short_sides (multi-scale resizing) are two resizing "
+                              "schemes; drop --lsj or use a recipe without train_short_sides")
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -316,7 +322,12 @@ class CocoInstances(torch.utils.data.Dataset):
         labels = torch.tensor([src.label_of[a["category_id"]] for a in anns], dtype=torch.int64)
         h, w = img.shape[-2:]
         base = self.img_size / max(h, w)
-        if self.train:
+        if self.short_sides:
+            short = random.choice(self.short_sides) if self.train else self.short_sides[0]
+            scale = short / min(h, w)
+            if self.max_long_side:
+                scale = min(scale, self.max_long_side / max(h, w))
+        elif self.train:
             lo, hi = self.lsj_range if self.lsj else self.scale_range
             scale = base * random.uniform(lo, hi)
         else:

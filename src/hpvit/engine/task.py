@@ -49,10 +49,6 @@ class Task:
 
     def evaluator(self):
         """*Required for evaluation.* A fresh :class:`hpvit.evaluation.Evaluator` for the evaluation set."""
-        if hasattr(self, "eval_batch"):  # TEMPORARY bridge for tasks not yet moved to an evaluator
-            from ..evaluation.base import SumEvaluator
-
-            return SumEvaluator(self.eval_batch, getattr(self, "eval_finalize", dict))
         raise NotImplementedError
 
     def results(self, model: nn.Module) -> dict[str, Any]:

@@ -31,7 +31,7 @@ def from_plain(
     ``model.reuse_report()`` then lists reused, new and dropped tensors.
     """
     plain = load_plain(src, format=format, **(spec_overrides or {}))
-    cfg = get_config(config, **config_overrides)
+    cfg = get_config(config, **config_overrides)  # resolved once, here; the model keeps this object
     model = HierarchicalViT(plain.spec, cfg, num_classes=num_classes)
     sd, report = convert_state_dict(plain, model)
     model.load_state_dict(sd, strict=True)

@@ -28,7 +28,6 @@ Both offer the dense-backbone contract (:mod:`hpvit.models.contract`): ``feature
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import torch
@@ -37,7 +36,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoints import load_plain
-from ..checkpoints.native import is_hpvit_file
 from ..config import DENSE_PRESETS, HPViTConfig, baseline_global_blocks, get_config
 from ..errors import ConfigError, InputError
 from .build import from_plain
@@ -186,9 +184,65 @@ class PlainPyramidBackbone(Wraps, nn.Module):
                 for i, (c, r) in enumerate(zip(self.out_channels, self.strides))]
 
 
+# The parts of the plain ViT that no dense backbone runs. Both backbones read the pyramid levels off the
+# blocks' outputs (HierarchicalViT.forward_intermediates with norm=False; the plain baseline's chosen blocks),
+# and each level gets its own LayerNorm2d (``body.norms`` / ``body.fpn.norms``): the ViT's final ``norm`` --
+# and a classifier checkpoint's ``fc_norm``, ``head_proj`` and ``head`` -- would be parameters that can never
+# get a gradient. Kept, they are dead weight in every saved model and they make DistributedDataParallel fail
+# on the second step ("Expected to have finished reduction in the prior iteration ... parameters that were
+# not used in producing loss"). So the dense models leave them out (and the reuse report says so).
+UNUSED_IN_DENSE = ("norm", "fc_norm", "head_proj", "head")
+UNUSED_IN_DENSE_WHY = ("not used by the dense backbone: every pyramid level gets its own LayerNorm (the "
+                       "ViT's final norm / pooled-feature norm / classifier is never run)")
+
+
+def drop_unused_vit_parts(body: nn.Module) -> list[str]:
+    """Remove from ``body.vit`` (in place) the modules a dense backbone never runs (:data:`UNUSED_IN_DENSE`).
+    Returns the state-dict keys (relative to ``body.vit``) that went; the ViT's reuse report lists them as
+    dropped rather than reused."""
+    vit = body.vit
+    sd = vit.state_dict()
+    removed = [k for k in sd if k.split(".", 1)[0] in UNUSED_IN_DENSE]
+    vit.norm = nn.Identity()
+    vit.fc_norm = nn.Identity()
+    vit.head = nn.Identity()
+    vit.head_proj = None
+    mark_dropped_in_report(vit, {k: sd[k].numel() for k in removed})
+    return removed
+
+
+def mark_dropped_in_report(vit: nn.Module, numel: dict[str, int]) -> None:
+    """Move the model keys ``numel`` (key -> element count) from the reuse report's ``reused`` list to its
+    ``dropped`` map (idempotent; also fixes reports stored in files saved before these parts were removed)."""
+    report = getattr(vit, "_reuse_report", None)
+    if report is None:
+        return
+    gone = lambda key: key.split(".", 1)[0] in UNUSED_IN_DENSE  # noqa: E731
+    moved = [r for r in report.reused if gone(r[0])]
+    fresh = [k for k in report.new if gone(k)]
+    report.reused = [r for r in report.reused if not gone(r[0])]
+    report.new = [k for k in report.new if not gone(k)]
+    for _, source_key, _ in moved:
+        report.dropped[source_key] = UNUSED_IN_DENSE_WHY
+    n_moved, n_fresh = sum(numel.get(m, 0) for m, _, _ in moved), sum(numel.get(k, 0) for k in fresh)
+    if report.numel:
+        if n_moved:
+            report.numel["reused"] = report.numel.get("reused", 0) - n_moved
+            report.numel["dropped"] = report.numel.get("dropped", 0) + n_moved
+        if n_fresh:
+            report.numel["new"] = report.numel.get("new", 0) - n_fresh
+
+
+def unused_dense_keys(sd: dict[str, torch.Tensor], vit_prefix: str) -> list[str]:
+    """Keys of ``sd`` under ``vit_prefix`` that belong to :data:`UNUSED_IN_DENSE` (files saved before they
+    were left out of dense models hold them)."""
+    return [k for k in sd if k.startswith(vit_prefix) and k[len(vit_prefix):].split(".", 1)[0] in UNUSED_IN_DENSE]
+
+
 def build_dense_backbone(init, config: "str | HPViTConfig | dict" = "paper-det", fmt: "str | None" = None,
                          **overrides: Any) -> nn.Module:
-    """A dense backbone (4 maps at strides 4..32).
+    """A dense backbone (4 maps at strides 4..32), without the ViT parts no dense backbone runs
+(:data:`UNUSED_IN_DENSE`).
 
     ``init``: a plain checkpoint (path, ``timm:<name>``, state dict) built with ``config`` -- ``paper-det`` /
     ``paper-seg`` (or any 4-stage preset, JSON file, dict or HPViTConfig) for the transformed model,
@@ -196,10 +250,6 @@ def build_dense_backbone(init, config: "str | HPViTConfig | dict" = "paper-det",
     :class:`HierarchicalViT` already built (e.g. loaded from ``hpvit adapt``'s output: its own config is the
     backbone's; ``config`` is then not used). ``overrides``: HPViTConfig fields (``drop_path_rate``...).
     """
-    if isinstance(init, (str, os.PathLike)) and is_hpvit_file(init):  # TEMPORARY: tasks will load such files
-        from ..export import load
-
-        init = load(init)
     if isinstance(init, HierarchicalViT):
         vit = init.as_backbone()
         if "drop_path_rate" in overrides:
@@ -207,7 +257,7 @@ def build_dense_backbone(init, config: "str | HPViTConfig | dict" = "paper-det",
         if vit.keep_prefix or len(vit.feature_info) != 4:
             raise ConfigError(f"the given model's config has {len(vit.feature_info)} stage(s); dense tasks need a "
                               "4-stage config")
-        return PyramidBackbone(vit)
+        return _dense(PyramidBackbone(vit))
     if isinstance(init, nn.Module):
         raise ConfigError("build_dense_backbone takes a plain checkpoint (path, timm:<name> or state dict) or an "
                           "hpvit HierarchicalViT")
@@ -215,19 +265,24 @@ def build_dense_backbone(init, config: "str | HPViTConfig | dict" = "paper-det",
     if cfg.num_stages == 1 and not cfg.keep_prefix_tokens:
         plain = load_plain(init, format=fmt)
         vit = from_plain(plain, cfg)
-        return PlainPyramidBackbone(vit, plain_out_indices(cfg.name, plain.spec.depth))
+        return _dense(PlainPyramidBackbone(vit, plain_out_indices(cfg.name, plain.spec.depth)))
     vit = from_plain(init, cfg, format=fmt)
     if vit.keep_prefix or len(vit.feature_info) != 4:
         raise ConfigError(
             f"config {cfg.name!r} has {len(vit.feature_info)} stage(s); dense tasks need a 4-stage config or a "
             f"plain baseline: choose from {DENSE_PRESETS}"
         )
-    return PyramidBackbone(vit)
+    return _dense(PyramidBackbone(vit))
+
+
+def _dense(body: nn.Module) -> nn.Module:
+    drop_unused_vit_parts(body)
+    return body
 
 
 def backbone_from_config(spec, config: dict, kind: str, out_indices: "Sequence[int] | None" = None) -> nn.Module:
     """Rebuild an (untrained) dense backbone from a saved ``HPViTConfig`` dict and plain spec (for loading)."""
     vit = HierarchicalViT(spec, HPViTConfig.from_dict(config))
     if kind == "plain":
-        return PlainPyramidBackbone(vit, out_indices)
-    return PyramidBackbone(vit)
+        return _dense(PlainPyramidBackbone(vit, out_indices))
+    return _dense(PyramidBackbone(vit))

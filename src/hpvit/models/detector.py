@@ -1,6 +1,6 @@
 """Mask R-CNN over a dense ViT backbone: torchvision's ``MaskRCNN`` with an FPN on the four maps of a
-transformed (``paper-det``) or plain-baseline (``plain-det``) backbone; building, and loading the files
-``hpvit train det`` writes (see :mod:`hpvit.models.dense_io`)."""
+transformed (``paper-det``) or plain-baseline (``plain-det``) backbone. Files ``hpvit train det`` writes are
+read back by :func:`hpvit.export.load`."""
 
 from __future__ import annotations
 
@@ -11,65 +11,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+from torchvision.ops.poolers import initLevelMapper
+
+from ..checkpoints.spec import PlainSpec
 from ..errors import ConfigError
 from .contract import Wraps
 from .dense import backbone_from_config, build_dense_backbone
-from .dense_io import read_dense, restore_reuse_report
-
-# The parts of the plain ViT that no dense backbone runs. Both backbones read the pyramid levels off the
-# blocks' outputs (HierarchicalViT.forward_intermediates with norm=False; the plain baseline's chosen blocks),
-# and each level gets its own LayerNorm2d (``body.norms`` / ``body.fpn.norms``): the ViT's final ``norm`` --
-# and a classifier checkpoint's ``fc_norm``, ``head_proj`` and ``head`` -- would be parameters that can never
-# get a gradient. Kept, they are dead weight in every saved model and they make DistributedDataParallel fail
-# on the second step ("Expected to have finished reduction in the prior iteration ... parameters that were
-# not used in producing loss"). So the dense models leave them out (and the reuse report says so).
-UNUSED_IN_DENSE = ("norm", "fc_norm", "head_proj", "head")
-UNUSED_IN_DENSE_WHY = ("not used by the dense backbone: every pyramid level gets its own LayerNorm (the "
-                       "ViT's final norm / pooled-feature norm / classifier is never run)")
-
-
-def drop_unused_vit_parts(body: nn.Module) -> list[str]:
-    """Remove from ``body.vit`` (in place) the modules a dense backbone never runs (:data:`UNUSED_IN_DENSE`).
-    Returns the state-dict keys (relative to ``body.vit``) that went; the ViT's reuse report lists them as
-    dropped rather than reused."""
-    vit = body.vit
-    sd = vit.state_dict()
-    removed = [k for k in sd if k.split(".", 1)[0] in UNUSED_IN_DENSE]
-    vit.norm = nn.Identity()
-    vit.fc_norm = nn.Identity()
-    vit.head = nn.Identity()
-    vit.head_proj = None
-    mark_dropped_in_report(vit, {k: sd[k].numel() for k in removed})
-    return removed
-
-
-def mark_dropped_in_report(vit: nn.Module, numel: dict[str, int]) -> None:
-    """Move the model keys ``numel`` (key -> element count) from the reuse report's ``reused`` list to its
-    ``dropped`` map (idempotent; also fixes reports stored in files saved before these parts were removed)."""
-    report = getattr(vit, "_reuse_report", None)
-    if report is None:
-        return
-    gone = lambda key: key.split(".", 1)[0] in UNUSED_IN_DENSE  # noqa: E731
-    moved = [r for r in report.reused if gone(r[0])]
-    fresh = [k for k in report.new if gone(k)]
-    report.reused = [r for r in report.reused if not gone(r[0])]
-    report.new = [k for k in report.new if not gone(k)]
-    for _, source_key, _ in moved:
-        report.dropped[source_key] = UNUSED_IN_DENSE_WHY
-    n_moved, n_fresh = sum(numel.get(m, 0) for m, _, _ in moved), sum(numel.get(k, 0) for k in fresh)
-    if report.numel:
-        if n_moved:
-            report.numel["reused"] = report.numel.get("reused", 0) - n_moved
-            report.numel["dropped"] = report.numel.get("dropped", 0) + n_moved
-        if n_fresh:
-            report.numel["new"] = report.numel.get("new", 0) - n_fresh
-
-
-def unused_dense_keys(sd: dict[str, torch.Tensor], vit_prefix: str) -> list[str]:
-    """Keys of ``sd`` under ``vit_prefix`` that belong to :data:`UNUSED_IN_DENSE` (files saved before they
-    were left out of dense models hold them)."""
-    return [k for k in sd if k.startswith(vit_prefix) and k[len(vit_prefix):].split(".", 1)[0] in UNUSED_IN_DENSE]
-
 
 class BackboneWithFPN(nn.Module):
     """A dense backbone (4 maps at strides 4..32) + torchvision's FPN (``fpn_channels``, an extra
@@ -78,8 +28,6 @@ class BackboneWithFPN(nn.Module):
 
     def __init__(self, body: nn.Module, fpn_channels: int = 256):
         super().__init__()
-        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
-
         self.body = body
         self.fpn = FeaturePyramidNetwork(list(body.out_channels), fpn_channels, extra_blocks=LastLevelMaxPool())
         self.out_channels = fpn_channels
@@ -93,7 +41,6 @@ def _no_resize_transform(min_size: int, max_size: int):
     """torchvision's RCNN transform (normalise, pad the batch to a multiple of 32) without its resize:
     :class:`~hpvit.data.coco.CocoInstances` resizes images and targets itself (so flips, scale jitter
     and LSJ all live in one place) and the predictions come back in the input's pixel coordinates."""
-    from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
     class _T(GeneralizedRCNNTransform):
         def resize(self, image, target=None):
@@ -117,8 +64,6 @@ def _fix_roi_pool_scales(roi_heads: nn.Module, strides) -> None:
     for pool in (roi_heads.box_roi_pool, getattr(roi_heads, "mask_roi_pool", None)):
         if pool is None or not hasattr(pool, "featmap_names"):
             continue
-        from torchvision.ops.poolers import initLevelMapper
-
         scales = [2.0 ** -round(math.log2(strides[int(n)])) for n in pool.featmap_names]
         pool.scales = scales
         pool.map_levels = initLevelMapper(int(-math.log2(scales[0])), int(-math.log2(scales[-1])),
@@ -139,8 +84,6 @@ class MaskRCNNModel(Wraps, nn.Module):
     def __init__(self, body: nn.Module, num_classes: int, fpn_channels: int = 256, img_size: int = 512,
                  rcnn: dict[str, Any] | None = None):
         super().__init__()
-        from torchvision.models.detection import MaskRCNN
-
         self.rcnn = dict(rcnn or {})
         try:
             self.detector = MaskRCNN(BackboneWithFPN(body, fpn_channels), num_classes=num_classes + 1,
@@ -167,22 +110,13 @@ class MaskRCNNModel(Wraps, nn.Module):
 
 def build_detector(init, config: str, num_classes: int, img_size: int, drop_path: float = 0.0,
                    fmt: str | None = None, fpn_channels: int = 256, rcnn: dict[str, Any] | None = None) -> MaskRCNNModel:
-    """Mask R-CNN over the dense backbone ``config`` (paper-det, plain-det, ...) from plain checkpoint ``init``."""
+    """Mask R-CNN over the dense backbone ``config`` (paper-det, plain-det, ...) from ``init`` (a plain checkpoint or
+    a loaded HierarchicalViT, see :func:`~hpvit.models.dense.build_dense_backbone`)."""
     body = build_dense_backbone(init, config, fmt=fmt, drop_path_rate=drop_path, img_size=img_size)
-    drop_unused_vit_parts(body)
     return MaskRCNNModel(body, num_classes, fpn_channels, img_size, rcnn)
 
 
-def load_detector(path) -> tuple[MaskRCNNModel, dict[str, Any]]:
-    """``(model, meta)`` from a file written by ``hpvit train det`` (or its output directory)."""
-    from ..checkpoints.spec import PlainSpec
-
-    sd, meta = read_dense(path, "det")
+def detector_from_meta(meta: dict[str, Any]) -> MaskRCNNModel:
+    """The (untrained) detector a file's description ``meta`` describes (``hpvit.export.load`` fills the weights)."""
     body = backbone_from_config(PlainSpec.from_dict(meta["spec"]), meta["config"], meta["backbone"], meta["out_indices"])
-    drop_unused_vit_parts(body)
-    model = MaskRCNNModel(body, meta["num_classes"], meta["fpn_channels"], meta["img_size"], meta.get("rcnn"))
-    old = unused_dense_keys(sd, "detector.backbone.body.vit.")
-    model.load_state_dict({k: v for k, v in sd.items() if k not in old}, strict=True)
-    restore_reuse_report(body.vit, meta.get("reuse"), path)
-    mark_dropped_in_report(body.vit, {k[len("detector.backbone.body.vit."):]: sd[k].numel() for k in old})
-    return model, meta
+    return MaskRCNNModel(body, meta["num_classes"], meta["fpn_channels"], meta["img_size"], meta.get("rcnn"))

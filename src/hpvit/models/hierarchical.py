@@ -90,7 +90,7 @@ class HierarchicalViT(nn.Module):
 
     def __init__(self, spec: PlainSpec, config: "HPViTConfig | str" = "paper-cls", num_classes: int | None = None):
         super().__init__()
-        cfg = get_config(config)
+        cfg = config if isinstance(config, HPViTConfig) else get_config(config)  # a config object is used as given
         layout = cfg.resolve(spec.depth)
         self.spec, self.config, self.layout = spec, cfg, layout
         self.embed_dim = self.num_features = d = spec.embed_dim

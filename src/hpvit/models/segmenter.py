@@ -1,5 +1,5 @@
 """UperNet semantic segmentation over a dense ViT backbone (transformed ``paper-seg`` or plain ``plain-seg``):
-building, and loading the files ``hpvit train seg`` writes (see :mod:`hpvit.models.dense_io`)."""
+files ``hpvit train seg`` writes are read back by :func:`hpvit.export.load`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints.spec import PlainSpec
 from .contract import Wraps
 from .dense import backbone_from_config, build_dense_backbone
-from .dense_io import read_dense, restore_reuse_report
-from .detector import drop_unused_vit_parts, mark_dropped_in_report, unused_dense_keys
 from .necks import UperNetHead
 
 
@@ -56,21 +55,13 @@ class UperNetSegmenter(Wraps, nn.Module):
 
 def build_segmenter(init, config: str, num_classes: int, img_size: int, drop_path: float = 0.0,
                     fmt: str | None = None, channels: int = 128) -> UperNetSegmenter:
+    """UperNet over the dense backbone ``config`` (paper-seg, plain-seg, ...) from ``init`` (a plain checkpoint or a
+    loaded HierarchicalViT, see :func:`~hpvit.models.dense.build_dense_backbone`)."""
     body = build_dense_backbone(init, config, fmt=fmt, drop_path_rate=drop_path, img_size=img_size)
-    drop_unused_vit_parts(body)  # the ViT's final norm / head never run here (see hpvit.models.detector)
     return UperNetSegmenter(body, num_classes, channels)
 
 
-def load_segmenter(path) -> tuple[UperNetSegmenter, dict[str, Any]]:
-    """``(model, meta)`` from a file written by ``hpvit train seg`` (or its output directory)."""
-    from ..checkpoints.spec import PlainSpec
-
-    sd, meta = read_dense(path, "seg")
+def segmenter_from_meta(meta: dict[str, Any]) -> UperNetSegmenter:
+    """The (untrained) segmenter a file's description ``meta`` describes (``hpvit.export.load`` fills the weights)."""
     body = backbone_from_config(PlainSpec.from_dict(meta["spec"]), meta["config"], meta["backbone"], meta["out_indices"])
-    drop_unused_vit_parts(body)
-    model = UperNetSegmenter(body, meta["num_classes"], meta["head_channels"])
-    old = unused_dense_keys(sd, "body.vit.")  # files saved while the dense model still held them
-    model.load_state_dict({k: v for k, v in sd.items() if k not in old}, strict=True)
-    restore_reuse_report(body.vit, meta.get("reuse"), path)
-    mark_dropped_in_report(body.vit, {k[len("body.vit."):]: sd[k].numel() for k in old})
-    return model, meta
+    return UperNetSegmenter(body, meta["num_classes"], meta["head_channels"])

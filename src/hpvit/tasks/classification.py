@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints.native import is_hpvit_file
-from ..config import get_config
 from ..data import ImageFolderDataset, ImageFolderSource, build_mixup, build_transform
 from ..engine.recipe import Recipe
 from ..engine.task import Task
@@ -92,7 +91,7 @@ class ClassificationTask(Task):
             overrides: dict[str, Any] = {"drop_path_rate": r.drop_path, "img_size": r.img_size}
             if self.head is not None:
                 overrides["head"] = self.head
-            model = from_plain(self.init, get_config(self.config), num_classes=n, format=self.fmt, **overrides)
+            model = from_plain(self.init, self.config, num_classes=n, format=self.fmt, **overrides)
         if r.img_size < model.min_input_size:
             raise ConfigError(
                 f"img_size {r.img_size} is below the minimum {model.min_input_size} of config {model.config.name!r}; "

@@ -251,3 +251,33 @@ def test_cli_train_eval_resume_on_coco8(tmp_path, coco8, deit_tiny_path):
     r = _cli(*[c if c != coco8 / "instances_coco8seg_train.json" else tmp_path / "bad.json" for c in common],
              "--out", tmp_path / "c", check=False)
     assert r.returncode == 2 and "missing.jpg" in r.stderr
+
+
+def test_multiscale_shorter_side_resize_of_the_1x_recipe(coco8):
+    """coco-maskrcnn-1x's resizing: training shorter side drawn from 480..800 (step 32) with the longer side
+    capped at 1333, evaluation at shorter side 800; boxes and masks follow the image."""
+    import random
+
+    from hpvit.engine.recipe import load_recipe
+    from hpvit.tasks.detection import coco_dataset
+
+    r = load_recipe("coco-maskrcnn-1x")
+    src = CocoSource(coco8 / "instances_coco8seg_train.json", coco8 / "images" / "train")
+    random.seed(0)
+    train = coco_dataset(src, [0, 1, 2], True, r)
+    seen = set()
+    for _ in range(12):
+        for i in range(3):
+            img, t = train[i]
+            h, w = img.shape[-2:]
+            short, long_ = min(h, w), max(h, w)
+            oh, ow = t["orig_size"]
+            assert long_ <= 1333 and (short in r.train_short_sides or long_ >= 1332), (h, w)
+            assert t["masks"].shape[-2:] == (h, w)
+            assert abs(t["scale"][0] * oh - h) < 1 and abs(t["scale"][1] * ow - w) < 1
+            seen.add(short)
+    assert len(seen) >= 4  # several scales drawn
+    img, t = coco_dataset(src, [0], False, r)[0]
+    assert min(img.shape[-2:]) == 800 or max(img.shape[-2:]) >= 1332
+    with pytest.raises(hpvit.ConfigError, match="--lsj"):
+        coco_dataset(src, [0], True, r, lsj=True)

@@ -200,3 +200,20 @@ def test_cli_train_eval_and_exact_resume(tmp_path, camvid_crops, deit_tiny_path)
     # a model of another task is refused with a clear message
     r = _cli("eval", "det", "--model", a, "--ann", a / "x.json", "--images", a, check=False)
     assert r.returncode == 2 and "holds a 'seg' model" in r.stderr
+
+
+def test_recipe_sets_inference_base_size_and_jitter(camvid_crops, tmp_path):
+    """The paper-row recipes carry their data protocol: eval_mode / slide_stride / base_size / ratio_range reach
+    the task (flags given on the command line still win)."""
+    from hpvit.engine.recipe import load_recipe
+    from hpvit.tasks.segmentation import SegData, SegmentationTask
+
+    r = load_recipe("cityscapes-upernet-40k").replace(img_size=64, base_size=96, ratio_range=(0.75, 1.5))
+    data = SegData(str(camvid_crops), "camvid", train_images=2, eval_images=2)
+    t = SegmentationTask("unused.pth", r, data, config="paper-seg", out=tmp_path)
+    assert t.mode == "slide" and t.base_size == 96 and t.train_ds.scale_range == (0.75, 1.5)
+    ev = t.evaluator()
+    assert (ev.mode, ev.crop, ev.stride) == ("slide", 64, 513)
+    t2 = SegmentationTask("unused.pth", r, SegData(str(camvid_crops), "camvid", train_images=2, eval_images=2, base_size=80),
+                          config="paper-seg", out=tmp_path, mode="whole")
+    assert t2.mode == "whole" and t2.base_size == 80

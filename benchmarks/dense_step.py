@@ -69,11 +69,11 @@ import torch
 # hpvit imports (one block: module paths may move in a re-layering)
 from hpvit.data.segmentation import IGNORE
 from hpvit.engine.optim import build_optimizer
-from hpvit.engine.recipe import Recipe
+from hpvit.engine.recipe import load_recipe
 from hpvit.models.detector import build_detector
 from hpvit.models.segmenter import build_segmenter
-from hpvit.tasks.detection import DET_DEFAULTS, DetectionTask
-from hpvit.tasks.segmentation import SEG_DEFAULTS, SegmentationTask
+from hpvit.tasks.detection import DetectionTask
+from hpvit.tasks.segmentation import SegmentationTask
 
 HIER = {"det": "paper-det", "seg": "paper-seg"}
 QUICK_RCNN = dict(rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, box_batch_size_per_image=64)
@@ -128,14 +128,14 @@ def _reset_peak_rss() -> bool:
 def build(cfg: dict[str, Any], init: str, seg_head_channels: int):
     """(model, task object, recipe) built the way ``hpvit train det|seg`` builds them."""
     if cfg["task"] == "det":
-        recipe = Recipe().replace(**DET_DEFAULTS).replace(img_size=cfg["img"])
+        recipe = load_recipe("det-default").replace(img_size=cfg["img"])
         if cfg.get("drop_path") is not None:
             recipe = recipe.replace(drop_path=cfg["drop_path"])
         model = build_detector(init, cfg["backbone"], cfg["classes"], recipe.img_size, recipe.drop_path,
                                rcnn=cfg.get("rcnn"))
         task = DetectionTask.__new__(DetectionTask)  # only loss() and param_group_kwargs() are used
     else:
-        recipe = Recipe().replace(**SEG_DEFAULTS).replace(img_size=cfg["img"])
+        recipe = load_recipe("seg-default").replace(img_size=cfg["img"])
         if cfg.get("drop_path") is not None:
             recipe = recipe.replace(drop_path=cfg["drop_path"])
         model = build_segmenter(init, cfg["backbone"], cfg["classes"], recipe.img_size, recipe.drop_path,
@@ -203,7 +203,7 @@ def worker(cfg: dict[str, Any], init: str, device: str, dtype: str, threads: int
     if cfg["ckpt"]:
         model.set_grad_checkpointing(True)  # as the training loop does for grad_checkpointing: true
     model.to(device)
-    optimizer = build_optimizer(model, recipe, recipe.absolute_lr(1), **task.param_group_kwargs(model))
+    optimizer = build_optimizer(model, recipe, recipe.absolute_lr(1))
     batch = make_batch(cfg, device)
     body = model.body
     vit = body.vit

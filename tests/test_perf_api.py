@@ -85,6 +85,38 @@ def test_chunked_checkpointing_gives_same_gradients(vit_tiny_sd, config):
         assert rel_err(g[n], g_ref[n]) < 1e-4, n
 
 
+def test_chunked_checkpointing_with_drop_path_same_numbers(vit_tiny_sd):
+    """With stochastic depth on, checkpointing still works a few windows at a time: each image's drop is drawn
+    once and shared by its windows' chunks, so outputs and gradients equal the unchunked, uncheckpointed
+    run under the same seed (and some images really are dropped)."""
+    m = _model(vit_tiny_sd, "paper-det", num_classes=0, drop_path_rate=0.5).train()
+    x = torch.randn(4, 3, 80, 80)
+
+    def run(ckpt: bool):
+        m.zero_grad(set_to_none=True)
+        m.set_grad_checkpointing(ckpt)
+        m.chunk_tokens = 60 if ckpt else 10**9
+        torch.manual_seed(3)
+        out = m.forward_pyramid(x)
+        sum(o.square().mean() for o in out).backward()
+        return [o.detach() for o in out], {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    out_ref, g_ref = run(False)
+    out, g = run(True)
+    for a, b in zip(out, out_ref):
+        assert rel_err(a, b) < 1e-5
+    assert g.keys() == g_ref.keys()
+    for n in g_ref:
+        assert rel_err(g[n], g_ref[n]) < 1e-4, n
+    blk = m.blocks[-1]
+    p = blk.drop_path1.p
+    torch.manual_seed(0)
+    k1, _ = blk.draw_keep(64, 3, x)
+    assert p == pytest.approx(0.5) and k1.shape == (192,)
+    assert set(k1.tolist()) == {0.0, 2.0}  # dropped, or kept and scaled by 1 / (1 - p)
+    assert (k1.view(64, 3) == k1.view(64, 3)[:, :1]).all()  # one draw per image, shared by its rows
+
+
 def test_drop_path_drops_whole_images_of_windows():
     torch.manual_seed(0)
     dp = DropPath(0.5).train()

@@ -291,15 +291,34 @@ class Block(nn.Module):
         return x
 
     def forward_tokens(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, groups: int = 1, images: int | None = None
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, groups: int = 1, images: int | None = None,
+        keep: "tuple[torch.Tensor, torch.Tensor] | None" = None,
     ) -> torch.Tensor:
         """The block (without ``downsample``) on sequences ``(B', N, D)``, each attended on its own:
         a global block gets ``(B, L, D)``, a windowed one the windows ``(B * nW, ws * ws, D)`` of
         :func:`pad_partition` with ``mask = attn.window_mask(key_ok)`` (``groups = nW`` when padded)
-        and ``images = B`` (stochastic depth drops whole images)."""
-        x = x + self.drop_path1(self.ls1(self.attn._attend(self.norm1(x), mask, groups)), images)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))), images)
-        return x
+        and ``images = B`` (stochastic depth drops whole images). ``keep``: stochastic depth already drawn,
+        one ``(B',)`` factor per sequence for each residual branch (0 or 1/(1-p); see :meth:`draw_keep`), so
+        that the windows of one image can run in separate chunks and still share their image's draw."""
+        if keep is None:
+            x = x + self.drop_path1(self.ls1(self.attn._attend(self.norm1(x), mask, groups)), images)
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))), images)
+        k1, k2 = (k.view(-1, 1, 1).to(x.dtype) for k in keep)
+        x = x + self.ls1(self.attn._attend(self.norm1(x), mask, groups)) * k1
+        return x + self.ls2(self.mlp(self.norm2(x))) * k2
+
+    def draw_keep(self, images: int, rows_per_image: int, like: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+        """Stochastic depth of both residual branches for ``images`` images, drawn now (the same random
+        numbers, in the same order, :meth:`forward_tokens` would draw), repeated for each image's
+        ``rows_per_image`` sequences: two ``(images * rows_per_image,)`` tensors of 0 or 1/(1-p)."""
+        out = []
+        for dp in (self.drop_path1, self.drop_path2):
+            if dp.p == 0.0 or not self.training:
+                out.append(like.new_ones(images * rows_per_image))
+                continue
+            k = like.new_empty((images, 1, 1, 1)).bernoulli_(1.0 - dp.p).div_(1.0 - dp.p)
+            out.append(k.view(images).repeat_interleave(rows_per_image))
+        return out[0], out[1]
 
     @torch.no_grad()
     def forward_tokens_(self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:

@@ -302,17 +302,19 @@ class HierarchicalViT(nn.Module):
             return blk.forward_tokens_(t, mask, chunk)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             per_image = t.shape[0] // images
-            if blk.drop_path1.p == 0 and blk.drop_path2.p == 0:
-                step = max(1, self.chunk_tokens // (2 * n_seq))  # any run of windows
-            else:  # stochastic depth drops whole images: chunk at image boundaries
-                step = max(1, self.chunk_tokens // (per_image * n_seq)) * per_image
+            step = max(1, self.chunk_tokens // (2 * n_seq))  # any run of windows
             if windowed and step < t.shape[0]:
                 # windows are independent: checkpoint a few windows at a time, so the recomputation in
-                # backward holds one chunk's activations, not the stage's (split: one cat in backward)
+                # backward holds one chunk's activations, not the stage's (split: one cat in backward).
+                # Stochastic depth drops whole images: drawn here once per image, each chunk gets its rows
+                keep = None
+                if blk.drop_path1.p > 0 or blk.drop_path2.p > 0:
+                    keep = blk.draw_keep(images, per_image, t)
                 outs = []
                 for i, tc in enumerate(t.split(step)):
                     m = Block._mask_rows(mask, i * step, tc.shape[0])
-                    outs.append(checkpoint(blk.forward_tokens, tc, m, 1, max(1, tc.shape[0] // per_image), use_reentrant=False))
+                    kc = None if keep is None else tuple(k[i * step: i * step + tc.shape[0]] for k in keep)
+                    outs.append(checkpoint(blk.forward_tokens, tc, m, 1, None, kc, use_reentrant=False))
                 return torch.cat(outs)
             return checkpoint(blk.forward_tokens, t, mask, groups, images, use_reentrant=False)
         return blk.forward_tokens(t, mask, groups, images)

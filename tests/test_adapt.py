@@ -19,7 +19,7 @@ import hpvit
 from hpvit.cli import main
 from hpvit.engine.recipe import load_recipe
 from hpvit.tasks.adapt import AdaptTask
-from helpers import random_timm_vit
+from helpers import random_timm_vit, fault_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def test_adapt_resumes_exactly_after_a_kill(tmp_path, source, images):
     extra = ["--set", "ckpt_every_steps=3", "--train-images", "12"]  # 3 steps per epoch, 6 in all
     full = _hpvit(_args(source, images, tmp_path / "full", *extra))
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _hpvit(_args(source, images, tmp_path / "cut", *extra), {"HPVIT_FAULT_AT_STEP": "5"})
+    killed = _hpvit(_args(source, images, tmp_path / "cut", *extra), fault_env(5))
     assert killed.returncode != 0 and not (tmp_path / "cut" / "model.safetensors").exists()
     resumed = _hpvit(_args(source, images, tmp_path / "cut", *extra, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import random_timm_vit
+from helpers import random_timm_vit, fault_env
 
 pytest.importorskip("pycocotools", reason="detection needs pycocotools (pip install 'hpvit[dense]')")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -232,7 +232,7 @@ def test_cli_train_eval_resume_on_coco8(tmp_path, coco8, deit_tiny_path):
     assert (a / "predictions.png").stat().st_size > 0
     # killed after update 1 (mid-epoch), resumed: the same final weights as the uninterrupted run
     b = tmp_path / "b"
-    r = _cli(*common, "--out", b, env={"HPVIT_FAULT_AT_STEP": "1"}, check=False)
+    r = _cli(*common, "--out", b, env=fault_env(1), check=False)
     assert r.returncode != 0 and (b / "checkpoint-last.pt").is_file() and not (b / "results.json").exists()
     _cli(*common, "--out", b, "--resume")
     assert json.loads((b / "results.json").read_text())["rank_param_digests"] == res["rank_param_digests"]

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from helpers import fault_env
 import torch
 
 from conftest import shared_path
@@ -265,7 +267,7 @@ def test_det_two_processes_train_like_one(tmp_path, det_ddp, small_vit, coco8):
 def test_det_resume_after_kill_under_torchrun_is_exact(tmp_path, det_ddp, small_vit, coco8):
     """(d) killed (SIGKILL, both ranks) after update 1 of 2, resumed with the same command."""
     out = tmp_path / "cut"
-    killed = _hpvit(_det_args(small_vit, coco8, out, 1), {"HPVIT_FAULT_AT_STEP": "1"}, torchrun=2)
+    killed = _hpvit(_det_args(small_vit, coco8, out, 1), fault_env(1), torchrun=2)
     assert killed.returncode != 0, "the fault hook should have killed the run"
     assert not (out / "results.json").exists()
     ck = torch.load(out / "checkpoint-last.pt", weights_only=True)
@@ -376,7 +378,7 @@ def test_seg_resume_after_kill_under_torchrun_is_exact(tmp_path, seg_ddp, small_
     """(d) killed after update 1 of 2 (the UperNet head's dropout draws from each rank's random stream, which
     the checkpoint restores per rank), resumed with the same command."""
     out = tmp_path / "cut"
-    killed = _hpvit(_seg_args(small_vit, camvid, out, 2), {"HPVIT_FAULT_AT_STEP": "1"}, torchrun=2)
+    killed = _hpvit(_seg_args(small_vit, camvid, out, 2), fault_env(1), torchrun=2)
     assert killed.returncode != 0, "the fault hook should have killed the run"
     assert not (out / "results.json").exists()
     ck = torch.load(out / "checkpoint-last.pt", weights_only=True)

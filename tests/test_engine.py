@@ -13,6 +13,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from helpers import fault_env
 import torch
 
 import hpvit
@@ -329,7 +331,7 @@ def test_resume_after_kill_is_bit_exact(tmp_path, tiny_vit, run_data):
     assert full.returncode == 0, full.stderr[-3000:]
 
     # 32 images / batch 4 = 8 steps per epoch; checkpoints at updates 3, 6, 8 (epoch end), 11, 14...
-    killed = _hpvit(_train_args(tiny_vit, data, tmp_path / "cut", *extra), {"HPVIT_FAULT_AT_STEP": "14"})
+    killed = _hpvit(_train_args(tiny_vit, data, tmp_path / "cut", *extra), fault_env(14))
     assert killed.returncode != 0, "the fault hook should have killed the run"
     assert not (tmp_path / "cut" / "results.json").exists()
     ck = torch.load(tmp_path / "cut" / "checkpoint-last.pt", weights_only=True)

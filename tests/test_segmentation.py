@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import random_timm_vit
+from helpers import random_timm_vit, fault_env
 
 from hpvit.data.segmentation import IGNORE, SegDataError, SegDataset, collate_seg
 from hpvit.evaluation.segmentation import confusion_sums, predict_logits, seg_metrics
@@ -180,7 +180,7 @@ def test_cli_train_eval_and_exact_resume(tmp_path, camvid_crops, deit_tiny_path)
     assert res["steps"] == 4 and (a / "predictions.png").is_file() and (a / "model.safetensors").is_file()
     # killed after the 3rd update (mid-epoch 2), then resumed: identical weights to the uninterrupted run
     b = tmp_path / "b"
-    r = _cli(*common, "--out", b, env={"HPVIT_FAULT_AT_STEP": "3"}, check=False)
+    r = _cli(*common, "--out", b, env=fault_env(3), check=False)
     assert r.returncode != 0 and not (b / "results.json").exists()
     _cli(*common, "--out", b, "--resume")
     rb = json.loads((b / "results.json").read_text())

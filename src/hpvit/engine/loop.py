@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import random
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -87,6 +86,11 @@ class Trainer:
     folder; a finished run is replaced only with ``overwrite``). Before the first step every evaluation
     image is decoded and every training image's header is read (:func:`~hpvit.data.check.check_datasets`).
     """
+
+    # callables ``hook(trainer, update)`` run on every rank after each optimizer update (and the checkpoint it
+    # may write); shared by every Trainer in the process. Extras plug in here instead of into the loop (the
+    # kill-and-resume tests register their fault injection this way, from tests/fault_seam).
+    update_hooks: list = []
 
     def __init__(self, task: Task, recipe: Recipe, out_dir: "str | os.PathLike", resume: bool = False,
                  device: str | None = None, run_config: dict[str, Any] | None = None, overwrite: bool = False,
@@ -275,7 +279,6 @@ class Trainer:
                 save_checkpoint(ckpt_path, st)
             D.barrier(dist)
 
-        fault_at = int(os.environ.get("HPVIT_FAULT_AT_STEP", "0") or 0)  # test hook: SIGKILL after this update
         last_eval: dict[str, float] = history[-1] if history else {}
         while epoch < n_epochs:
             sampler.set_epoch(epoch, start=step_in_epoch * r.accum_steps * r.batch_size)
@@ -328,9 +331,8 @@ class Trainer:
                     loss_acc, n_acc = 0.0, 0
                 if r.ckpt_every_steps and gstep % r.ckpt_every_steps == 0 and step_in_epoch < steps_per_epoch:
                     checkpoint(epoch, step_in_epoch)
-                if fault_at and gstep == fault_at:
-                    log(f"HPVIT_FAULT_AT_STEP={fault_at}: killing this process (test hook)", True)
-                    os.kill(os.getpid(), signal.SIGKILL)
+                for hook in self.update_hooks:
+                    hook(self, gstep)
             prog.close()
             del it, loader
             epoch += 1

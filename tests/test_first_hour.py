@@ -260,5 +260,5 @@ def test_detection_picture_shows_ground_truth_and_says_when_nothing_is_detected(
                             titles=["000001.jpg", "000002.jpg"])
     w, h = Image.open(path).size
     assert w >= 600 and h >= 500
-    assert figs.has("000001.jpg: ground truth (1 objects)") and figs.has("no detections above threshold 0.30")
+    assert figs.has("000001.jpg: ground truth (1 object)") and figs.has("no detections above threshold 0.30")
     assert figs.has("best: cat 0.05") and figs.has("predictions: 1 with score >= 0.30") and figs.has("cat 0.90")

@@ -157,7 +157,8 @@ def draw_predictions(images: list[torch.Tensor], outputs: list[dict], names: lis
             ax = axes[r][0]
             ax.imshow(_overlay(img, t["masks"].bool() if len(t["masks"]) else None, cs))
             _draw_boxes(ax, t["boxes"], [names[int(l) - 1] for l in t["labels"]], cs)
-            ax.set_title(f"{name}: ground truth ({len(t['labels'])} objects)", fontsize=9)
+            n_obj = len(t["labels"])
+            ax.set_title(f"{name}: ground truth ({n_obj} object{'' if n_obj == 1 else 's'})", fontsize=9)
         scores = out["scores"].detach().float().cpu()
         keep = (scores >= score_thresh).nonzero().flatten()[:max_per_image]
         ax = axes[r][cols - 1]

@@ -281,3 +281,26 @@ def test_multiscale_shorter_side_resize_of_the_1x_recipe(coco8):
     assert min(img.shape[-2:]) == 800 or max(img.shape[-2:]) >= 1332
     with pytest.raises(hpvit.ConfigError, match="--lsj"):
         coco_dataset(src, [0], True, r, lsj=True)
+
+
+@pytest.mark.slow
+def test_paper_recipe_runs_end_to_end_scaled_down(tmp_path, coco8, deit_tiny_path):
+    """`--recipe coco-maskrcnn-1x`, scaled down with --set: its step schedule (x0.1 after the lr_steps epoch),
+    multi-scale shorter sides and test size reach a real run; the recipe is recorded in the run folder."""
+    out = tmp_path / "r"
+    _cli("train", "det", "--recipe", "coco-maskrcnn-1x", "--init", deit_tiny_path, "--config", "paper-det",
+         "--ann", coco8 / "instances_coco8seg_train.json", "--images", coco8 / "images" / "train",
+         "--val-ann", coco8 / "instances_coco8seg_val.json", "--val-images-dir", coco8 / "images" / "val",
+         "--epochs", "2", "--batch-size", "2", "--workers", "0", "--threads", "1", "--amp", "none",
+         "--set", "lr_steps=[1]", "--set", "warmup_iters=0", "--set", "train_short_sides=[96,128]",
+         "--set", "max_long_side=160", "--set", "test_short_side=96", "--set", "eval_every_epochs=2",
+         "--rcnn", "box_batch_size_per_image=32", "--rcnn", "rpn_post_nms_top_n_train=100",
+         "--rcnn", "rpn_post_nms_top_n_test=100", "--out", out)
+    rec = json.loads((out / "recipe.json").read_text())
+    assert rec["name"] == "coco-maskrcnn-1x" and rec["schedule"] == "step" and rec["train_short_sides"] == [96, 128]
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line).get("kind") == "train"]
+    base = 1.6e-3 * 2 / 256  # blr x global batch / 256
+    assert lrs[0] == pytest.approx(base, rel=1e-6) and lrs[-1] == pytest.approx(base * 0.1, rel=1e-6)
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 4 and res["eval_images"] == 4

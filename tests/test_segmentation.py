@@ -217,3 +217,20 @@ def test_recipe_sets_inference_base_size_and_jitter(camvid_crops, tmp_path):
     t2 = SegmentationTask("unused.pth", r, SegData(str(camvid_crops), "camvid", train_images=2, eval_images=2, base_size=80),
                           config="paper-seg", out=tmp_path, mode="whole")
     assert t2.mode == "whole" and t2.base_size == 80
+
+
+@pytest.mark.slow
+def test_paper_recipe_runs_end_to_end_scaled_down(tmp_path, camvid_crops, deit_tiny_path):
+    """`--recipe ade20k-upernet-80k`, scaled down with --set: an iteration budget rounded up to whole epochs,
+    the poly schedule after warmup, and sliding-window evaluation, in a real run."""
+    out = tmp_path / "r"
+    _cli("train", "seg", "--recipe", "ade20k-upernet-80k", "--init", deit_tiny_path, "--data", camvid_crops,
+         "--layout", "camvid", "--img-size", "64", "--batch-size", "2", "--workers", "0", "--threads", "1",
+         "--head-channels", "32", "--amp", "none", "--set", "iterations=3", "--set", "warmup_iters=1",
+         "--set", "base_size=96", "--set", "slide_stride=40", "--set", "eval_every_epochs=2", "--out", out)
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 4 and res["epochs"] == 2  # 3 iterations of 2 updates per epoch -> 2 epochs
+    assert res["inference"] == "slide" and res["eval_images"] == 2 and "mIoU" in res
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line).get("kind") == "train"]
+    assert lrs[-1] < lrs[0]  # poly decay toward 0 over the run

@@ -315,7 +315,7 @@ def cmd_demo(args) -> int:
     for ax in axes:
         ax.axis("off")
     fig.suptitle(f"hpvit {model.config.name} from {source} — feature maps (first 3 principal components)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))  # room for the suptitle above the panel titles
     out = Path(args.out)
     try:
         atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), force=True)

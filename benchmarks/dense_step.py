@@ -67,6 +67,7 @@ from typing import Any
 import torch
 
 # hpvit imports (one block: module paths may move in a re-layering)
+from hpvit.bench import reset_peak_rss, rss_kb
 from hpvit.data.segmentation import IGNORE
 from hpvit.engine.optim import build_optimizer
 from hpvit.engine.recipe import load_recipe
@@ -108,23 +109,6 @@ def config_list(det_sizes: list[int], seg_sizes: list[int], only: list[str], ckp
 
 
 # ---------------------------------------------------------------------------------------------- worker
-def _status_kb(field: str, pid: str = "self") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/{pid}/status")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def build(cfg: dict[str, Any], init: str, seg_head_channels: int):
     """(model, task object, recipe) built the way ``hpvit train det|seg`` builds them."""
     if cfg["task"] == "det":
@@ -242,13 +226,13 @@ def worker(cfg: dict[str, Any], init: str, device: str, dtype: str, threads: int
             dt = start.elapsed_time(end) / 1e3
             peak = torch.cuda.max_memory_allocated()
         else:
-            base = _status_kb("VmRSS") * 1024
-            if not _reset_peak_rss():
+            base = rss_kb("VmRSS") * 1024
+            if not reset_peak_rss():
                 raise SystemExit("cannot reset the peak RSS (/proc/self/clear_refs not writable)")
             t = time.perf_counter()
             losses.append(step())
             dt = time.perf_counter() - t
-            peak = _status_kb("VmHWM") * 1024
+            peak = rss_kb("VmHWM") * 1024
         times.append(dt)
         peaks.append(max(peak - base, 0) / 2**20)
         peaks_abs.append(peak / 2**20)
@@ -327,7 +311,7 @@ def run_config(cfg: dict[str, Any], args, init: str, log) -> dict[str, Any]:
     th.start()
     while proc.poll() is None:
         try:
-            rss = _status_kb("VmRSS", str(proc.pid))
+            rss = rss_kb("VmRSS", str(proc.pid))
         except (OSError, RuntimeError):
             rss = 0
         max_rss_kb = max(max_rss_kb, rss)

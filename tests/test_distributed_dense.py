@@ -69,6 +69,20 @@ def _hpvit(args: list, env_extra: dict | None = None, torchrun: int = 0) -> subp
                           timeout=SUBPROC_TIMEOUT, cwd=str(ROOT))
 
 
+def _in_sync(run: Path, task: str, global_batch: int) -> dict:
+    """results.json of a 2-process run of 2 updates, after checking that both ranks hold the same weights and
+    that they are the saved model's."""
+    from hpvit.engine.loop import param_digest
+    from hpvit.export import load_dense
+
+    res = _results(run)
+    assert res["world_size"] == 2 and res["global_batch"] == global_batch and res["steps"] == 2
+    d = res["rank_param_digests"]
+    assert len(d) == 2 and d[0] == d[1] and res["ranks_in_sync"]
+    assert param_digest(load_dense(run, task)) == d[0]
+    return res
+
+
 def _ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert r.returncode == 0, f"{' '.join(r.args)} failed ({r.returncode}):\n{r.stderr[-4000:]}"
     return r
@@ -223,15 +237,8 @@ def det_ddp(tmp_path_factory, small_vit, coco8) -> Path:
 
 @pytest.mark.slow
 def test_det_ddp_ranks_in_sync_and_eval_gathers_every_rank(tmp_path, det_ddp, coco8):
-    from hpvit.engine.loop import param_digest
-    from hpvit.export import load_dense
-
-    res = _results(det_ddp)
     # (a) both ranks hold the same weights, and they are the saved model's
-    assert res["world_size"] == 2 and res["global_batch"] == 2 and res["steps"] == 2
-    d = res["rank_param_digests"]
-    assert len(d) == 2 and d[0] == d[1] and res["ranks_in_sync"]
-    assert param_digest(load_dense(det_ddp, "det")) == d[0]
+    res = _in_sync(det_ddp, "det", global_batch=2)
     # (b) the evaluation at the end of training ran on 2 processes (2 images + 1): every image once
     ids = [im["id"] for im in json.loads((coco8 / "instances_coco8seg_val.json").read_text())["images"][:N_EVAL]]
     preds2 = json.loads((det_ddp / "predictions.json").read_text())
@@ -306,15 +313,7 @@ SEG_METRICS = ("mIoU", "mAcc", "aAcc", "eval_images")
 
 @pytest.mark.slow
 def test_seg_ddp_ranks_in_sync_and_eval_gathers_every_rank(tmp_path, seg_ddp, camvid):
-    from hpvit.engine.loop import param_digest
-    from hpvit.export import load_dense
-
-    res = _results(seg_ddp)
-    # (a)
-    assert res["world_size"] == 2 and res["global_batch"] == 4 and res["steps"] == 2
-    d = res["rank_param_digests"]
-    assert len(d) == 2 and d[0] == d[1] and res["ranks_in_sync"]
-    assert param_digest(load_dense(seg_ddp, "seg")) == d[0]
+    res = _in_sync(seg_ddp, "seg", global_batch=4)  # (a)
     # (b) `hpvit eval seg` with 1 and with 2 processes, and the 2-process evaluation at the end of training
     evs = {}
     for n in (1, 2):

@@ -203,15 +203,17 @@ def time_round_robin(
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
+def rss_kb(field: str, pid: str = "self") -> int:
+    """``field`` (``VmRSS``, ``VmHWM``...) of ``/proc/PID/status``, in kB (Linux)."""
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    raise RuntimeError(f"{field} not in /proc/{pid}/status")
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident size (``VmHWM``); False where the kernel does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -244,8 +246,8 @@ def measure_memory(name: str, mode: str, batch: int, img: int, device: str, dtyp
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_kb("VmRSS") * 1024
-        if not _reset_peak_rss():
+        base = rss_kb("VmRSS") * 1024
+        if not reset_peak_rss():
             base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # best effort
     with autocast_ctx(device, dtype):
         if opt is None:
@@ -260,7 +262,7 @@ def measure_memory(name: str, mode: str, batch: int, img: int, device: str, dtyp
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _rss_kb("VmHWM") * 1024
+        peak = rss_kb("VmHWM") * 1024
     return max(peak - base, 0) / 2**20
 
 

@@ -187,7 +187,7 @@ def load_dense(path: "str | os.PathLike", expect_task: "str | None" = None) -> n
         raise CheckpointError(f"{path}: holds a {task!r} model, which this version of hpvit cannot load; upgrade hpvit")
     model = DENSE_FROM_META[task](meta)
     vit = model.body.vit
-    prefix = next(n for n, m in model.named_modules() if m is vit) + "."
+    prefix = f"{model.wrapped}.vit."  # the task model wraps its dense backbone, which holds the ViT as .vit
     old = unused_dense_keys(sd, prefix)  # files saved while dense models still held the ViT's final norm / head
     model.load_state_dict({k: v for k, v in sd.items() if k not in old}, strict=True)
     restore_reuse_report(vit, meta.get("reuse"), path)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import os
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import AUTO_RECIPE, add_run_args, add_subset_args, recipe_from_flags, run_training
+from .common import AUTO_RECIPE, add_run_args, add_subset_args, evaluate_saved, recipe_from_flags, run_training
 
 TRAIN_HELP = "fine-tune a classifier on an ImageFolder directory or zip (train/ + val/ or test/)"
 EVAL_HELP = "evaluate a fine-tuned classifier (top-1 / top-5)"
@@ -131,13 +131,12 @@ def run_eval(args) -> int:
 
     from ..data import ImageFolderDataset, ImageFolderSource, build_transform
     from ..data.subset import subset_count
-    from ..engine import distributed as D
-    from ..engine.loop import evaluate, usable_workers
+    from ..engine.loop import usable_workers
     from ..engine.recipe import Recipe
     from ..evaluation.classification import METRIC_UNITS, ClassificationEvaluator
     from ..export import load
     from ..tasks.classification import EMA_FILE, MODEL_FILE, PREPROC_FILE
-    from ..utils import count_flops, write_text_atomic
+    from ..utils import count_flops
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,18 +163,10 @@ def run_eval(args) -> int:
         raise ConfigError(f"the model has {model.num_classes} classes but {args.data} has {len(src.classes)}")
     split = args.split or src.eval_split()
     ds = ImageFolderDataset(src, split, build_transform(r, False), subset_count(args.eval_images, "--eval-images"), 0)
-    dist = D.init_distributed(args.device)
-    try:
-        model.to(dist.device)
-        t = time.time()
-        m = evaluate(ClassificationEvaluator(), model, ds, args.batch_size, usable_workers(args.workers, dist.world_size), dist,
-                     desc=f"evaluating {split}")
-        m.update({"model": str(mp), "split": split, "img_size": r.img_size, "eval_time_s": round(time.time() - t, 2),
-                  "gflops_per_image": round(count_flops(model, torch.zeros(1, model.spec.in_chans, r.img_size, r.img_size, device=dist.device)) / 1e9, 4), "metric_units": METRIC_UNITS})
-        if dist.is_main:
-            print(json.dumps(m, indent=2))
-            if args.json:
-                write_text_atomic(args.json, json.dumps(m, indent=2))
-    finally:
-        D.cleanup(dist)
-    return 0
+    rep = lambda m, dev: {  # noqa: E731
+        "model": str(mp), "split": split, "img_size": r.img_size, "metric_units": METRIC_UNITS,
+        "gflops_per_image": round(count_flops(model, torch.zeros(1, model.spec.in_chans, r.img_size, r.img_size,
+                                                                 device=dev)) / 1e9, 4)}
+    return evaluate_saved(model, ds, ClassificationEvaluator(), device=args.device, batch_size=args.batch_size,
+                          desc=f"evaluating {split}", workers=usable_workers(args.workers, int(os.environ.get("WORLD_SIZE", "1"))),
+                          report=rep, results_json=args.json)

@@ -151,6 +151,33 @@ def run_dry_run(args) -> int:
     return 0
 
 
+def evaluate_saved(model, ds, evaluator, *, device, batch_size: int, desc: str, workers: int = 0, collate_fn=None,
+                   prepare=None, report=None, results_json=None, shown=None) -> int:
+    """``hpvit eval cls|det|seg``: run ``evaluator`` over ``ds`` with the saved ``model`` on every process of
+    the run (single or torchrun), then, on the main process, add ``eval_time_s`` and ``report(metrics, device)``
+    (the command's extra entries, pictures...), write ``results_json`` (when given) and print ``shown(metrics)``
+    (default: all of them)."""
+    from ..engine import distributed as D
+    from ..engine.loop import evaluate
+    from ..utils import write_text_atomic
+
+    dist = D.init_distributed(device)
+    try:
+        model.to(dist.device)
+        t = time.time()
+        m = evaluate(evaluator, model, ds, batch_size, workers, dist, desc=desc, collate_fn=collate_fn, prepare=prepare)
+        if dist.is_main:
+            m["eval_time_s"] = round(time.time() - t, 2)
+            if report is not None:
+                m.update(report(m, dist.device))
+            if results_json is not None:
+                write_text_atomic(results_json, json.dumps(m, indent=2))
+            print(json.dumps(shown(m) if shown else m, indent=2))
+    finally:
+        D.cleanup(dist)
+    return 0
+
+
 def eval_out_dir(model: str, out: "str | None") -> Path:
     """``--out`` if given, else ``eval/`` next to the model (its run directory, or the file's folder)."""
     if out:

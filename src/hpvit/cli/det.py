@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
-from .common import add_run_args, add_subset_args, dense_recipe, eval_out_dir, parse_key_values, run_training
+from .common import add_run_args, add_subset_args, dense_recipe, eval_out_dir, evaluate_saved, parse_key_values, run_training
 
 TRAIN_HELP = "train Mask R-CNN (FPN) on a transformed or plain ViT backbone with COCO-format data"
 EVAL_HELP = "COCO box / mask AP of a trained Mask R-CNN, predictions json and a PNG of predictions"
@@ -105,14 +103,11 @@ def run_eval(args) -> int:
     import torch
 
     from ..data.coco import CocoSource, collate_detection, parse_range
-    from ..engine import distributed as D
-    from ..engine.loop import evaluate
     from ..engine.recipe import Recipe
     from ..errors import ConfigError
     from ..evaluation.detection import METRIC_UNITS, DetectionEvaluator
     from ..export import load_dense
     from ..tasks.detection import coco_dataset, prepare_detection, visualize
-    from ..utils import write_text_atomic
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,21 +124,11 @@ def run_eval(args) -> int:
     recipe = Recipe(img_size=img_size, test_short_side=args.short_side, max_long_side=args.max_long_side)
     split = f"{src.ann_file.name}" + (f" images {rng}" if rng else "")
     ds = coco_dataset(src, idx, False, recipe)
-    dist = D.init_distributed(args.device)
-    try:
-        model.to(dist.device)
-        t = time.time()
-        m = evaluate(DetectionEvaluator(src, idx, out), model, ds, args.batch_size, 0, dist,
-                     desc=f"evaluating {split}", collate_fn=collate_detection, prepare=prepare_detection)
-        if dist.is_main:
-            png = visualize(model, coco_dataset(src, idx[: args.vis_images], False, recipe), src.cat_names,
-                            out / "predictions.png")
-            m.update({"model": str(args.model), "ann": str(args.ann), "split": split, "img_size": img_size,
-                      "metric_units": METRIC_UNITS,
-                      "eval_time_s": round(time.time() - t, 2), "predictions_json": str(out / "predictions.json"),
-                      "predictions_png": str(png)})
-            write_text_atomic(out / "results.json", json.dumps(m, indent=2))
-            print(json.dumps(m, indent=2))
-    finally:
-        D.cleanup(dist)
-    return 0
+    rep = lambda m, dev: {  # noqa: E731
+        "model": str(args.model), "ann": str(args.ann), "split": split, "img_size": img_size, "metric_units": METRIC_UNITS,
+        "predictions_json": str(out / "predictions.json"),
+        "predictions_png": str(visualize(model, coco_dataset(src, idx[: args.vis_images], False, recipe), src.cat_names,
+                                         out / "predictions.png"))}
+    return evaluate_saved(model, ds, DetectionEvaluator(src, idx, out), device=args.device, batch_size=args.batch_size,
+                          desc=f"evaluating {split}", collate_fn=collate_detection, prepare=prepare_detection,
+                          report=rep, results_json=out / "results.json")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
-from .common import add_subset_args, dense_recipe, eval_out_dir, run_training
+from .common import add_subset_args, dense_recipe, eval_out_dir, evaluate_saved, run_training
 from .det import add_dense_train_args
 
 TRAIN_HELP = "train UperNet on a transformed or plain ViT backbone (CamVid / ADE20K / Cityscapes layouts)"
@@ -70,13 +68,10 @@ def run_eval(args) -> int:
     import torch
 
     from ..data.segmentation import collate_seg, get_layout
-    from ..engine import distributed as D
-    from ..engine.loop import evaluate
     from ..errors import ConfigError
     from ..evaluation.segmentation import METRIC_UNITS, SegmentationEvaluator
     from ..export import load_dense
     from ..tasks.segmentation import prepare_segmentation, seg_subset, visualize
-    from ..utils import write_text_atomic
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,20 +88,12 @@ def run_eval(args) -> int:
     ignore = args.ignore_value if args.ignore_value is not None else meta.get("ignore_value")
     ds = seg_subset(args.eval_images, "--eval-images", args.data, args.layout, args.split, False, crop, base,
                     ignore_value=ignore)
-    dist = D.init_distributed(args.device)
-    try:
-        model.to(dist.device)
-        t = time.time()
-        m = evaluate(SegmentationEvaluator(layout.classes, args.mode, crop), model, ds, 1, 0, dist,
-                     desc=f"evaluating {args.split}", collate_fn=collate_seg, prepare=prepare_segmentation)
-        if dist.is_main:
-            png = visualize(model, ds, args.vis_images, args.mode, crop, layout.palette, out / "predictions.png")
-            m.update({"model": str(args.model), "data": str(args.data), "split": args.split, "inference": args.mode,
-                      "metric_units": METRIC_UNITS,
-                      "base_size": base, "crop": crop, "eval_time_s": round(time.time() - t, 2),
-                      "predictions_png": str(png)})
-            write_text_atomic(out / "results.json", json.dumps(m, indent=2))
-            print(json.dumps({k: v for k, v in m.items() if not k.startswith(("IoU.", "Acc."))}, indent=2))
-    finally:
-        D.cleanup(dist)
-    return 0
+    rep = lambda m, dev: {  # noqa: E731
+        "model": str(args.model), "data": str(args.data), "split": args.split, "inference": args.mode,
+        "metric_units": METRIC_UNITS, "base_size": base, "crop": crop,
+        "predictions_png": str(visualize(model, ds, args.vis_images, args.mode, crop, layout.palette,
+                                         out / "predictions.png"))}
+    return evaluate_saved(model, ds, SegmentationEvaluator(layout.classes, args.mode, crop), device=args.device,
+                          batch_size=1, desc=f"evaluating {args.split}", collate_fn=collate_seg,
+                          prepare=prepare_segmentation, report=rep, results_json=out / "results.json",
+                          shown=lambda m: {k: v for k, v in m.items() if not k.startswith(("IoU.", "Acc."))})

@@ -46,13 +46,12 @@ class Wraps:
     wrapped: str = "vit"
 
     def _wrapped(self) -> tuple[nn.Module, str]:
+        """The wrapped module and the prefix of its parameter names here (its attribute path, a submodule
+        path, is also its name in ``named_parameters``)."""
         inner = self
         for part in self.wrapped.split("."):
             inner = getattr(inner, part)
-        for name, mod in self.named_modules():  # type: ignore[attr-defined]
-            if mod is inner:
-                return inner, name + "."
-        raise AttributeError(f"{type(self).__name__}.{self.wrapped} is not a submodule")
+        return inner, self.wrapped + "."
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         inner, pre = self._wrapped()

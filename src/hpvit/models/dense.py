@@ -52,7 +52,25 @@ class LayerNorm2d(nn.LayerNorm):
         )
 
 
-class PyramidBackbone(Wraps, nn.Module):
+class _DenseBackbone(Wraps, nn.Module):
+    """What both dense backbones share: ``forward`` returns the pyramid, whose levels (``out_channels``,
+    ``strides``) end in the LayerNorms at ``levels_path``."""
+
+    levels_path = "norms"
+    out_channels: list[int]
+    strides: list[int]
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The pyramid (the contract's name for :meth:`forward`)."""
+        return self(x)
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        return [dict(num_chs=c, reduction=r, module=f"{self.levels_path}.{i}")
+                for i, (c, r) in enumerate(zip(self.out_channels, self.strides))]
+
+
+class PyramidBackbone(_DenseBackbone):
     """The transformed (hierarchical) ViT as a dense backbone.
 
     ``vit``: a :class:`~hpvit.models.hierarchical.HierarchicalViT` with 4 stages (``paper-det``,
@@ -72,15 +90,6 @@ class PyramidBackbone(Wraps, nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [n(f) for n, f in zip(self.norms, self.vit.forward_pyramid(x))]
-
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The pyramid (the contract's name for :meth:`forward`)."""
-        return self(x)
-
-    @property
-    def feature_info(self) -> list[dict[str, Any]]:
-        return [dict(num_chs=c, reduction=r, module=f"norms.{i}")
-                for i, (c, r) in enumerate(zip(self.out_channels, self.strides))]
 
     @property
     def min_input_size(self) -> int:
@@ -116,7 +125,7 @@ class SimpleFeaturePyramid(nn.Module):
         return [n(o) for n, o in zip(self.norms, outs)]
 
 
-class PlainPyramidBackbone(Wraps, nn.Module):
+class PlainPyramidBackbone(_DenseBackbone):
     """The plain ViT baseline as a dense backbone.
 
     ``vit``: a single-stage, stride-16 :class:`HierarchicalViT` without prefix tokens (``plain-det`` /
@@ -125,6 +134,8 @@ class PlainPyramidBackbone(Wraps, nn.Module):
     sizes (exact when 32 divides H and W, which the detection/segmentation wrappers ensure by padding).
     Window blocks pad their input to a multiple of the window and mask the padding (nothing cropped).
     """
+
+    levels_path = "fpn.norms"
 
     def __init__(self, vit: nn.Module, out_indices: Sequence[int]):
         super().__init__()
@@ -173,15 +184,6 @@ class PlainPyramidBackbone(Wraps, nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.fpn(self.forward_blocks(x))
-
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The pyramid (the contract's name for :meth:`forward`)."""
-        return self(x)
-
-    @property
-    def feature_info(self) -> list[dict[str, Any]]:
-        return [dict(num_chs=c, reduction=r, module=f"fpn.norms.{i}")
-                for i, (c, r) in enumerate(zip(self.out_channels, self.strides))]
 
 
 # The parts of the plain ViT that no dense backbone runs. Both backbones read the pyramid levels off the

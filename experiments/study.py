@@ -55,6 +55,7 @@ CLS_ROWS: dict[str, list[str]] = {
     # diagnostics: grid-cls without the pool convs (pure subsample), and with the class-token copies averaged
     "grid-cls-sub": ["--init", str(DEIT), "--config", str(CFG / "grid-cls-sub.json")],
     "grid-cls-mean": ["--init", str(DEIT), "--config", str(CFG / "grid-cls-mean.json")],
+    "grid-lite-cls-p0": ["--init", str(DEIT), "--config", str(CFG / "grid-lite-cls-p0.json")],  # sub_phase=0
 }
 
 SEG_COMMON = ["train", "seg", "--data", str(DATA / "camvid"), "--layout", "camvid", "--base-size", "240",

@@ -55,7 +55,7 @@ def test_the_1_16_stage_is_timms_plain_vit_on_the_shifted_image(preset):
     end = model.layout.stage_ends[2] + 1  # blocks up to the end of the 1/16 stage
     x = _images()
     with torch.no_grad():
-        t = _timm_tokens(m, _shifted(x), end)[:, 1 if cls else 0:]
+        t = _timm_tokens(m, _shifted(x, 6 - 4 * model.config.sub_phase), end)[:, 1 if cls else 0:]
         want = t.reshape(2, 4, 4, -1).permute(0, 3, 1, 2)
         got = model.forward_intermediates(x, intermediates_only=True)[2]
         model.force_plain_calls = True  # the graph-capture path (export, torch.fx, hooks)
@@ -87,14 +87,19 @@ def test_a_grid_model_without_a_1_32_stage_reproduces_timms_logits(sub_phase):
 
 def test_mean_merge_averages_the_class_token_copies_of_the_merging_phases():
     """prefix_merge='mean': 1/8 phase (a, c) gets the mean of the copies of 1/4 phases (2a..2a+1, 2c..2c+1);
-    'keep' the copy of phase (2a, 2c), the one the subsample keeps."""
+    'keep' the copy of phase (2a + o, 2c + o), the one the subsample keeps (o = sub_phase's low bit)."""
     model = hpvit.from_plain(hpvit.load_plain(_vit().state_dict()), config="grid-cls", prefix_merge="mean")
     pre = torch.randn(2 * 16, 1, 192)
     got = model._merge_prefix(pre, 2, 2).view(2, 2, 2, 192)
     p = pre.view(2, 4, 4, 192)
     torch.testing.assert_close(got[1, 0, 1], p[1, 0:2, 2:4].mean(dim=(0, 1)))
     model.config.prefix_merge = "keep"
-    torch.testing.assert_close(model._merge_prefix(pre, 2, 2).view(2, 2, 2, 192)[1, 0, 1], p[1, 0, 2])
+    for sub_phase in (0, 1, 2, 3):
+        model.config.sub_phase = sub_phase
+        o = sub_phase & 1
+        torch.testing.assert_close(model._merge_prefix(pre, 2, 2).view(2, 2, 2, 192)[1, 0, 1], p[1, o, 2 + o])
+        o = sub_phase  # 1/4 -> 1/16 at once (an empty 1/8 stage): the copy of phase (sub_phase, sub_phase)
+        torch.testing.assert_close(model._merge_prefix(pre, 2, 1).view(2, 192)[1], p[1, o, o])
 
 
 def _reference_phases(m, e: torch.Tensor, r: int, blocks, cls: torch.Tensor | None) -> torch.Tensor:

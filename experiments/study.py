@@ -72,7 +72,7 @@ SEG_ROWS: dict[str, list[str]] = {
 # coco128: train on images 1-100, evaluate on 101-128 (box and mask AP); sized so that plain-det reaches
 # clearly non-zero box AP on the 2-core CPU (see docs/dense.md)
 COCO = DATA / "coco" / "coco128-seg"
-DET_COMMON = ["train", "det", "--ann", str(COCO / "instances_coco128seg_train2017.json"), "--images", str(COCO / "images"),
+DET_COMMON = ["train", "det", "--ann", str(COCO / "instances_coco128seg_train2017.json"), "--images", str(COCO / "images" / "train2017"),
               "--train-images", "0:100", "--eval-images", "100:128", "--img-size", "320", "--epochs", "12",
               "--batch-size", "2", "--lr", "2e-4", "--warmup-epochs", "1", "--workers", "1", "--threads", "1"]
 DET_ROWS: dict[str, list[str]] = {

@@ -47,13 +47,16 @@ def _vit(sd, preset):
 
 BUILDERS = {f"preset:{p}": (lambda sd, p=p: _vit(sd, p)) for p in hpvit.list_presets()}
 BUILDERS.update({f"dense:{c}": (lambda sd, c=c: build_dense_backbone(sd, c)) for c in
-                 ("paper-det", "paper-seg", "plain-det", "plain-seg")})
+                 ("paper-det", "paper-seg", "grid-det", "grid-seg", "plain-det", "plain-seg")})
 BUILDERS.update({
     "task:maskrcnn-paper-det": lambda sd: build_detector(sd, "paper-det", num_classes=3, img_size=IMG),
     "task:maskrcnn-plain-det": lambda sd: build_detector(sd, "plain-det", num_classes=3, img_size=IMG),
     "task:upernet-paper-seg": lambda sd: build_segmenter(sd, "paper-seg", num_classes=5, img_size=IMG, channels=32),
     "task:upernet-plain-seg": lambda sd: build_segmenter(sd, "plain-seg", num_classes=5, img_size=IMG, channels=32),
+    "task:maskrcnn-grid-det": lambda sd: build_detector(sd, "grid-det", num_classes=3, img_size=IMG),
+    "task:upernet-grid-seg": lambda sd: build_segmenter(sd, "grid-seg", num_classes=5, img_size=IMG, channels=32),
     "task:adapt": lambda sd: AdaptModel(_vit(sd, "paper-cls")),
+    "task:adapt-grid": lambda sd: AdaptModel(_vit(sd, "grid-cls")),
 })
 
 

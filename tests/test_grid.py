@@ -230,3 +230,17 @@ def test_real_deit_grid_cls_agrees_with_the_plain_model_at_initialisation():
     agree = {cfg: similarity_to_plain(hpvit.from_plain(path, config=cfg), plain, images)[1]["agree1"]
              for cfg in ("grid-cls", "paper-cls")}
     assert agree["grid-cls"] >= 80.0 and agree["paper-cls"] <= 20.0, agree
+
+
+@pytest.mark.parametrize("preset", ["grid-cls", "grid-det"])
+def test_grid_models_export_to_onnx_and_match_pytorch(preset, tmp_path):
+    pytest.importorskip("onnxruntime", reason="ONNX export checks need onnxruntime: pip install -e \".[export]\"")
+    pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript: pip install -e \".[export]\"")
+    from hpvit.export import compare_onnx, export_onnx
+
+    model = hpvit.from_plain(hpvit.load_plain(_vit().state_dict()), config=preset)
+    randomize_new_params(model)
+    if preset == "grid-det":
+        model.as_backbone()
+    path = export_onnx(model.eval(), tmp_path / "m.onnx", img_size=SIDE, pyramid=preset == "grid-det")
+    assert compare_onnx(model, path, _images(1), pyramid=preset == "grid-det") <= 1e-4

@@ -54,6 +54,9 @@ def stage_table(model, img_size: int | tuple[int, int] = 224) -> tuple[list[Stag
         params += sum(p.numel() for k, p in named.items() if k.startswith(f"empty_stages.{s}."))
         wins = sorted({str(model.layout.windows[i] or "global") for i in idx}, key=lambda v: (v == "global", v))
         wins_str = "/".join(f"{v}x{v}" if v != "global" else v for v in wins) or "-"
+        r = getattr(model, "dilations", (1,) * n)[s]
+        if r > 1 and depth:  # phase attention: the layout applies inside each of the r x r phase grids
+            wins_str = f"{r}x{r} phases: {wins_str}"
         tokens = gh * gw + (model.num_prefix_tokens if s == 0 else 0)
         blocks = f"{idx.start + 1}-{idx.stop}" if depth else "0"
         rows.append(StageRow(f"stage{s + 1} (1/{model.strides[s]})", blocks, f"{gh}x{gw}", tokens, wins_str,
@@ -68,12 +71,12 @@ def stage_table(model, img_size: int | tuple[int, int] = 224) -> tuple[list[Stag
 
 
 def format_table(rows: list[StageRow], totals: dict) -> str:
-    head = f"{'part':<16}{'blocks':>8}{'grid':>10}{'tokens':>8}{'window':>14}{'dim':>6}{'params(M)':>11}{'GFLOPs':>9}"
+    head = f"{'part':<16}{'blocks':>8}{'grid':>10}{'tokens':>8}{'window':>26}{'dim':>6}{'params(M)':>11}{'GFLOPs':>9}"
     out = [head, "-" * len(head)]
     for r in rows:
-        out.append(f"{r.name:<16}{r.blocks:>8}{r.grid:>10}{r.tokens:>8}{r.window:>14}{r.dim:>6}{r.params / 1e6:>11.3f}{r.gflops:>9.3f}")
+        out.append(f"{r.name:<16}{r.blocks:>8}{r.grid:>10}{r.tokens:>8}{r.window:>26}{r.dim:>6}{r.params / 1e6:>11.3f}{r.gflops:>9.3f}")
     out.append("-" * len(head))
-    out.append(f"{'total':<16}{'':>8}{'':>10}{'':>8}{'':>14}{'':>6}{totals['params'] / 1e6:>11.3f}{totals['gflops']:>9.3f}")
+    out.append(f"{'total':<16}{'':>8}{'':>10}{'':>8}{'':>26}{'':>6}{totals['params'] / 1e6:>11.3f}{totals['gflops']:>9.3f}")
     out.append(f"(per image at {totals['img_size'][0]}x{totals['img_size'][1]}; FLOPs = 2 x multiply-adds, torch.utils.flop_counter)")
     return "\n".join(out)
 

@@ -21,8 +21,9 @@ SIDE = 64  # stage maps 16, 8, 4, 2; every phase grid is the plain 4x4 token gri
 
 
 def _vit(class_token: bool = True, seed: int = 0):
+    """A random 8-block, 128-wide timm ViT (patch 16, 2 heads of 64) at SIDE px: 2-2-2-2 under the paper split."""
     kw = {} if class_token else dict(class_token=False, global_pool="avg")
-    m = random_timm_vit(seed, img_size=SIDE, num_classes=7, **kw)
+    m = random_timm_vit(seed, img_size=SIDE, num_classes=7, depth=8, embed_dim=128, num_heads=2, **kw)
     with torch.no_grad():  # large position/class embeddings: a wrong phase or shift cannot hide
         m.pos_embed.normal_(std=0.5)
         if class_token:
@@ -70,11 +71,11 @@ def test_the_1_16_stage_is_timms_plain_vit_on_the_shifted_image(preset):
 
 @pytest.mark.parametrize("sub_phase", [0, 1, 2, 3])
 def test_a_grid_model_without_a_1_32_stage_reproduces_timms_logits(sub_phase):
-    """Blocks 1-2 at 1/4, 3-4 at 1/8 (phase attention, a class-token copy per phase), 5-12 at 1/16: the
+    """Blocks 1-2 at 1/4, 3-4 at 1/8 (phase attention, a class-token copy per phase), 5-8 at 1/16: the
     hierarchical model's logits are timm's logits on the image shifted by 6 - 4 * sub_phase pixels (the
     phase the pools keep), in eval and in training mode."""
     m = _vit()
-    cfg = hpvit.get_config("grid-cls", depths=(2, 2, 8), num_stages=3, window_sizes=(None, None, None),
+    cfg = hpvit.get_config("grid-cls", depths=(2, 2, 4), num_stages=3, window_sizes=(None, None, None),
                            pools=("subconv", "subconv"), sub_phase=sub_phase)
     model = hpvit.from_plain(hpvit.load_plain(m.state_dict()), config=cfg)
     x = _images()
@@ -89,17 +90,17 @@ def test_mean_merge_averages_the_class_token_copies_of_the_merging_phases():
     """prefix_merge='mean': 1/8 phase (a, c) gets the mean of the copies of 1/4 phases (2a..2a+1, 2c..2c+1);
     'keep' the copy of phase (2a + o, 2c + o), the one the subsample keeps (o = sub_phase's low bit)."""
     model = hpvit.from_plain(hpvit.load_plain(_vit().state_dict()), config="grid-cls", prefix_merge="mean")
-    pre = torch.randn(2 * 16, 1, 192)
-    got = model._merge_prefix(pre, 2, 2).view(2, 2, 2, 192)
-    p = pre.view(2, 4, 4, 192)
+    pre = torch.randn(2 * 16, 1, 128)
+    got = model._merge_prefix(pre, 2, 2).view(2, 2, 2, 128)
+    p = pre.view(2, 4, 4, 128)
     torch.testing.assert_close(got[1, 0, 1], p[1, 0:2, 2:4].mean(dim=(0, 1)))
     model.config.prefix_merge = "keep"
     for sub_phase in (0, 1, 2, 3):
         model.config.sub_phase = sub_phase
         o = sub_phase & 1
-        torch.testing.assert_close(model._merge_prefix(pre, 2, 2).view(2, 2, 2, 192)[1, 0, 1], p[1, o, 2 + o])
+        torch.testing.assert_close(model._merge_prefix(pre, 2, 2).view(2, 2, 2, 128)[1, 0, 1], p[1, o, 2 + o])
         o = sub_phase  # 1/4 -> 1/16 at once (an empty 1/8 stage): the copy of phase (sub_phase, sub_phase)
-        torch.testing.assert_close(model._merge_prefix(pre, 2, 1).view(2, 192)[1], p[1, o, o])
+        torch.testing.assert_close(model._merge_prefix(pre, 2, 1).view(2, 128)[1], p[1, o, o])
 
 
 def _reference_phases(m, e: torch.Tensor, r: int, blocks, cls: torch.Tensor | None) -> torch.Tensor:

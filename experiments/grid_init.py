@@ -28,14 +28,14 @@ ROWS: dict[str, tuple[str, dict]] = {
     "grid-cls": ("grid-cls", {}),
     "grid-fast-cls": ("grid-fast-cls", {}),
     "grid-lite-cls": ("grid-lite-cls", {}),
-    "grid-cls, sub_phase=1": ("grid-cls", dict(sub_phase=1)),
-    "grid-cls, sub_phase=2": ("grid-cls", dict(sub_phase=2)),
-    "grid-cls, sub_phase=3": ("grid-cls", dict(sub_phase=3)),
-    "grid-lite-cls, sub_phase=1": ("grid-lite-cls", dict(sub_phase=1)),
-    "grid-lite-cls, sub_phase=2": ("grid-lite-cls", dict(sub_phase=2)),
+    "grid-cls, sub_phase=0 (6-px shift)": ("grid-cls", dict(sub_phase=0)),
+    "grid-cls, sub_phase=2 (-2 px)": ("grid-cls", dict(sub_phase=2)),
+    "grid-cls, sub_phase=3 (-6 px)": ("grid-cls", dict(sub_phase=3)),
     "grid-cls, prefix_merge=mean": ("grid-cls", dict(prefix_merge="mean")),
-    "grid-cls, no 1/32 stage (2-2-8, 3 stages)": ("grid-cls", dict(depths=(2, 2, 8), num_stages=3,
-                                                                   window_sizes=(None,) * 3, pools=("subconv",) * 2)),
+    "grid-cls, 7x7 local windows instead of phases": ("grid-cls", dict(attention="window", window_sizes=(7, 7, None, None))),
+    "grid-cls, avg pools instead of subconv": ("grid-cls", dict(pools=("avgconv",) * 3)),
+    "grid-cls, no 1/32 blocks (0-0-12-0)": ("grid-cls", dict(depths=(0, 0, 12, 0))),
+    "grid-cls, class token dropped (avg head)": ("grid-cls", dict(class_token="drop", head="avg")),
 }
 
 

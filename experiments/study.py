@@ -52,10 +52,14 @@ CLS_ROWS: dict[str, list[str]] = {
     "grid-cls": ["--init", str(DEIT), "--config", "grid-cls"],
     "grid-fast-cls": ["--init", str(DEIT), "--config", "grid-fast-cls"],
     "grid-lite-cls": ["--init", str(DEIT), "--config", "grid-lite-cls"],
-    # diagnostics: grid-cls without the pool convs (pure subsample), and with the class-token copies averaged
-    "grid-cls-sub": ["--init", str(DEIT), "--config", str(CFG / "grid-cls-sub.json")],
+    # diagnostics: the pools with their zero-initialised conv (subconv, as grid-det/grid-seg), the class-token
+    # copies averaged, no blocks at 1/32, the 6-px phase (sub_phase=0, with the conv)
+    "grid-cls-conv": ["--init", str(DEIT), "--config", str(CFG / "grid-cls-conv.json")],
+    "grid-fast-cls-conv": ["--init", str(DEIT), "--config", str(CFG / "grid-fast-cls-conv.json")],
+    "grid-lite-cls-conv": ["--init", str(DEIT), "--config", str(CFG / "grid-lite-cls-conv.json")],
     "grid-cls-mean": ["--init", str(DEIT), "--config", str(CFG / "grid-cls-mean.json")],
-    "grid-lite-cls-p0": ["--init", str(DEIT), "--config", str(CFG / "grid-lite-cls-p0.json")],  # sub_phase=0
+    "grid-0-0-12-0": ["--init", str(DEIT), "--config", str(CFG / "grid-0-0-12-0.json")],
+    "grid-lite-cls-p0": ["--init", str(DEIT), "--config", str(CFG / "grid-lite-cls-p0.json")],
 }
 
 SEG_COMMON = ["train", "seg", "--data", str(DATA / "camvid"), "--layout", "camvid", "--base-size", "240",

@@ -188,7 +188,7 @@ def test_subconv_pool_starts_as_a_subsample_and_merges_exactly(conv, padding, ta
 
 
 def test_reparameterized_grid_model_saves_and_loads(tmp_path):
-    model = hpvit.from_plain(hpvit.load_plain(_vit().state_dict()), config="grid-cls")
+    model = hpvit.from_plain(hpvit.load_plain(_vit().state_dict()), config="grid-cls", pools=("subconv",) * 3)
     randomize_new_params(model)
     x = _images()
     with torch.no_grad():

@@ -68,12 +68,26 @@ def save(model, path: "str | os.PathLike", force: bool = True) -> str:
         "num_classes": str(model.num_classes),
         "head_type": model.head_type,
     }
+    _refuse_own_source(model, path)
     report = reuse_report_meta(model)
     if report is not None:
         meta["reuse_report"] = report
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta), force=force)
     return os.fspath(path)
+
+
+def _refuse_own_source(model, path: "str | os.PathLike") -> None:
+    """Writing a converted model onto the checkpoint it was converted from would destroy the only copy."""
+    report = getattr(model, "_reuse_report", None)
+    src = getattr(report, "source", None)
+    try:
+        same = src is not None and os.path.exists(path) and os.path.samefile(src, path)
+    except OSError:
+        same = False
+    if same:
+        raise OutputError(f"{path} is the checkpoint this model was converted from ({src}); writing the converted "
+                          "model there would destroy the source. Choose another output path (-o)")
 
 
 def reuse_report_meta(model) -> "str | None":
@@ -88,7 +102,13 @@ def load(path: "str | os.PathLike", map_location: str = "cpu"):
     (``MaskRCNNModel`` / ``UperNetSegmenter``, with the file's description in ``model.hpvit_meta``).
     ``path`` may also be a training output folder (its ``model.safetensors`` is loaded)."""
     path = model_file(path)
-    meta = read_metadata(path)
+    try:
+        meta = read_metadata(path)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"{e}; hpvit.load reads the .safetensors files hpvit writes. For a plain ViT checkpoint (.pth, .bin, "
+            "timm/HF .safetensors) use hpvit.load_plain(path) or hpvit.from_plain(path, config=...) (or `hpvit convert`)"
+        ) from e
     if "hpvit_dense" in meta:
         return load_dense(path)
     if "hpvit_config" not in meta:
@@ -96,6 +116,12 @@ def load(path: "str | os.PathLike", map_location: str = "cpu"):
             f"{path}: no hpvit metadata; this is not a file written by hpvit. For a plain ViT checkpoint use "
             "hpvit.from_plain(path, config=...) (or `hpvit convert`)"
         )
+    version = meta.get("hpvit_format", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: written in hpvit file format {version!r}, but this hpvit reads format {FORMAT_VERSION!r}; the "
+            "file comes from another hpvit version (upgrade hpvit) or its metadata was edited (re-create it with "
+            "`hpvit convert` or hpvit.save)")
     try:
         cfg = HPViTConfig.from_dict(json.loads(meta["hpvit_config"]))
         spec = PlainSpec.from_dict(json.loads(meta["hpvit_spec"]))
@@ -295,7 +321,7 @@ def export_onnx(model: HierarchicalViT, path: "str | os.PathLike", img_size: "in
     with torch.no_grad():
         prog = torch.onnx.export(wrapped, (x,), input_names=["images"], output_names=outs, dynamic_shapes=dyn,
                                  opset_version=opset, dynamo=True, external_data=False, verbose=False)
-    prog.save(path)
+    atomic_write(path, prog.save, force=True)  # a temp file renamed onto path: never a half-written .onnx
     return path
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -88,6 +89,9 @@ def write_error(dst: Path, e: BaseException) -> OutputError:
         pass
     err = getattr(e, "errno", None)
     text = str(e)
+    if err is None:  # safetensors' SafetensorError carries the OS error only in its text: "... (os error 28)"
+        m = re.search(r"os error (\d+)", text)
+        err = int(m.group(1)) if m else None
     if err == errno.ENOSPC or "unexpected pos" in text or "failed writing" in text or "No space left" in text:
         return OutputError(f"cannot write {dst}: the disk is full{free}; free some space or choose an output on "
                            "another disk, then run again")
@@ -127,10 +131,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], force: b
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, FileExistsError):
+        if _is_write_failure(e):
             raise write_error(dst, e) from e
         raise
     return dst
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """An exception a writer raises because the file could not be written (an OS error, PyTorch's
+    ``RuntimeError: ... unexpected pos``, safetensors' ``SafetensorError``), not a bug or an interrupt."""
+    if isinstance(e, FileExistsError) or not isinstance(e, Exception):
+        return False
+    return isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "SafetensorError"
 
 
 def write_text_atomic(path: "str | os.PathLike", text: str) -> Path:

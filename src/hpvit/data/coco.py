@@ -157,6 +157,11 @@ class CocoSource:
             if box[2] <= 0 or box[3] <= 0:
                 raise CocoFormatError(f"{where}: annotation id {aid} (image {img['file_name']}) has an empty bbox "
                                       f"{box} (width and height must be > 0); fix or delete the annotation")
+            x, y, bw, bh = box
+            if x >= img["width"] or y >= img["height"] or x + bw <= 0 or y + bh <= 0:
+                raise CocoFormatError(f"{where}: annotation id {aid} (image {img['file_name']}) has bbox {box}, which "
+                                      f"lies entirely outside the {img['width']}x{img['height']} image; fix the box (COCO "
+                                      "boxes are [x, y, width, height] in pixels) or delete the annotation")
             self._check_segmentation(a, img, where)
             if a.get("iscrowd", 0):
                 self.num_crowd += 1

@@ -111,6 +111,12 @@ class ImageFolderSource:
 
     def _scan_zip(self) -> None:
         names = [n for n in self.zip.names() if not n.endswith("/") and _is_image(n)]
+        unsafe = [n for n in names if _unsafe_member(n)]
+        if unsafe:
+            raise ConfigError(
+                f"data path {self.root}: {len(unsafe)} member name(s) of the zip point outside the archive's folders "
+                f"(absolute paths or '..' parts), e.g. {unsafe[:3]}; such names never map onto a train/<class>/ folder. "
+                "Re-create the zip from the dataset folder (cd ROOT && zip -r ../data.zip train val)")
         # find the prefix under which the split folders live ("" or "cifar10/")
         found: dict[str, dict[str, list[tuple[str, str]]]] = {}
         for n in names:
@@ -173,6 +179,12 @@ class ImageFolderSource:
         """``(width, height, mode)`` from the header of ``member`` (fast; nothing decoded)."""
         src = self._bytes(member) if self.zip is not None else member
         return probe_image(src, self.name_of(member))
+
+
+def _unsafe_member(name: str) -> bool:
+    """A zip member name that is absolute (``/x``, ``C:/x``, ``\\x``) or has a ``..`` part."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or (len(parts[0]) == 2 and parts[0][1] == ":") or ".." in parts
 
 
 def _looks_like_zip(path: Path) -> bool:

@@ -1,0 +1,274 @@
+"""Bad input and faults of issue 20: hostile or edited files, careless arguments, full disks and kills.
+Every case ends in an hpvit error naming the problem, the file and the fix, and nothing the user had is lost.
+Each hostile file is built inside its test; models are tiny random timm ViTs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import hpvit
+from hpvit.cli import main
+from hpvit.errors import BadImageError, CheckpointError, ConfigError, InputError, OutputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _timm_sd(depth: int = 4) -> dict[str, torch.Tensor]:
+    from helpers import random_timm_vit
+
+    return random_timm_vit(0, depth=depth, embed_dim=64, num_heads=2, img_size=32, num_classes=3).state_dict()
+
+
+@pytest.fixture(scope="module")
+def small_pth(tmp_path_factory) -> Path:
+    from helpers import save_small_vit
+
+    return save_small_vit(tmp_path_factory.mktemp("small") / "small_vit.pth", img_size=32)
+
+
+def _rgb(path: Path, seed: int = 0, size: int = 24) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+# ------------------------------------------------------------------ defect 1: integer weights
+def test_integer_weight_is_refused_naming_the_tensor(tmp_path):
+    sd = _timm_sd()
+    sd["blocks.0.attn.qkv.weight"] = (sd["blocks.0.attn.qkv.weight"] * 100).to(torch.int32)
+    p = tmp_path / "int.safetensors"
+    save_file(sd, p)
+    with pytest.raises(CheckpointError, match=r"int\.safetensors: 1 weight tensor\(s\) are not floating point, e\.g\. "
+                                              r"\['blocks\.0\.attn\.qkv\.weight \(int32\)'\]"):
+        hpvit.load_plain(p)
+    out = tmp_path / "o.safetensors"
+    assert main(["convert", str(p), "-o", str(out), "--config", "paper-cls"]) == 2
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ defect 2: zip members outside the archive
+@pytest.mark.parametrize("member", ["../../x.jpg", "train/cat/../../../../ESCAPE_cat.jpg", "/ABS.jpg"])
+def test_zip_members_with_dotdot_or_absolute_names_are_refused(tmp_path, member):
+    from hpvit.data import ImageFolderSource
+
+    img = _rgb(tmp_path / "i.jpg").read_bytes()
+    z = tmp_path / "d.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for n in ("train/cat/0.jpg", "train/dog/0.jpg", "val/cat/0.jpg", "val/dog/0.jpg"):
+            zf.writestr(n, img)
+        zf.writestr(zipfile.ZipInfo(member), img)  # ZipInfo keeps the name as given (zf.write would clean it)
+    with pytest.raises(ConfigError, match=r"d\.zip: 1 member name\(s\) of the zip point outside") as e:
+        ImageFolderSource(z)
+    assert repr(member) in str(e.value) and "Re-create the zip" in str(e.value)
+
+
+# ------------------------------------------------------------------ defect 3: 16-bit grayscale
+def test_16bit_grayscale_is_scaled_not_clipped_to_white(tmp_path):
+    from hpvit.data.images import decode_image
+
+    a = (np.arange(32 * 32, dtype=np.int64).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    p = tmp_path / "g16.png"
+    Image.fromarray(a).save(p)
+    assert Image.open(p).mode.startswith("I")  # what PIL reads: 16-bit grayscale
+    got = np.asarray(decode_image(p))
+    assert got.shape == (32, 32, 3)
+    want = np.round(a / 257.0).astype(np.uint8)  # the full 16-bit range onto 0..255
+    assert (got == want[..., None]).all()
+    assert len(np.unique(got)) == 256  # every grey level, not solid white (PIL's convert clips all above 255)
+    # a 32-bit float image has no declared range: refused, naming the file
+    f = tmp_path / "f32.tiff"
+    Image.fromarray(a.astype(np.float32)).save(f)
+    with pytest.raises(BadImageError, match=r"f32\.tiff holds 32-bit float grayscale pixels"):
+        decode_image(f)
+
+
+# ------------------------------------------------------------------ defect 4: COCO boxes outside the image
+@pytest.mark.parametrize("box", [[1e6, 1e6, 10, 10], [-50, 2, 10, 10], [2, 20, 5, 5]])
+def test_coco_box_outside_its_image_is_refused(tmp_path, box):
+    from hpvit.data.coco import CocoFormatError, CocoSource
+
+    _rgb(tmp_path / "imgs" / "a.jpg", size=20)
+    ann = {"images": [{"id": 1, "file_name": "a.jpg", "width": 20, "height": 20}],
+           "categories": [{"id": 1, "name": "thing"}],
+           "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": box,
+                            "segmentation": [[5, 5, 15, 5, 15, 15]]}]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    with pytest.raises(CocoFormatError, match=r"ann\.json: annotation id 7 \(image a\.jpg\) has bbox .* lies entirely "
+                                              r"outside the 20x20 image"):
+        CocoSource(tmp_path / "ann.json", tmp_path / "imgs")
+
+
+# ------------------------------------------------------------------ defects 6, 7: ONNX writes
+class _Program:
+    """Stands in for the ONNXProgram ``torch.onnx.export`` returns (test_export.py runs the real exporter): these
+    tests are about how the file is written, and ``save`` is where a full disk or a kill strikes."""
+
+    def __init__(self, fail: "int | None" = None):
+        self.fail = fail
+
+    def save(self, path, *a, **k):
+        Path(path).write_bytes(b"\x08\x01partial")
+        if self.fail == signal.SIGKILL:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.fail is not None:
+            raise OSError(self.fail, os.strerror(self.fail))
+        Path(path).write_bytes(b"\x08\x01complete onnx")
+
+
+def test_export_on_a_full_disk_leaves_no_onnx_and_names_it(tmp_path, monkeypatch):
+    from hpvit.export import export_onnx
+
+    model = hpvit.from_plain(_timm_sd(), "paper-cls")
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: _Program(errno.ENOSPC))
+    out = tmp_path / "m.onnx"
+    with pytest.raises(OutputError, match=rf"cannot write {out}: the disk is full"):
+        export_onnx(model, out, img_size=32)
+    assert list(tmp_path.iterdir()) == []  # no corrupt .onnx, no temp file: the re-run is not refused
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: _Program())
+    export_onnx(model, out, img_size=32)
+    assert out.read_bytes() == b"\x08\x01complete onnx"
+
+
+def test_export_force_killed_mid_write_keeps_the_old_onnx(tmp_path):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"OLD ONNX FILE")
+    script = (
+        "import signal, sys, torch, hpvit\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "from test_faults import _Program, _timm_sd\n"
+        "torch.onnx.export = lambda *a, **k: _Program(signal.SIGKILL)\n"
+        "hpvit.export.export_onnx(hpvit.from_plain(_timm_sd(), 'paper-cls'), sys.argv[1], img_size=32, force=True)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", script, str(out), str(ROOT / "tests")], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert out.read_bytes() == b"OLD ONNX FILE"  # the kill hit the temp file; the old export is intact
+
+
+# ------------------------------------------------------------------ defect 9: convert X -o X --force
+def test_convert_onto_its_own_source_is_refused_and_the_source_kept(tmp_path, capsys):
+    src = tmp_path / "vit.safetensors"
+    save_file(_timm_sd(), src)
+    before = src.read_bytes()
+    assert main(["convert", str(src), "-o", str(src), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "is the checkpoint this model was converted from" in err and "destroy the source" in err and str(src) in err
+    assert src.read_bytes() == before
+    link = tmp_path / "link.safetensors"  # the same file by another name
+    link.symlink_to(src)
+    assert main(["convert", str(src), "-o", str(link), "--force"]) == 2
+    assert src.read_bytes() == before
+
+
+# ------------------------------------------------------------------ defect 10: num_classes
+@pytest.mark.parametrize("nc", [-1, 2.5, "3", True])
+def test_from_plain_refuses_a_bad_num_classes(nc):
+    with pytest.raises(ConfigError, match=rf"num_classes must be an integer >= 0 .*got {nc!r}"):
+        hpvit.from_plain(_timm_sd(), "paper-cls", num_classes=nc)
+
+
+def test_from_plain_num_classes_zero_and_numpy_int_still_work():
+    sd = _timm_sd()
+    assert hpvit.from_plain(sd, "paper-cls", num_classes=0)(torch.randn(1, 3, 32, 32)).shape == (1, 64)
+    assert hpvit.from_plain(sd, "paper-cls", num_classes=np.int64(5))(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+# ------------------------------------------------------------------ weak answers: checkpoints
+@pytest.mark.parametrize("first", list("abehjqrstuNQR"))
+def test_text_file_as_checkpoint_is_a_clean_error(tmp_path, first):
+    p = tmp_path / "notes.pth"
+    p.write_text(first + "ello, these are my notes\n")
+    with pytest.raises(CheckpointError, match=r"notes\.pth: cannot read the file .*not a PyTorch/safetensors"):
+        hpvit.load_plain(p)
+
+
+def test_hf_shard_index_names_the_missing_shard(tmp_path):
+    from hpvit.checkpoints.io import read_folder_or_file
+
+    sd = _timm_sd()
+    keys = sorted(sd)
+    half = len(keys) // 2
+    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, tmp_path / name)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+    merged = read_folder_or_file(str(tmp_path))  # both shards present: every tensor, merged
+    assert sorted(merged) == keys and all(torch.equal(merged[k], sd[k]) for k in keys)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"index\.json: 1 of 2 shard file\(s\) it lists are missing .*"
+                                              r"\['model-00002-of-00002\.safetensors'\]; the download is incomplete"):
+        hpvit.load_plain(tmp_path)
+
+
+def _saved(tmp_path) -> Path:
+    return Path(hpvit.save(hpvit.from_plain(_timm_sd(), "paper-cls"), tmp_path / "m.safetensors"))
+
+
+def test_hpvit_format_version_is_checked(tmp_path):
+    from safetensors import safe_open
+
+    good = _saved(tmp_path)
+    with safe_open(str(good), "pt") as f:
+        meta = f.metadata()
+    bad = tmp_path / "v99.safetensors"
+    save_file(load_file(good), bad, metadata={**meta, "hpvit_format": "99"})
+    with pytest.raises(CheckpointError, match=r"v99\.safetensors: written in hpvit file format '99', but this hpvit "
+                                              r"reads format '1'"):
+        hpvit.load(bad)
+
+
+def test_hpvit_load_of_a_plain_pth_points_to_load_plain(tmp_path, small_pth):
+    with pytest.raises(CheckpointError, match=r"small_vit\.pth: .*hpvit\.load_plain\(path\) or hpvit\.from_plain"):
+        hpvit.load(small_pth)
+
+
+@pytest.mark.parametrize("err, expect", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "the file system is read-only")])
+def test_safetensors_write_failures_are_one_hpvit_line(tmp_path, monkeypatch, capsys, small_pth, err, expect):
+    import safetensors.torch as st
+    from safetensors import SafetensorError
+
+    real = st.save_file
+
+    def failing(tensors, filename, metadata=None):
+        real(tensors, filename, metadata)
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(err)} (os error {err})")
+
+    monkeypatch.setattr("hpvit.export.save_file", failing)
+    out = tmp_path / "o.safetensors"
+    assert main(["convert", str(small_pth), "-o", str(out)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("hpvit: error: cannot write") and str(out) in line and expect in line
+    assert not out.exists() and not list(tmp_path.glob("*.hpvit-tmp"))
+
+
+def test_export_of_a_detector_file_says_how_to_export_its_backbone(tmp_path, capsys):
+    from safetensors.torch import save_file as sf
+
+    p = tmp_path / "det.safetensors"  # what `hpvit train det` writes: weights + an 'hpvit_dense' description
+    sf({"x": torch.zeros(1)}, p, metadata={"hpvit_dense": json.dumps({"task": "det"})})
+    assert main(["export", str(p), "-o", str(tmp_path / "d.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "a Mask R-CNN detector file hpvit wrote" in err and "body.vit" in err and "pyramid=True" in err
+
+
+# ------------------------------------------------------------------ weak answers: model inputs
+@pytest.mark.parametrize("x, got", [([torch.randn(3, 32, 32)], "a list"),
+                                    (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "a torch.uint8 tensor")])
+def test_model_called_with_a_list_or_uint8_is_an_input_error(x, got):
+    m = hpvit.from_plain(_timm_sd(), "paper-cls")
+    with pytest.raises(InputError, match=rf"expected a float tensor of images \(B, C, H, W\), got {got}"):
+        m(x)

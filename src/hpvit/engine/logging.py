@@ -113,6 +113,18 @@ def format_summary(epoch: int, epochs: int, rec: dict[str, Any], keys: "tuple[st
             f"all metrics in {metrics_path})")
 
 
+def finite_json(x: Any) -> Any:
+    """``x`` with every NaN / inf float replaced by None: JSON has no NaN (``json.dumps`` would write an invalid
+    ``NaN`` token that strict readers refuse)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_json(v) for v in x]
+    return x
+
+
 class MetricsFile:
     """Append-only ``metrics.jsonl``; on resume, records after the checkpoint's step are dropped."""
 
@@ -134,7 +146,7 @@ class MetricsFile:
             return
         try:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
         except OSError as e:
             raise write_error(self.path, e) from e
 

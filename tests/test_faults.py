@@ -272,3 +272,115 @@ def test_model_called_with_a_list_or_uint8_is_an_input_error(x, got):
     m = hpvit.from_plain(_timm_sd(), "paper-cls")
     with pytest.raises(InputError, match=rf"expected a float tensor of images \(B, C, H, W\), got {got}"):
         m(x)
+
+
+# ------------------------------------------------------------------ training runs
+def _folder(root: Path, classes=("a", "b"), n_train: int = 2, n_val: int = 1, size: int = 24) -> Path:
+    k = 0
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in classes:
+            for i in range(n):
+                _rgb(root / split / c / f"{i}.png", k, size)
+                k += 1
+    return root
+
+
+def _train(init: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "cls", "--init", str(init), "--data", str(data), "--out", str(out), "--recipe", "cifar-mini",
+            "--img-size", "32", "--batch-size", "2", "--epochs", "1", "--workers", "0", "--threads", "1",
+            "--set", "warmup_epochs=0", "--set", "log_every_steps=1", "--set", "auto_augment=null",
+            "--set", "mixup=0", "--set", "cutmix=0", *extra]
+
+
+def test_a_run_that_diverges_on_its_last_update_is_not_done(tmp_path, small_pth, capsys):
+    data, out = _folder(tmp_path / "d", n_train=1), tmp_path / "run"  # 2 images, batch 2: one update
+    assert main(_train(small_pth, data, out, "--lr", "1e6")) == 2
+    err = capsys.readouterr().err
+    assert "training diverged:" in err and "update 1" in err and "no checkpoint had been written yet" in err
+    assert "done:" not in err and not (out / "results.json").exists() and not (out / "model.safetensors").exists()
+    for ln in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(ln, parse_constant=lambda c: pytest.fail(f"metrics.jsonl holds {c}"))  # strict JSON only
+
+
+@pytest.fixture
+def interrupted_run(tmp_path, small_pth):
+    """A run stopped (as by Ctrl-C) right after update 1 and its checkpoint: (args maker, data, out)."""
+    from hpvit.engine.loop import Trainer
+
+    data, out = _folder(tmp_path / "d", n_train=4), tmp_path / "run"  # 8 images, batch 2: 4 updates
+
+    def stop(trainer, update):
+        if update == 1:
+            raise KeyboardInterrupt
+
+    Trainer.update_hooks.append(stop)
+    try:
+        assert main(_train(small_pth, data, out, "--set", "ckpt_every_steps=1", "--set", "log_every_steps=3")) == 130
+    finally:
+        Trainer.update_hooks.remove(stop)
+    assert (out / "checkpoint-last.pt").is_file() and not (out / "results.json").exists()
+    return (lambda *extra: _train(small_pth, data, out, "--set", "ckpt_every_steps=1", "--set", "log_every_steps=3",
+                                  "--resume", *extra)), data, out
+
+
+def test_resume_refuses_other_data_init_config_or_recipe(tmp_path, interrupted_run, capsys):
+    resume, data, out = interrupted_run
+    other = _folder(tmp_path / "other", classes=("cat", "dog"), n_train=4)
+    init2 = tmp_path / "init2.safetensors"
+    save_file(_timm_sd(), init2)
+    from hpvit.config import get_config
+
+    cfg = tmp_path / "mine.json"  # a config file with one field changed
+    cfg.write_text(json.dumps({**get_config("paper-cls").to_dict(), "name": "mine", "rel_pos": False}))
+    cases = [(["--data", str(other)], ["task.data:", "task.classes: [\"a\", \"b\"] -> [\"cat\", \"dog\"]"]),
+             (["--init", str(init2)], ["init:"]),
+             (["--config", str(cfg)], ["model_config.rel_pos: true -> false"]),
+             (["--set", "smoothing=0.3"], ["smoothing: 0.1 -> 0.3"])]
+    before = (out / "checkpoint-last.pt").read_bytes()
+    for extra, expect in cases:
+        assert main(resume(*extra)) == 2, extra  # (the later of two flags wins)
+        err = capsys.readouterr().err
+        assert "cannot resume" in err and str(out) in err, err
+        for e in expect:
+            assert e in err, (e, err)
+        assert (out / "checkpoint-last.pt").read_bytes() == before  # nothing of the run changed
+    assert main(resume("--lr", "0.002")) == 0  # a changed lr stays allowed, with its note
+    assert "resuming with changed lr" in capsys.readouterr().err
+
+
+def test_resumed_run_logs_the_same_train_losses(tmp_path, interrupted_run, small_pth):
+    resume, data, out = interrupted_run
+    assert main(resume()) == 0  # its first logging window (updates 1..3) spans the resume point
+    full = tmp_path / "full"
+    assert main(_train(small_pth, data, full, "--set", "ckpt_every_steps=1", "--set", "log_every_steps=3")) == 0
+
+    def losses(d):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
+
+    assert losses(out) == losses(full) and [s for s, _ in losses(full)] == [3, 4]
+
+
+@pytest.mark.parametrize("value, expect", [("epochs=two", "epochs: expected int, got 'two'"),
+                                           ("lr=fast", "lr: expected float | None, got 'fast'")])
+def test_set_with_a_value_of_the_wrong_type_is_a_config_error(tmp_path, small_pth, capsys, value, expect):
+    out = tmp_path / "run"
+    assert main(_train(small_pth, _folder(tmp_path / "d"), out, "--set", value)) == 2
+    err = capsys.readouterr().err
+    assert "wrong value type for " + expect in err and "reads VALUE as JSON" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["bomb"])  # a text file takes the same path (test_robustness covers the decoder)
+def test_demo_image_goes_through_the_guarded_decoder(tmp_path, capsys, monkeypatch, small_pth, kind):
+    img = tmp_path / "in.png"
+    if kind == "bomb":
+        _rgb(img, size=40)
+        monkeypatch.setenv("HPVIT_MAX_IMAGE_PIXELS", "500")
+    else:
+        img.write_text("not an image")
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--checkpoint", str(small_pth), "--image", str(img), "--img-size", "32", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"image {img}" in err and ("too large" if kind == "bomb" else "cannot be decoded") in err
+    assert not out.exists()

@@ -199,6 +199,49 @@ class DictIO:
         """Validate a freshly built object (default: nothing to check)."""
 
 
+def field_type_problems(obj: Any) -> list[str]:
+    """``"key: expected TYPE, got VALUE"`` for each field of the dataclass ``obj`` whose value does not have its
+    declared type (int, float, bool, str, None, tuples of those; an int is a valid float; other types unchecked)."""
+    hints = typing.get_type_hints(type(obj))
+    out = []
+    for f in dataclasses.fields(obj):
+        tp, v = hints.get(f.name), getattr(obj, f.name)
+        if tp is not None and _fits(v, tp) is False:
+            out.append(f"{f.name}: expected {_type_name(tp)}, got {v!r}")
+    return out
+
+
+def _fits(v: Any, tp: Any) -> "bool | None":
+    """Whether ``v`` has type ``tp``; None when ``tp`` is not one :func:`field_type_problems` checks."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        res = [_fits(v, a) for a in args]
+        return True if any(r is True for r in res) else (None if None in res else False)
+    if tp is type(None):
+        return v is None
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if tp is str:
+        return isinstance(v, str)
+    if origin is tuple:
+        if not isinstance(v, (tuple, list)):
+            return False
+        items = args[:1] * len(v) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(v):
+            return False
+        res = [_fits(x, a) for x, a in zip(v, items)]
+        return False if False in res else True
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("NoneType", "null")
+
+
 def _is_tuple_type(tp: Any) -> bool:
     if tp is None:
         return False

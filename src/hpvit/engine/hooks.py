@@ -68,7 +68,7 @@ class NaNGuard(Hook):
         bad = {k: v for k, v in rec.items() if "loss" in k and isinstance(v, float) and not math.isfinite(v)}
         if bad:
             t._diverged(f"the evaluation gives {', '.join(f'{k} {v}' for k, v in bad.items())} (the model outputs NaN "
-                        "or inf)", t.epoch_of_last_update(), "stopped")
+                        "or inf)", t.epoch_of_last_update(), after_update=True)
 
 
 class CheckpointHook(Hook):

@@ -463,7 +463,7 @@ class Trainer:
         if D.all_reduce_sum(torch.tensor([float(len(bad))]), self.dist).item() > 0:
             self.prog.close()
             self._diverged(f"the weights hold NaN or inf values after the update ({len(bad)} tensor(s) on this "
-                           f"process, e.g. {bad[:3]})", self.epoch_of_last_update(), "stopped")
+                           f"process, e.g. {bad[:3]})", self.epoch_of_last_update(), after_update=True)
 
     def epoch_of_last_update(self) -> tuple[int, int]:
         """(epoch, step) of the update just made, counted from 0, as the divergence message names them."""
@@ -535,7 +535,7 @@ class Trainer:
                 "--resume), or start over with --overwrite or in another --out"
             )
 
-    def _diverged(self, what: str, at: tuple[int, int], stopped: str = "stopped before the optimizer step") -> None:
+    def _diverged(self, what: str, at: tuple[int, int], after_update: bool = False) -> None:
         """Raise DivergenceError: ``what`` went non-finite at ``(epoch, step)`` (from 0); the last good checkpoint
         (written before any non-finite value reached it) is kept."""
         ckpt_path = self.ckpt_path
@@ -551,7 +551,8 @@ class Trainer:
             advice = ("Run the same command again with a lower learning rate (--lr <smaller> or --set blr=<smaller>), "
                       "--set clip_grad=1.0, or --amp bf16 instead of fp16")
         epoch, step = at
-        update = self.gstep if stopped == "stopped" else self.gstep + 1
+        update = self.gstep if after_update else self.gstep + 1
+        stopped = "stopped after that update" if after_update else "stopped before the optimizer step"
         raise DivergenceError(
             f"training diverged: {what} at epoch {epoch + 1}, step {step + 1} (update {update}); {stopped}, {where}; "
             f"no model or results.json was written. {advice}"

@@ -31,6 +31,7 @@ import importlib.util
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,6 +46,7 @@ from .config import HPViTConfig
 from .errors import CheckpointError, ConfigError, InputError, OutputError
 from .models.dense import mark_dropped_in_report, unused_dense_keys
 from .models.detector import detector_from_meta
+from .models.build import check_num_classes
 from .models.hierarchical import HierarchicalViT
 from .models.reuse import restore_reuse_report
 from .models.segmenter import segmenter_from_meta
@@ -52,6 +54,7 @@ from .utils import atomic_write, write_text_atomic
 
 # what a dense file's "task" names -> the function that builds that (untrained) model from the description
 DENSE_FROM_META = {"det": detector_from_meta, "seg": segmenter_from_meta}
+HEAD_TYPES = ("avg", "token", "", "none")  # the classifier heads a saved file may name (see HierarchicalViT)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -125,7 +128,11 @@ def load(path: "str | os.PathLike", map_location: str = "cpu"):
     try:
         cfg = HPViTConfig.from_dict(json.loads(meta["hpvit_config"]))
         spec = PlainSpec.from_dict(json.loads(meta["hpvit_spec"]))
-        model = HierarchicalViT(spec, cfg, num_classes=int(meta.get("num_classes", "")))
+        num_classes = int(meta.get("num_classes", ""))
+        check_num_classes(num_classes, "its num_classes")
+        if meta.get("head_type", "avg") not in HEAD_TYPES:
+            raise ConfigError(f"head_type {meta['head_type']!r} is none of {HEAD_TYPES}")
+        model = HierarchicalViT(spec, cfg, num_classes=num_classes)
     except Exception as e:  # bad JSON, unknown/invalid fields, impossible sizes: the metadata was altered
         raise CheckpointError(
             f"{path}: the hpvit metadata (config / spec / num_classes) is damaged and cannot rebuild the model "
@@ -135,12 +142,29 @@ def load(path: "str | os.PathLike", map_location: str = "cpu"):
     if meta.get("head_type") and meta["head_type"] != model.head_type:
         model.head_type = meta["head_type"]
     sd = load_file(os.fspath(path), device=map_location)
+    _check_values(model, sd, path)
     missing, unexpected = model.load_state_dict(sd, strict=False) if _shapes_fit(model, sd, path) else ([], [])
     if missing or unexpected:
         raise CheckpointError(f"{path}: tensors do not match the stored config (missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}); the file was edited or corrupted. Re-create it with `hpvit convert`")
     restore_reuse_report(model, meta.get("reuse_report") or meta.get("reuse_summary"), path)
     return model
+
+
+def _check_values(model, sd: dict, path) -> None:
+    """Integer tensors where the model holds floats are refused (loading would cast them into garbage weights);
+    NaN / inf weights load, with a warning naming them (the model will output NaN)."""
+    own = model.state_dict()
+    wrong = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in sd.items()
+             if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    if wrong:
+        raise CheckpointError(f"{path}: {len(wrong)} tensor(s) are not floating point, e.g. {wrong[:3]}, where the model "
+                              "holds float weights; the file was edited or corrupted. Re-create it from the original "
+                              "checkpoint with `hpvit convert`")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        warnings.warn(f"{path}: {len(bad)} tensor(s) hold NaN or inf values, e.g. {bad[:3]}; the model will output NaN "
+                      "(the run that wrote it diverged, or the file was damaged)", stacklevel=3)
 
 
 def _shapes_fit(model, sd: dict, path) -> bool:

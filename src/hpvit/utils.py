@@ -13,11 +13,13 @@ import contextlib
 import dataclasses
 import errno
 import json
+import math
 import os
 import re
 import secrets
 import shutil
 import stat
+import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -201,7 +203,8 @@ class DictIO:
 
 def field_type_problems(obj: Any) -> list[str]:
     """``"key: expected TYPE, got VALUE"`` for each field of the dataclass ``obj`` whose value does not have its
-    declared type (int, float, bool, str, None, tuples of those; an int is a valid float; other types unchecked)."""
+    declared type (int, float, bool, str, None, tuples of those; an int is a valid float, NaN and inf are not;
+    other types unchecked)."""
     hints = typing.get_type_hints(type(obj))
     out = []
     for f in dataclasses.fields(obj):
@@ -214,7 +217,7 @@ def field_type_problems(obj: Any) -> list[str]:
 def _fits(v: Any, tp: Any) -> "bool | None":
     """Whether ``v`` has type ``tp``; None when ``tp`` is not one :func:`field_type_problems` checks."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         res = [_fits(v, a) for a in args]
         return True if any(r is True for r in res) else (None if None in res else False)
     if tp is type(None):
@@ -223,8 +226,8 @@ def _fits(v: Any, tp: Any) -> "bool | None":
         return isinstance(v, bool)
     if tp is int:
         return isinstance(v, int) and not isinstance(v, bool)
-    if tp is float:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if tp is float:  # a finite number: NaN and inf pass every range check written as a comparison
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if tp is str:
         return isinstance(v, str)
     if origin is tuple:

@@ -111,7 +111,7 @@ class ImageFolderSource:
 
     def _scan_zip(self) -> None:
         names = [n for n in self.zip.names() if not n.endswith("/") and _is_image(n)]
-        unsafe = [n for n in names if _unsafe_member(n)]
+        unsafe = [n for n in names if unsafe_path_name(n)]
         if unsafe:
             raise ConfigError(
                 f"data path {self.root}: {len(unsafe)} member name(s) of the zip point outside the archive's folders "
@@ -181,8 +181,9 @@ class ImageFolderSource:
         return probe_image(src, self.name_of(member))
 
 
-def _unsafe_member(name: str) -> bool:
-    """A zip member name that is absolute (``/x``, ``C:/x``, ``\\x``) or has a ``..`` part."""
+def unsafe_path_name(name: str) -> bool:
+    """A name meant to be relative (a zip member, a COCO file_name) that is absolute (``/x``, ``C:/x``, ``\\x``) or
+    has a ``..`` part, so it points outside its folder."""
     parts = name.replace("\\", "/").split("/")
     return name.startswith(("/", "\\")) or (len(parts[0]) == 2 and parts[0][1] == ":") or ".." in parts
 

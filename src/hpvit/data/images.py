@@ -16,7 +16,7 @@ from typing import IO, Iterator
 import numpy as np
 from PIL import Image
 
-from ..errors import BadImageError
+from ..errors import BadImageError, ConfigError
 
 FIX = "replace or delete the file (hpvit train can leave such images out with --skip-bad-images)"
 
@@ -25,7 +25,11 @@ def pixel_limit() -> int | None:
     """The pixel count above which an image is refused: ``HPVIT_MAX_IMAGE_PIXELS`` or PIL's default."""
     env = os.environ.get("HPVIT_MAX_IMAGE_PIXELS", "").strip()
     if env:
-        n = int(float(env))
+        try:
+            n = int(float(env))
+        except (ValueError, OverflowError):
+            raise ConfigError(f"HPVIT_MAX_IMAGE_PIXELS={env!r} is not a number; set it to a pixel count (e.g. "
+                              "200000000), to 0 to switch the limit off, or unset it for the default") from None
         return n if n > 0 else None
     return Image.MAX_IMAGE_PIXELS
 

@@ -79,3 +79,14 @@ def check_identity(ckpt: dict[str, Any], identity: dict[str, Any], out: "str | o
             + "; ".join(diffs[:8]) + ("; ..." if len(diffs) > 8 else "")
             + ". Resume with the original --data, --init, --config and task flags, or start over with --overwrite "
             "or in another --out")
+
+
+def check_out_outside_data(task: Any, out: "str | os.PathLike") -> None:
+    """ConfigError when the run's folder lies inside a folder the task reads its data from (its files would
+    become data: ``DATA/train/NEW/curves.png`` is an image of a new class ``NEW``)."""
+    o = Path(out).resolve()
+    for k, vals in task.describe().items():
+        for v in (vals if isinstance(vals, (list, tuple)) else [vals]):
+            if k != "init" and isinstance(v, str) and v and Path(v).is_dir() and o.is_relative_to(Path(v).resolve()):
+                raise ConfigError(f"--out {out} is inside the data folder {v} ({k}): the run's files (curves.png, "
+                                  "model files...) would be read as data by the next run. Choose an --out outside it")

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from ..errors import RunDirError
 from ..utils import atomic_write, write_error, write_text_atomic
 
 
@@ -138,8 +139,11 @@ class MetricsFile:
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def reset(self) -> None:
-        if self.enabled and self.path.exists():
-            self.path.unlink()
+        if self.enabled and (self.path.exists() or self.path.is_symlink()):
+            try:
+                self.path.unlink()
+            except OSError as e:  # e.g. a folder of that name
+                raise write_error(self.path, e) from e
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -151,9 +155,23 @@ class MetricsFile:
             raise write_error(self.path, e) from e
 
     def read(self) -> list[dict[str, Any]]:
+        """The records; a last line cut short (the process was killed while appending it) is dropped, any other
+        line that is not a JSON object is an error naming it."""
         if not self.path.exists():
             return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        lines = [(i, ln) for i, ln in enumerate(self.path.read_text().splitlines(), 1) if ln.strip()]
+        out = []
+        for k, (i, ln) in enumerate(lines):
+            try:
+                rec = json.loads(ln)
+            except ValueError:
+                rec = None
+            if isinstance(rec, dict):
+                out.append(rec)
+            elif k < len(lines) - 1 or not ln.lstrip().startswith("{") or ln.rstrip().endswith("}"):
+                raise RunDirError(f"{self.path}: line {i} is not a metrics record ({ln[:60]!r}); the file was edited. "
+                                  "Fix or delete that line, or start the run over with --overwrite")
+        return out
 
 
 def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "top1",

@@ -18,13 +18,13 @@ from torch import nn
 from ..utils import write_text_atomic
 from ..data.check import SkipBadImages, describe_bad, find_bad_items, unwrap_worker_error, write_skipped
 from ..data.seeded import ResumableSampler, SeededDataset
-from ..errors import ConfigError, DataError, HPViTError, RunDirError
+from ..errors import CheckpointError, ConfigError, DataError, HPViTError, RunDirError
 from . import distributed as D
 from .checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .rundir import LOCK_NAME, SKIPPED_NAME, claim_run_dir
 from .ema import ModelEMA
 from .hooks import CheckpointHook, CurvesHook, EMAHook, NaNGuard, UpdateHooks
-from .identity import check_identity, run_identity
+from .identity import check_identity, check_out_outside_data, run_identity
 from .logging import MetricsFile, Progress, finite_json, format_summary, log, recipe_summary
 from .optim import build_optimizer
 from .recipe import Recipe
@@ -205,6 +205,7 @@ class Trainer:
                 log(f"--resume: no checkpoint in {self.out}, starting a new run", dist.is_main)
         self._build_model()
         self.identity = run_identity(self.task, self.model)
+        check_out_outside_data(self.task, self.out)
         if self.ckpt is not None:
             check_identity(self.ckpt, self.identity, self.out)
         self._build_data()
@@ -278,6 +279,7 @@ class Trainer:
         elif self.ema is not None:
             log("the checkpoint has no EMA weights (EMA was off): the EMA starts from the resumed weights", main)
         self.epoch, self.step_in_epoch, self.gstep = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
+        self._check_position()
         self.train_time, self.images_seen, self.prior_wall = ckpt["train_time"], ckpt["images_seen"], ckpt["wall_time"]
         self.history = json.loads(ckpt["history"])
         rank = self.dist.rank if self.dist.rank < len(ckpt["rng"]) else 0
@@ -288,6 +290,16 @@ class Trainer:
         self.last_eval = self.history[-1] if self.history else {}
         log(f"resumed from {self.ckpt_path} at epoch {self.epoch}, step {self.step_in_epoch}/{self.steps_per_epoch} "
             f"(update {self.gstep})", main)
+
+    def _check_position(self) -> None:
+        """The checkpoint's position must be one this run's plan reaches (an edited or foreign file may not be)."""
+        spe = self.steps_per_epoch
+        if not (self.epoch <= self.n_epochs and self.step_in_epoch < spe and self.gstep == self.epoch * spe
+                + self.step_in_epoch and (self.epoch < self.n_epochs or self.step_in_epoch == 0)):
+            raise CheckpointError(
+                f"{self.ckpt_path}: its position (epoch {self.epoch}, step {self.step_in_epoch}, update {self.gstep}) is "
+                f"not one of this run ({self.n_epochs} epoch(s) x {spe} steps); the checkpoint was edited or comes from "
+                "another run. Delete it and start over (--overwrite), or resume with the original settings")
 
     def _log_plan(self) -> None:
         r, dist, ev = self.recipe, self.dist, self.eval_ds

@@ -339,9 +339,11 @@ def export_onnx(model: HierarchicalViT, path: "str | os.PathLike", img_size: "in
     x = _example(model, img_size, 2 if dynamic_batch else 1)
     outs = output_names(model, pyramid)
     dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = Path(path).resolve().parent
+    while not folder.exists():  # checked before the (slow) export; atomic_write creates missing folders
+        folder = folder.parent
     if not os.access(folder, os.W_OK):
-        raise OutputError(f"{folder}: not writable; choose another output path")
+        raise OutputError(f"cannot write {path}: {folder} is not writable; choose another output path")
     with torch.no_grad():
         prog = torch.onnx.export(wrapped, (x,), input_names=["images"], output_names=outs, dynamic_shapes=dyn,
                                  opset_version=opset, dynamo=True, external_data=False, verbose=False)

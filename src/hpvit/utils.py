@@ -115,6 +115,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], force: b
     (read-only folder, disk full...) raise :class:`~hpvit.errors.OutputError` naming ``path``.
     """
     dst = Path(path)
+    if dst.is_dir():
+        raise OutputError(f"cannot write {dst}: it is a folder; give a file path (e.g. {dst / 'model.safetensors'}) "
+                          "or remove the folder")
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} exists; refusing to overwrite it (use --force / force=True to replace it)")
     try:

@@ -144,10 +144,14 @@ class CocoSource:
             raise CocoFormatError(f"{where}: 'annotations' is empty; Mask R-CNN needs at least one annotated object")
         self.anns_by_image: dict[int, list[dict]] = {im["id"]: [] for im in self.images}
         self.num_crowd = 0
+        seen: set = set()
         for a in anns:
             if not isinstance(a, dict):
                 raise CocoFormatError(f"{where}: annotation {str(a)[:80]} is not an object")
             aid = a.get("id", "?")
+            if "id" in a and aid in seen:  # COCO evaluation matches by annotation id: a duplicate scores wrongly
+                raise CocoFormatError(f"{where}: duplicate annotation id {aid}; give every annotation its own id")
+            seen.add(aid)
             img = self.image_by_id.get(a.get("image_id"))
             if img is None:
                 raise CocoFormatError(f"{where}: annotation id {aid} refers to image_id {a.get('image_id')!r}, which is "

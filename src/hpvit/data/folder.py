@@ -104,7 +104,8 @@ class ImageFolderSource:
             for cdir in sorted(p for p in d.iterdir() if p.is_dir()):
                 for dirpath, _, files in os.walk(cdir):
                     for f in sorted(files):
-                        if _is_image(f):
+                        # regular files only: a FIFO or device named x.jpg would block or never end when read
+                        if _is_image(f) and os.path.isfile(os.path.join(dirpath, f)):
                             items.append((os.path.join(dirpath, f), cdir.name))
             if items:
                 self._by_split[split] = sorted(items)

@@ -384,3 +384,218 @@ def test_demo_image_goes_through_the_guarded_decoder(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert f"image {img}" in err and ("too large" if kind == "bomb" else "cannot be decoded") in err
     assert not out.exists()
+
+
+# ================================================================== new cases (issue 20, part 2)
+# ------------------------------------------------------------------ hpvit files someone edited
+@pytest.mark.parametrize("change, expect", [
+    ({"num_classes": "-1"}, "num_classes must be an integer >= 0"),
+    ({"head_type": "xyz"}, "head_type 'xyz' is none of"),
+])
+def test_edited_hpvit_metadata_names_the_bad_field(tmp_path, change, expect):
+    from safetensors import safe_open
+
+    good = _saved(tmp_path)
+    with safe_open(str(good), "pt") as f:
+        meta = f.metadata()
+    bad = tmp_path / "edited.safetensors"
+    save_file(load_file(good), bad, metadata={**meta, **change})
+    with pytest.raises(CheckpointError, match=r"edited\.safetensors: the hpvit metadata .* is damaged .*" + expect):
+        hpvit.load(bad)
+
+
+def test_hpvit_file_with_integer_or_nan_tensors(tmp_path):
+    good = _saved(tmp_path)
+    sd = load_file(good)
+    from safetensors import safe_open
+
+    with safe_open(str(good), "pt") as f:
+        meta = f.metadata()
+    key = next(k for k in sd if k.endswith("qkv.weight"))
+    save_file({**sd, key: (sd[key] * 100).to(torch.int32)}, tmp_path / "int.safetensors", metadata=meta)
+    with pytest.raises(CheckpointError, match=rf"int\.safetensors: 1 tensor\(s\) are not floating point, e\.g\. "
+                                              rf"\['{key} \(int32\)'\], where the model holds float weights"):
+        hpvit.load(tmp_path / "int.safetensors")
+    save_file({**sd, key: torch.full_like(sd[key], float("nan"))}, tmp_path / "nan.safetensors", metadata=meta)
+    with pytest.warns(UserWarning, match=rf"nan\.safetensors: 1 tensor\(s\) hold NaN or inf values, e\.g\. \['{key}'\]"):
+        m = hpvit.load(tmp_path / "nan.safetensors")
+    assert torch.isnan(m(torch.randn(1, 3, 32, 32))).all()  # what the warning announces
+
+
+def test_training_checkpoint_edited_or_from_another_run(tmp_path, interrupted_run, small_pth, capsys):
+    resume, data, out = interrupted_run
+    ck_path = out / "checkpoint-last.pt"
+    good = torch.load(ck_path, weights_only=True)
+    edits = [({k: v for k, v in good.items() if k != "rng"}, r"incomplete or edited \(missing \['rng'\]\)"),
+             ({**good, "global_step": -3}, r"invalid global_step=-3"),
+             ({**good, "step_in_epoch": 999, "global_step": 999}, r"its position \(epoch 0, step 999, update 999\) is "
+                                                                  r"not one of this run \(1 epoch\(s\) x 4 steps\)")]
+    for st, expect in edits:
+        torch.save(st, ck_path)
+        assert main(resume()) == 2
+        import re
+
+        assert re.search(expect, capsys.readouterr().err)
+    # another run's checkpoint copied in: its identity differs
+    from hpvit.engine.loop import Trainer
+
+    other, out2 = _folder(tmp_path / "other", classes=("x", "y", "z")), tmp_path / "run2"
+
+    def stop(trainer, update):
+        raise KeyboardInterrupt
+
+    Trainer.update_hooks.append(stop)
+    try:
+        assert main(_train(small_pth, other, out2, "--set", "ckpt_every_steps=1", "--set", "log_every_steps=3")) == 130
+    finally:
+        Trainer.update_hooks.remove(stop)
+    (out2 / "checkpoint-last.pt").replace(ck_path)
+    assert main(resume()) == 2
+    assert 'task.classes: ["x", "y", "z"] -> ["a", "b"]' in capsys.readouterr().err
+
+
+def test_metrics_file_cut_short_or_edited(tmp_path, interrupted_run, capsys):
+    resume, data, out = interrupted_run
+    metrics = out / "metrics.jsonl"
+    saved = metrics.read_text() if metrics.exists() else ""  # (nothing logged yet: the window is 3 updates)
+    metrics.write_text("not json\n" + saved)
+    assert main(resume()) == 2
+    assert f"{metrics}: line 1 is not a metrics record ('not json')" in capsys.readouterr().err
+    metrics.write_text(saved + '{"kind": "train", "epoch": 1, "st')  # killed while appending a line
+    assert main(resume()) == 0
+    recs = [json.loads(ln) for ln in metrics.read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in recs] == [("train", 3), ("train", 4), ("eval", 4)]
+
+
+def test_metrics_path_that_is_a_folder_is_one_line(tmp_path, small_pth, capsys):
+    out = tmp_path / "run"
+    (out / "metrics.jsonl").mkdir(parents=True)
+    assert main(_train(small_pth, _folder(tmp_path / "d"), out)) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {out / 'metrics.jsonl'} (IsADirectoryError" in err and "Traceback" not in err
+
+
+def test_out_inside_the_data_folder_is_refused(tmp_path, small_pth, capsys):
+    data = _folder(tmp_path / "d")
+    out = data / "train" / "new"  # its curves.png would be an image of a class 'new' for the next run
+    assert main(_train(small_pth, data, out)) == 2
+    assert f"--out {out} is inside the data folder {data}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ inputs
+def test_pixel_limit_that_is_not_a_number(tmp_path, monkeypatch):
+    from hpvit.data.images import decode_image
+
+    monkeypatch.setenv("HPVIT_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ConfigError, match="HPVIT_MAX_IMAGE_PIXELS='lots' is not a number"):
+        decode_image(_rgb(tmp_path / "i.png"))
+
+
+@pytest.mark.parametrize("change, expect", [
+    ({"file_name": "../x.jpg"}, r"image id 1 has file_name '\.\./x\.jpg', which points outside --images"),
+    ({"file_name": "/etc/x.jpg"}, r"image id 1 has file_name '/etc/x\.jpg', which points outside --images"),
+    ({"iscrowd": "yes"}, r"annotation id 7 \(image a\.jpg\) has iscrowd 'yes'; it must be 0 or 1"),
+    ({"dup": True}, r"duplicate annotation id 7"),
+])
+def test_coco_file_names_crowd_flags_and_ids(tmp_path, change, expect):
+    from hpvit.data.coco import CocoFormatError, CocoSource
+
+    _rgb(tmp_path / "imgs" / "a.jpg", size=20)
+    _rgb(tmp_path / "x.jpg", size=20)  # what '../x.jpg' would read
+    ann0 = {"id": 7, "image_id": 1, "category_id": 1, "bbox": [2, 2, 5, 5], "segmentation": [[5, 5, 15, 5, 15, 15]]}
+    img = {"id": 1, "file_name": change.get("file_name", "a.jpg"), "width": 20, "height": 20}
+    anns = [dict(ann0, **{k: v for k, v in change.items() if k == "iscrowd"})] * (2 if "dup" in change else 1)
+    (tmp_path / "ann.json").write_text(json.dumps({"images": [img], "categories": [{"id": 1, "name": "t"}],
+                                                   "annotations": anns}))
+    with pytest.raises(CocoFormatError, match=expect):
+        CocoSource(tmp_path / "ann.json", tmp_path / "imgs")
+
+
+def test_unlabeled_zip_with_members_outside_the_archive(tmp_path):
+    from hpvit.data.unlabeled import UnlabeledImages
+
+    z = tmp_path / "u.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("ok/1.jpg", _rgb(tmp_path / "1.jpg").read_bytes())
+        zf.writestr(zipfile.ZipInfo("../../evil.jpg"), b"x")
+    with pytest.raises(ConfigError, match=r"--images .*u\.zip: 1 member name\(s\) .* outside .*\['\.\./\.\./evil\.jpg'\]"):
+        UnlabeledImages([z], None, None, 0)
+
+
+@pytest.mark.parametrize("value, expect", [("warmup_epochs=Infinity", "warmup_epochs: expected float, got inf"),
+                                           ("lr=NaN", "lr: expected float | None, got nan")])
+def test_recipe_values_that_are_not_finite(value, expect):
+    from hpvit.engine.recipe import Recipe
+
+    k, v = value.split("=")
+    with pytest.raises(ConfigError, match="wrong value type for " + re_escape(expect)):
+        Recipe().replace(**{k: float(v.lower().replace("infinity", "inf"))})
+
+
+def re_escape(s: str) -> str:
+    import re
+
+    return re.escape(s)
+
+
+def test_a_fifo_named_like_an_image_is_not_read(tmp_path):
+    from hpvit.data import ImageFolderDataset, ImageFolderSource
+
+    data = _folder(tmp_path / "d")
+    os.mkfifo(data / "train" / "a" / "pipe.jpg")  # reading it would block forever
+    ds = ImageFolderDataset(ImageFolderSource(data), "train")
+    assert sorted(Path(m).name for m, _ in ds.samples) == ["0.png", "0.png", "1.png", "1.png"]
+
+
+# ------------------------------------------------------------------ disks and paths
+def test_output_path_that_is_a_folder(tmp_path, capsys):
+    src = tmp_path / "v.safetensors"
+    save_file(_timm_sd(), src)
+    dst = tmp_path / "out.safetensors"
+    dst.mkdir()
+    assert main(["convert", str(src), "-o", str(dst), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {dst}: it is a folder" in err and "hpvit-tmp" not in err
+
+
+def test_export_into_a_folder_not_made_yet(tmp_path, monkeypatch):
+    from hpvit.export import export_onnx
+
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: _Program())
+    out = tmp_path / "new" / "sub" / "m.onnx"
+    export_onnx(hpvit.from_plain(_timm_sd(), "paper-cls"), out, img_size=32)
+    assert out.read_bytes() == b"\x08\x01complete onnx"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write into read-only folders (root)")
+        with pytest.raises(OutputError, match=rf"cannot write {ro}/a/m\.onnx: {ro} is not writable"):
+            export_onnx(hpvit.from_plain(_timm_sd(), "paper-cls"), ro / "a" / "m.onnx", img_size=32)
+    finally:
+        ro.chmod(0o700)
+
+
+# ------------------------------------------------------------------ concurrent writers
+def test_concurrent_writers_of_one_file_never_interleave(tmp_path):
+    import threading
+
+    from hpvit.utils import atomic_write
+
+    dst = tmp_path / "model.safetensors"
+    blobs = [bytes([i]) * 2_000_000 for i in range(8)]
+    start = threading.Barrier(len(blobs))
+
+    def write(blob):
+        start.wait()
+        atomic_write(dst, lambda tmp: Path(tmp).write_bytes(blob), force=True)
+
+    threads = [threading.Thread(target=write, args=(b,)) for b in blobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert dst.read_bytes() in blobs  # one writer's complete file, never a mixture
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left

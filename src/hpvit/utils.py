@@ -52,7 +52,8 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_stale_temps(folder: "str | os.PathLike", name: str | None = None) -> list[Path]:
     """Delete hpvit temp files in ``folder`` (only those for target ``name`` when given) whose writing process
-    is gone (killed mid-write). Returns the deleted paths. Files of live processes are left alone."""
+    is gone (killed mid-write). Returns the deleted paths. Files of live processes (this one included) are left
+    alone."""
     d = Path(folder)
     if not d.is_dir():
         return []
@@ -62,7 +63,7 @@ def clean_stale_temps(folder: "str | os.PathLike", name: str | None = None) -> l
         if len(parts) != 3 or not parts[1].isdigit():
             continue
         pid = int(parts[1])
-        if pid != os.getpid() and _pid_alive(pid):
+        if _pid_alive(pid):  # this process's own temps included: another thread may be writing one right now
             continue
         try:
             f.unlink()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -302,12 +303,12 @@ def test_a_run_that_diverges_on_its_last_update_is_not_done(tmp_path, small_pth,
         json.loads(ln, parse_constant=lambda c: pytest.fail(f"metrics.jsonl holds {c}"))  # strict JSON only
 
 
-@pytest.fixture
-def interrupted_run(tmp_path, small_pth):
-    """A run stopped (as by Ctrl-C) right after update 1 and its checkpoint: (args maker, data, out)."""
+def _interrupt_after_update_1(init: Path, data: Path, out: Path) -> list[str]:
+    """Train into ``out``, stopped (as by Ctrl-C) right after update 1 and its checkpoint; returns the arguments
+    that resume it (more can be appended)."""
     from hpvit.engine.loop import Trainer
 
-    data, out = _folder(tmp_path / "d", n_train=4), tmp_path / "run"  # 8 images, batch 2: 4 updates
+    args = _train(init, data, out, "--set", "ckpt_every_steps=1", "--set", "log_every_steps=3")
 
     def stop(trainer, update):
         if update == 1:
@@ -315,12 +316,19 @@ def interrupted_run(tmp_path, small_pth):
 
     Trainer.update_hooks.append(stop)
     try:
-        assert main(_train(small_pth, data, out, "--set", "ckpt_every_steps=1", "--set", "log_every_steps=3")) == 130
+        assert main(args) == 130
     finally:
         Trainer.update_hooks.remove(stop)
     assert (out / "checkpoint-last.pt").is_file() and not (out / "results.json").exists()
-    return (lambda *extra: _train(small_pth, data, out, "--set", "ckpt_every_steps=1", "--set", "log_every_steps=3",
-                                  "--resume", *extra)), data, out
+    return args + ["--resume"]
+
+
+@pytest.fixture
+def interrupted_run(tmp_path, small_pth):
+    """(resume args maker, data, out) of a run of 4 updates stopped after its first one."""
+    data, out = _folder(tmp_path / "d", n_train=4), tmp_path / "run"  # 8 images, batch 2: 4 updates
+    args = _interrupt_after_update_1(small_pth, data, out)
+    return (lambda *extra: args + list(extra)), data, out
 
 
 def test_resume_refuses_other_data_init_config_or_recipe(tmp_path, interrupted_run, capsys):
@@ -433,22 +441,10 @@ def test_training_checkpoint_edited_or_from_another_run(tmp_path, interrupted_ru
     for st, expect in edits:
         torch.save(st, ck_path)
         assert main(resume()) == 2
-        import re
-
         assert re.search(expect, capsys.readouterr().err)
     # another run's checkpoint copied in: its identity differs
-    from hpvit.engine.loop import Trainer
-
-    other, out2 = _folder(tmp_path / "other", classes=("x", "y", "z")), tmp_path / "run2"
-
-    def stop(trainer, update):
-        raise KeyboardInterrupt
-
-    Trainer.update_hooks.append(stop)
-    try:
-        assert main(_train(small_pth, other, out2, "--set", "ckpt_every_steps=1", "--set", "log_every_steps=3")) == 130
-    finally:
-        Trainer.update_hooks.remove(stop)
+    out2 = tmp_path / "run2"
+    _interrupt_after_update_1(small_pth, _folder(tmp_path / "other", classes=("x", "y", "z")), out2)
     (out2 / "checkpoint-last.pt").replace(ck_path)
     assert main(resume()) == 2
     assert 'task.classes: ["x", "y", "z"] -> ["a", "b"]' in capsys.readouterr().err
@@ -529,14 +525,8 @@ def test_recipe_values_that_are_not_finite(value, expect):
     from hpvit.engine.recipe import Recipe
 
     k, v = value.split("=")
-    with pytest.raises(ConfigError, match="wrong value type for " + re_escape(expect)):
+    with pytest.raises(ConfigError, match="wrong value type for " + re.escape(expect)):
         Recipe().replace(**{k: float(v.lower().replace("infinity", "inf"))})
-
-
-def re_escape(s: str) -> str:
-    import re
-
-    return re.escape(s)
 
 
 def test_a_fifo_named_like_an_image_is_not_read(tmp_path):

@@ -68,6 +68,11 @@ def load_checkpoint(path: "str | os.PathLike") -> dict[str, Any]:
         ) from e
     if not isinstance(st, dict) or st.get("version") != CKPT_VERSION:
         raise CheckpointError(f"{p}: not an hpvit training checkpoint (version {st.get('version') if isinstance(st, dict) else None})")
+    return st
+
+
+def check_complete(st: dict[str, Any], p: "str | os.PathLike") -> None:
+    """CheckpointError naming what is missing or invalid in a checkpoint that was edited (or cut by another tool)."""
     missing = [k for k in REQUIRED if k not in st]
     bad = [k for k in ("epoch", "step_in_epoch", "global_step") if k in st and not (
         isinstance(st[k], int) and not isinstance(st[k], bool) and st[k] >= 0)]
@@ -77,4 +82,3 @@ def load_checkpoint(path: "str | os.PathLike") -> dict[str, Any]:
             + (f"missing {missing}" if missing else "") + ("; " if missing and bad else "")
             + (f"invalid {', '.join(f'{k}={st[k]!r}' for k in bad)}" if bad else "")
             + "); it cannot continue the run exactly. Delete it and start over (--overwrite)")
-    return st

@@ -20,7 +20,7 @@ from ..data.check import SkipBadImages, describe_bad, find_bad_items, unwrap_wor
 from ..data.seeded import ResumableSampler, SeededDataset
 from ..errors import CheckpointError, ConfigError, DataError, HPViTError, RunDirError
 from . import distributed as D
-from .checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import LAST, check_complete, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .rundir import LOCK_NAME, SKIPPED_NAME, claim_run_dir
 from .ema import ModelEMA
 from .hooks import CheckpointHook, CurvesHook, EMAHook, NaNGuard, UpdateHooks
@@ -200,7 +200,9 @@ class Trainer:
         if self.resume:
             if self.ckpt_path.exists():
                 self.ckpt = load_checkpoint(self.ckpt_path)
-                self._check_resume(self.ckpt)
+                if {"recipe", "world_size"} <= self.ckpt.keys():  # the recipe first: the common reason to refuse
+                    self._check_resume(self.ckpt)
+                check_complete(self.ckpt, self.ckpt_path)
             else:
                 log(f"--resume: no checkpoint in {self.out}, starting a new run", dist.is_main)
         self._build_model()
@@ -263,6 +265,7 @@ class Trainer:
         self.train_time, self.images_seen, self.prior_wall = 0.0, 0, 0.0
         self.history: list[dict[str, Any]] = []
         self.loss_acc, self.n_acc = 0.0, 0
+        self.prog: "Progress | None" = None
         ckpt, main = self.ckpt, self.dist.is_main
         if ckpt is None:
             self.metrics.reset()
@@ -473,7 +476,8 @@ class Trainer:
         """DivergenceError when any rank's weights hold NaN or inf (an update that blew up after a finite loss)."""
         bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if D.all_reduce_sum(torch.tensor([float(len(bad))]), self.dist).item() > 0:
-            self.prog.close()
+            if self.prog is not None:
+                self.prog.close()
             self._diverged(f"the weights hold NaN or inf values after the update ({len(bad)} tensor(s) on this "
                            f"process, e.g. {bad[:3]})", self.epoch_of_last_update(), after_update=True)
 

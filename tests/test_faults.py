@@ -583,3 +583,23 @@ def test_a_second_writer_of_the_same_file_does_not_delete_the_first_ones_temp(tm
     atomic_write(dst, first, force=True)
     assert dst.read_bytes() == b"first"  # the last rename wins; both writes completed
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left
+
+
+def test_non_finite_weights_after_an_update_are_a_divergence(tmp_path):
+    """The check the NaN guard runs before every checkpoint and at the end of each epoch (an update can blow the
+    weights up even when the loss before it was finite)."""
+    from hpvit.engine import DivergenceError, Trainer
+    from hpvit.engine.distributed import DistInfo
+    from hpvit.engine.recipe import Recipe
+
+    t = Trainer(None, Recipe(), tmp_path)
+    t.dist, t.prog, t.ckpt_path = DistInfo(), None, tmp_path / "checkpoint-last.pt"
+    t.epoch, t.step_in_epoch, t.steps_per_epoch, t.gstep = 0, 3, 4, 3
+    t.model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    t.check_weights_finite()  # finite: nothing happens
+    with torch.no_grad():
+        t.model[1].weight[0] = float("inf")
+    with pytest.raises(DivergenceError, match=r"the weights hold NaN or inf values after the update \(1 tensor\(s\) "
+                                              r"on this process, e\.g\. \['1\.weight'\]\) at epoch 1, step 3 \(update 3\)"
+                                              r"; stopped after that update, no checkpoint had been written yet"):
+        t.check_weights_finite()

@@ -31,6 +31,7 @@ import importlib.util
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,6 +46,7 @@ from .config import HPViTConfig
 from .errors import CheckpointError, ConfigError, InputError, OutputError
 from .models.dense import mark_dropped_in_report, unused_dense_keys
 from .models.detector import detector_from_meta
+from .models.build import check_num_classes
 from .models.hierarchical import HierarchicalViT
 from .models.reuse import restore_reuse_report
 from .models.segmenter import segmenter_from_meta
@@ -52,6 +54,7 @@ from .utils import atomic_write, write_text_atomic
 
 # what a dense file's "task" names -> the function that builds that (untrained) model from the description
 DENSE_FROM_META = {"det": detector_from_meta, "seg": segmenter_from_meta}
+HEAD_TYPES = ("avg", "token", "", "none")  # the classifier heads a saved file may name (see HierarchicalViT)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -68,12 +71,26 @@ def save(model, path: "str | os.PathLike", force: bool = True) -> str:
         "num_classes": str(model.num_classes),
         "head_type": model.head_type,
     }
+    _refuse_own_source(model, path)
     report = reuse_report_meta(model)
     if report is not None:
         meta["reuse_report"] = report
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta), force=force)
     return os.fspath(path)
+
+
+def _refuse_own_source(model, path: "str | os.PathLike") -> None:
+    """Writing a converted model onto the checkpoint it was converted from would destroy the only copy."""
+    report = getattr(model, "_reuse_report", None)
+    src = getattr(report, "source", None)
+    try:
+        same = src is not None and os.path.exists(path) and os.path.samefile(src, path)
+    except OSError:
+        same = False
+    if same:
+        raise OutputError(f"{path} is the checkpoint this model was converted from ({src}); writing the converted "
+                          "model there would destroy the source. Choose another output path (-o)")
 
 
 def reuse_report_meta(model) -> "str | None":
@@ -88,7 +105,13 @@ def load(path: "str | os.PathLike", map_location: str = "cpu"):
     (``MaskRCNNModel`` / ``UperNetSegmenter``, with the file's description in ``model.hpvit_meta``).
     ``path`` may also be a training output folder (its ``model.safetensors`` is loaded)."""
     path = model_file(path)
-    meta = read_metadata(path)
+    try:
+        meta = read_metadata(path)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"{e}; hpvit.load reads the .safetensors files hpvit writes. For a plain ViT checkpoint (.pth, .bin, "
+            "timm/HF .safetensors) use hpvit.load_plain(path) or hpvit.from_plain(path, config=...) (or `hpvit convert`)"
+        ) from e
     if "hpvit_dense" in meta:
         return load_dense(path)
     if "hpvit_config" not in meta:
@@ -96,10 +119,20 @@ def load(path: "str | os.PathLike", map_location: str = "cpu"):
             f"{path}: no hpvit metadata; this is not a file written by hpvit. For a plain ViT checkpoint use "
             "hpvit.from_plain(path, config=...) (or `hpvit convert`)"
         )
+    version = meta.get("hpvit_format", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: written in hpvit file format {version!r}, but this hpvit reads format {FORMAT_VERSION!r}; the "
+            "file comes from another hpvit version (upgrade hpvit) or its metadata was edited (re-create it with "
+            "`hpvit convert` or hpvit.save)")
     try:
         cfg = HPViTConfig.from_dict(json.loads(meta["hpvit_config"]))
         spec = PlainSpec.from_dict(json.loads(meta["hpvit_spec"]))
-        model = HierarchicalViT(spec, cfg, num_classes=int(meta.get("num_classes", "")))
+        num_classes = int(meta.get("num_classes", ""))
+        check_num_classes(num_classes, "its num_classes")
+        if meta.get("head_type", "avg") not in HEAD_TYPES:
+            raise ConfigError(f"head_type {meta['head_type']!r} is none of {HEAD_TYPES}")
+        model = HierarchicalViT(spec, cfg, num_classes=num_classes)
     except Exception as e:  # bad JSON, unknown/invalid fields, impossible sizes: the metadata was altered
         raise CheckpointError(
             f"{path}: the hpvit metadata (config / spec / num_classes) is damaged and cannot rebuild the model "
@@ -109,12 +142,29 @@ def load(path: "str | os.PathLike", map_location: str = "cpu"):
     if meta.get("head_type") and meta["head_type"] != model.head_type:
         model.head_type = meta["head_type"]
     sd = load_file(os.fspath(path), device=map_location)
+    _check_values(model, sd, path)
     missing, unexpected = model.load_state_dict(sd, strict=False) if _shapes_fit(model, sd, path) else ([], [])
     if missing or unexpected:
         raise CheckpointError(f"{path}: tensors do not match the stored config (missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}); the file was edited or corrupted. Re-create it with `hpvit convert`")
     restore_reuse_report(model, meta.get("reuse_report") or meta.get("reuse_summary"), path)
     return model
+
+
+def _check_values(model, sd: dict, path) -> None:
+    """Integer tensors where the model holds floats are refused (loading would cast them into garbage weights);
+    NaN / inf weights load, with a warning naming them (the model will output NaN)."""
+    own = model.state_dict()
+    wrong = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in sd.items()
+             if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    if wrong:
+        raise CheckpointError(f"{path}: {len(wrong)} tensor(s) are not floating point, e.g. {wrong[:3]}, where the model "
+                              "holds float weights; the file was edited or corrupted. Re-create it from the original "
+                              "checkpoint with `hpvit convert`")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        warnings.warn(f"{path}: {len(bad)} tensor(s) hold NaN or inf values, e.g. {bad[:3]}; the model will output NaN "
+                      "(the run that wrote it diverged, or the file was damaged)", stacklevel=3)
 
 
 def _shapes_fit(model, sd: dict, path) -> bool:
@@ -289,13 +339,15 @@ def export_onnx(model: HierarchicalViT, path: "str | os.PathLike", img_size: "in
     x = _example(model, img_size, 2 if dynamic_batch else 1)
     outs = output_names(model, pyramid)
     dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = Path(path).resolve().parent
+    while not folder.exists():  # checked before the (slow) export; atomic_write creates missing folders
+        folder = folder.parent
     if not os.access(folder, os.W_OK):
-        raise OutputError(f"{folder}: not writable; choose another output path")
+        raise OutputError(f"cannot write {path}: {folder} is not writable; choose another output path")
     with torch.no_grad():
         prog = torch.onnx.export(wrapped, (x,), input_names=["images"], output_names=outs, dynamic_shapes=dyn,
                                  opset_version=opset, dynamo=True, external_data=False, verbose=False)
-    prog.save(path)
+    atomic_write(path, prog.save, force=True)  # a temp file renamed onto path: never a half-written .onnx
     return path
 
 

@@ -13,10 +13,13 @@ import contextlib
 import dataclasses
 import errno
 import json
+import math
 import os
+import re
 import secrets
 import shutil
 import stat
+import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -49,7 +52,8 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_stale_temps(folder: "str | os.PathLike", name: str | None = None) -> list[Path]:
     """Delete hpvit temp files in ``folder`` (only those for target ``name`` when given) whose writing process
-    is gone (killed mid-write). Returns the deleted paths. Files of live processes are left alone."""
+    is gone (killed mid-write). Returns the deleted paths. Files of live processes (this one included) are left
+    alone."""
     d = Path(folder)
     if not d.is_dir():
         return []
@@ -59,7 +63,7 @@ def clean_stale_temps(folder: "str | os.PathLike", name: str | None = None) -> l
         if len(parts) != 3 or not parts[1].isdigit():
             continue
         pid = int(parts[1])
-        if pid != os.getpid() and _pid_alive(pid):
+        if _pid_alive(pid):  # this process's own temps included: another thread may be writing one right now
             continue
         try:
             f.unlink()
@@ -88,6 +92,9 @@ def write_error(dst: Path, e: BaseException) -> OutputError:
         pass
     err = getattr(e, "errno", None)
     text = str(e)
+    if err is None:  # safetensors' SafetensorError carries the OS error only in its text: "... (os error 28)"
+        m = re.search(r"os error (\d+)", text)
+        err = int(m.group(1)) if m else None
     if err == errno.ENOSPC or "unexpected pos" in text or "failed writing" in text or "No space left" in text:
         return OutputError(f"cannot write {dst}: the disk is full{free}; free some space or choose an output on "
                            "another disk, then run again")
@@ -109,6 +116,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], force: b
     (read-only folder, disk full...) raise :class:`~hpvit.errors.OutputError` naming ``path``.
     """
     dst = Path(path)
+    if dst.is_dir():
+        raise OutputError(f"cannot write {dst}: it is a folder; give a file path (e.g. {dst / 'model.safetensors'}) "
+                          "or remove the folder")
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} exists; refusing to overwrite it (use --force / force=True to replace it)")
     try:
@@ -127,10 +137,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], force: b
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, FileExistsError):
+        if _is_write_failure(e):
             raise write_error(dst, e) from e
         raise
     return dst
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """An exception a writer raises because the file could not be written (an OS error, PyTorch's
+    ``RuntimeError: ... unexpected pos``, safetensors' ``SafetensorError``), not a bug or an interrupt."""
+    if isinstance(e, FileExistsError) or not isinstance(e, Exception):
+        return False
+    return isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "SafetensorError"
 
 
 def write_text_atomic(path: "str | os.PathLike", text: str) -> Path:
@@ -185,6 +203,50 @@ class DictIO:
 
     def _check(self, where: str = "") -> None:
         """Validate a freshly built object (default: nothing to check)."""
+
+
+def field_type_problems(obj: Any) -> list[str]:
+    """``"key: expected TYPE, got VALUE"`` for each field of the dataclass ``obj`` whose value does not have its
+    declared type (int, float, bool, str, None, tuples of those; an int is a valid float, NaN and inf are not;
+    other types unchecked)."""
+    hints = typing.get_type_hints(type(obj))
+    out = []
+    for f in dataclasses.fields(obj):
+        tp, v = hints.get(f.name), getattr(obj, f.name)
+        if tp is not None and _fits(v, tp) is False:
+            out.append(f"{f.name}: expected {_type_name(tp)}, got {v!r}")
+    return out
+
+
+def _fits(v: Any, tp: Any) -> "bool | None":
+    """Whether ``v`` has type ``tp``; None when ``tp`` is not one :func:`field_type_problems` checks."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        res = [_fits(v, a) for a in args]
+        return True if any(r is True for r in res) else (None if None in res else False)
+    if tp is type(None):
+        return v is None
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:  # a finite number: NaN and inf pass every range check written as a comparison
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if tp is str:
+        return isinstance(v, str)
+    if origin is tuple:
+        if not isinstance(v, (tuple, list)):
+            return False
+        items = args[:1] * len(v) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(v):
+            return False
+        res = [_fits(x, a) for x, a in zip(v, items)]
+        return False if False in res else True
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("NoneType", "null")
 
 
 def _is_tuple_type(tp: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from huggingface_hub import constants as hub_constants
 from ..errors import CheckpointError, OfflineError
 from .detect import closest_format, detect_format, format_names, get_format
 from .io import read_folder_config, read_folder_or_file, unwrap_state_dict
-from .native import is_hpvit_model_file
+from .native import is_hpvit_model_file, model_file, read_metadata
 from .spec import PlainSpec, check_shapes, infer_spec, is_canonical_key
 
 __all__ = ["PlainViT", "PlainSpec", "load_plain", "infer_spec"]
@@ -146,6 +147,7 @@ def load_plain(
     else:
         source = os.fspath(src)
         if is_hpvit_model_file(source):
+            _refuse_dense_file(source)
             raise CheckpointError(
                 f"{source}: a model file hpvit wrote (already transformed), not a plain ViT checkpoint; load it with "
                 "hpvit.load(path) (dense backbones: build_dense_backbone(hpvit.load(path), ...); the commands take "
@@ -177,6 +179,7 @@ def load_plain(
         canon, dropped = fmt.to_canonical(sd)
     except CheckpointError as e:
         raise CheckpointError(f"{source}: looked like format {fmt.NAME!r}, but {e}") from e
+    _refuse_non_float(canon, source)
     unplaced = sorted(k for k in canon if not is_canonical_key(k))
     if unplaced:
         raise CheckpointError(
@@ -193,3 +196,26 @@ def load_plain(
     dropped_numel = sum(sd[k].numel() for k in dropped if k in sd)
     return PlainViT(state_dict=canon, spec=spec, source=source, format=fmt.NAME, dropped=dropped,
                     dropped_numel=dropped_numel)
+
+
+def _refuse_non_float(canon: dict[str, torch.Tensor], source: str) -> None:
+    """A ViT's weights are floating point; integer (or bool) tensors would be cast to garbage or zeros."""
+    bad = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in canon.items() if not v.is_floating_point()]
+    if bad:
+        raise CheckpointError(
+            f"{source}: {len(bad)} weight tensor(s) are not floating point, e.g. {bad[:3]}; a ViT's weights are "
+            "float32/float16/bfloat16 (an integer tensor is a quantised or edited file, whose values cannot be used "
+            "as weights). Use the original floating-point checkpoint")
+
+
+def _refuse_dense_file(source: str) -> None:
+    """A detector / segmenter file hpvit wrote is not a plain ViT: say how to reach its backbone."""
+    meta = read_metadata(model_file(source))
+    if "hpvit_dense" not in meta:
+        return
+    task = json.loads(meta["hpvit_dense"]).get("task")
+    what = {"det": "Mask R-CNN detector", "seg": "UperNet segmenter"}.get(task, f"{task!r} model")
+    raise CheckpointError(
+        f"{source}: a {what} file hpvit wrote (`hpvit train {task}`), not a plain ViT checkpoint or a classifier/"
+        "backbone file; convert and export take those. To export its backbone's pyramid, take the backbone out in "
+        f"Python: vit = hpvit.load('{source}').body.vit; hpvit.export.export_onnx(vit, 'backbone.onnx', pyramid=True)")

@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import pickletools
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,8 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
             "loads plain tensors (torch.load(weights_only=True)). If you trust the file, re-save its state_dict "
             "with torch.save(model.state_dict(), ...) or convert it to .safetensors"
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, struct.error) as e:  # text or random bytes trip the pickle reader in many ways
         raise CheckpointError(
             f"{p}: cannot read the file ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
             "it is corrupt, truncated or not a PyTorch/safetensors weight file"
@@ -98,6 +100,9 @@ def read_folder_or_file(path: str) -> dict[str, Any]:
     """A weight file, or a folder holding exactly one recognisable weight file."""
     p = Path(path)
     if p.is_dir():
+        index = sorted(p.glob("*.index.json"))
+        if index:
+            return read_shards(index[0])
         for name in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
             if (p / name).is_file():
                 return read_file(p / name)
@@ -110,6 +115,27 @@ def read_folder_or_file(path: str) -> dict[str, Any]:
             )
         raise CheckpointError(f"{p}: the folder holds several weight files {[c.name for c in cands]}; pass one of them")
     return read_file(p)
+
+
+def read_shards(index: Path) -> dict[str, Any]:
+    """The tensors of a sharded Hugging Face checkpoint (``model.safetensors.index.json`` /
+    ``pytorch_model.bin.index.json`` next to its shard files), merged into one dict. Missing shard files are
+    named before anything is read."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a readable shard index ({type(e).__name__}: {e}); it should be a JSON "
+                              "object with a 'weight_map' {tensor name: shard file}; download the checkpoint again") from e
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{index}: {len(missing)} of {len(shards)} shard file(s) it lists are missing from {index.parent}: "
+            f"{missing[:4]}; the download is incomplete: download the missing shard(s) (or the whole folder) again")
+    out: dict[str, Any] = {}
+    for s in shards:
+        out.update(unwrap_state_dict(read_file(index.parent / s), str(index.parent / s)))
+    return out
 
 
 def read_folder_config(path: str) -> dict[str, Any] | None:

@@ -295,7 +295,9 @@ def cmd_demo(args) -> int:
 
     size = args.img_size
     if args.image:
-        img = Image.open(args.image).convert("RGB").resize((size, size), Image.BICUBIC)
+        from ..data.images import decode_image  # the guarded decoder: a bomb or a non-image is a clear error
+
+        img = decode_image(args.image).resize((size, size), Image.BICUBIC)
         img_name = args.image
     else:
         img = synthetic_scene(size)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError, HPViTError
+from .folder import unsafe_path_name
 from .images import decode_image, probe_image
 
 
@@ -123,6 +124,10 @@ class CocoSource:
                                       "'width' and 'height'")
             if im["id"] in by_id:
                 raise CocoFormatError(f"{where}: duplicate image id {im['id']}")
+            if unsafe_path_name(im["file_name"]):
+                raise CocoFormatError(f"{where}: image id {im['id']} has file_name {im['file_name']!r}, which points "
+                                      f"outside --images {self.images_dir} (an absolute path or '..' parts); give "
+                                      "file names relative to the image folder")
             by_id[im["id"]] = im
             if not (self.images_dir / im["file_name"]).is_file():
                 missing.append(im["file_name"])
@@ -139,10 +144,14 @@ class CocoSource:
             raise CocoFormatError(f"{where}: 'annotations' is empty; Mask R-CNN needs at least one annotated object")
         self.anns_by_image: dict[int, list[dict]] = {im["id"]: [] for im in self.images}
         self.num_crowd = 0
+        seen: set = set()
         for a in anns:
             if not isinstance(a, dict):
                 raise CocoFormatError(f"{where}: annotation {str(a)[:80]} is not an object")
             aid = a.get("id", "?")
+            if "id" in a and aid in seen:  # COCO evaluation matches by annotation id: a duplicate scores wrongly
+                raise CocoFormatError(f"{where}: duplicate annotation id {aid}; give every annotation its own id")
+            seen.add(aid)
             img = self.image_by_id.get(a.get("image_id"))
             if img is None:
                 raise CocoFormatError(f"{where}: annotation id {aid} refers to image_id {a.get('image_id')!r}, which is "
@@ -157,7 +166,15 @@ class CocoSource:
             if box[2] <= 0 or box[3] <= 0:
                 raise CocoFormatError(f"{where}: annotation id {aid} (image {img['file_name']}) has an empty bbox "
                                       f"{box} (width and height must be > 0); fix or delete the annotation")
+            x, y, bw, bh = box
+            if x >= img["width"] or y >= img["height"] or x + bw <= 0 or y + bh <= 0:
+                raise CocoFormatError(f"{where}: annotation id {aid} (image {img['file_name']}) has bbox {box}, which "
+                                      f"lies entirely outside the {img['width']}x{img['height']} image; fix the box (COCO "
+                                      "boxes are [x, y, width, height] in pixels) or delete the annotation")
             self._check_segmentation(a, img, where)
+            if a.get("iscrowd", 0) not in (0, 1):  # (False and True compare equal to 0 and 1)
+                raise CocoFormatError(f"{where}: annotation id {aid} (image {img['file_name']}) has iscrowd "
+                                      f"{a.get('iscrowd')!r}; it must be 0 or 1")
             if a.get("iscrowd", 0):
                 self.num_crowd += 1
             self.anns_by_image[img["id"]].append(a)

@@ -104,13 +104,20 @@ class ImageFolderSource:
             for cdir in sorted(p for p in d.iterdir() if p.is_dir()):
                 for dirpath, _, files in os.walk(cdir):
                     for f in sorted(files):
-                        if _is_image(f):
+                        # regular files only: a FIFO or device named x.jpg would block or never end when read
+                        if _is_image(f) and os.path.isfile(os.path.join(dirpath, f)):
                             items.append((os.path.join(dirpath, f), cdir.name))
             if items:
                 self._by_split[split] = sorted(items)
 
     def _scan_zip(self) -> None:
         names = [n for n in self.zip.names() if not n.endswith("/") and _is_image(n)]
+        unsafe = [n for n in names if unsafe_path_name(n)]
+        if unsafe:
+            raise ConfigError(
+                f"data path {self.root}: {len(unsafe)} member name(s) of the zip point outside the archive's folders "
+                f"(absolute paths or '..' parts), e.g. {unsafe[:3]}; such names never map onto a train/<class>/ folder. "
+                "Re-create the zip from the dataset folder (cd ROOT && zip -r ../data.zip train val)")
         # find the prefix under which the split folders live ("" or "cifar10/")
         found: dict[str, dict[str, list[tuple[str, str]]]] = {}
         for n in names:
@@ -173,6 +180,13 @@ class ImageFolderSource:
         """``(width, height, mode)`` from the header of ``member`` (fast; nothing decoded)."""
         src = self._bytes(member) if self.zip is not None else member
         return probe_image(src, self.name_of(member))
+
+
+def unsafe_path_name(name: str) -> bool:
+    """A name meant to be relative (a zip member, a COCO file_name) that is absolute (``/x``, ``C:/x``, ``\\x``) or
+    has a ``..`` part, so it points outside its folder."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or (len(parts[0]) == 2 and parts[0][1] == ":") or ".." in parts
 
 
 def _looks_like_zip(path: Path) -> bool:

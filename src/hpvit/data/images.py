@@ -13,9 +13,10 @@ import os
 import warnings
 from typing import IO, Iterator
 
+import numpy as np
 from PIL import Image
 
-from ..errors import BadImageError
+from ..errors import BadImageError, ConfigError
 
 FIX = "replace or delete the file (hpvit train can leave such images out with --skip-bad-images)"
 
@@ -24,7 +25,11 @@ def pixel_limit() -> int | None:
     """The pixel count above which an image is refused: ``HPVIT_MAX_IMAGE_PIXELS`` or PIL's default."""
     env = os.environ.get("HPVIT_MAX_IMAGE_PIXELS", "").strip()
     if env:
-        n = int(float(env))
+        try:
+            n = int(float(env))
+        except (ValueError, OverflowError):
+            raise ConfigError(f"HPVIT_MAX_IMAGE_PIXELS={env!r} is not a number; set it to a pixel count (e.g. "
+                              "200000000), to 0 to switch the limit off, or unset it for the default") from None
         return n if n > 0 else None
     return Image.MAX_IMAGE_PIXELS
 
@@ -64,7 +69,24 @@ def decode_image(src: "str | os.PathLike | bytes", name: "str | None" = None, mo
     with _guarded(name):
         with Image.open(_source(src)) as im:
             im.load()
-            return im.convert(mode) if mode else im.copy()
+            if not mode:
+                return im.copy()
+            return _to_8bit(im, name).convert(mode)
+
+
+def _to_8bit(im: Image.Image, name: str) -> Image.Image:
+    """16-bit grayscale (``I;16*``) scaled to 8 bits over its full range (PIL's ``convert`` would clip every value
+    above 255 to white); 32-bit integer and float images, whose range a file does not declare, are refused."""
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):  # older PIL: 16-bit PNG as "I"
+        a = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.round(a / 257.0).astype(np.uint8), mode="L")
+    if im.mode in ("I", "F"):
+        kind = "32-bit integer" if im.mode == "I" else "32-bit float"
+        raise BadImageError(
+            f"image {name} holds {kind} grayscale pixels (PIL mode {im.mode}), whose value range the file does not "
+            "declare, so it cannot be turned into 8-bit RGB without guessing; save it as an 8-bit or 16-bit image "
+            "(e.g. PNG), or delete the file", name)
+    return im
 
 
 def probe_image(src: "str | os.PathLike | bytes", name: "str | None" = None) -> tuple[int, int, str]:

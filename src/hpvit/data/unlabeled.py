@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ConfigError
-from .folder import IMG_EXTENSIONS, _looks_like_zip, _ZipReader
+from .folder import IMG_EXTENSIONS, _looks_like_zip, unsafe_path_name, _ZipReader
 from .images import decode_image, display_name, probe_image
 
 
@@ -50,6 +50,10 @@ class UnlabeledImages(torch.utils.data.Dataset):
                     raise ConfigError(f"--images {root}: the zip archive cannot be read ({e}); copy it again") from e
                 self.zips.append(z)
                 found = sorted(n for n in names if _is_image(n) and not n.endswith("/"))
+                unsafe = [n for n in found if unsafe_path_name(n)]
+                if unsafe:
+                    raise ConfigError(f"--images {root}: {len(unsafe)} member name(s) of the zip point outside the "
+                                      f"archive (absolute paths or '..' parts), e.g. {unsafe[:3]}; re-create the zip")
             else:
                 self.zips.append(None)
                 found = sorted(str(p) for p in root.rglob("*") if p.is_file() and _is_image(p.name))

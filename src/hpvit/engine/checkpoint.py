@@ -21,6 +21,9 @@ from ..errors import CheckpointError
 
 CKPT_VERSION = 1
 LAST = "checkpoint-last.pt"
+# what every checkpoint the engine writes holds (later additions, e.g. the run's identity, are optional)
+REQUIRED = ("model", "optimizer", "scheduler", "scaler", "ema", "epoch", "step_in_epoch", "global_step", "rng",
+            "world_size", "recipe", "train_time", "images_seen", "wall_time", "history")
 
 
 def rng_state() -> dict[str, Any]:
@@ -66,3 +69,16 @@ def load_checkpoint(path: "str | os.PathLike") -> dict[str, Any]:
     if not isinstance(st, dict) or st.get("version") != CKPT_VERSION:
         raise CheckpointError(f"{p}: not an hpvit training checkpoint (version {st.get('version') if isinstance(st, dict) else None})")
     return st
+
+
+def check_complete(st: dict[str, Any], p: "str | os.PathLike") -> None:
+    """CheckpointError naming what is missing or invalid in a checkpoint that was edited (or cut by another tool)."""
+    missing = [k for k in REQUIRED if k not in st]
+    bad = [k for k in ("epoch", "step_in_epoch", "global_step") if k in st and not (
+        isinstance(st[k], int) and not isinstance(st[k], bool) and st[k] >= 0)]
+    if missing or bad:
+        raise CheckpointError(
+            f"{p}: the training checkpoint is incomplete or edited ("
+            + (f"missing {missing}" if missing else "") + ("; " if missing and bad else "")
+            + (f"invalid {', '.join(f'{k}={st[k]!r}' for k in bad)}" if bad else "")
+            + "); it cannot continue the run exactly. Delete it and start over (--overwrite)")

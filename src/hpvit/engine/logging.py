@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from ..errors import RunDirError
 from ..utils import atomic_write, write_error, write_text_atomic
 
 
@@ -113,6 +114,18 @@ def format_summary(epoch: int, epochs: int, rec: dict[str, Any], keys: "tuple[st
             f"all metrics in {metrics_path})")
 
 
+def finite_json(x: Any) -> Any:
+    """``x`` with every NaN / inf float replaced by None: JSON has no NaN (``json.dumps`` would write an invalid
+    ``NaN`` token that strict readers refuse)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_json(v) for v in x]
+    return x
+
+
 class MetricsFile:
     """Append-only ``metrics.jsonl``; on resume, records after the checkpoint's step are dropped."""
 
@@ -126,22 +139,39 @@ class MetricsFile:
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def reset(self) -> None:
-        if self.enabled and self.path.exists():
-            self.path.unlink()
+        if self.enabled and (self.path.exists() or self.path.is_symlink()):
+            try:
+                self.path.unlink()
+            except OSError as e:  # e.g. a folder of that name
+                raise write_error(self.path, e) from e
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         try:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
         except OSError as e:
             raise write_error(self.path, e) from e
 
     def read(self) -> list[dict[str, Any]]:
+        """The records; a last line cut short (the process was killed while appending it) is dropped, any other
+        line that is not a JSON object is an error naming it."""
         if not self.path.exists():
             return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        lines = [(i, ln) for i, ln in enumerate(self.path.read_text().splitlines(), 1) if ln.strip()]
+        out = []
+        for k, (i, ln) in enumerate(lines):
+            try:
+                rec = json.loads(ln)
+            except ValueError:
+                rec = None
+            if isinstance(rec, dict):
+                out.append(rec)
+            elif k < len(lines) - 1 or not ln.lstrip().startswith("{") or ln.rstrip().endswith("}"):
+                raise RunDirError(f"{self.path}: line {i} is not a metrics record ({ln[:60]!r}); the file was edited. "
+                                  "Fix or delete that line, or start the run over with --overwrite")
+        return out
 
 
 def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "top1",

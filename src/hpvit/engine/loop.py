@@ -18,22 +18,24 @@ from torch import nn
 from ..utils import write_text_atomic
 from ..data.check import SkipBadImages, describe_bad, find_bad_items, unwrap_worker_error, write_skipped
 from ..data.seeded import ResumableSampler, SeededDataset
-from ..errors import ConfigError, DataError, HPViTError, RunDirError
+from ..errors import CheckpointError, ConfigError, DataError, HPViTError, RunDirError
 from . import distributed as D
-from .checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import LAST, check_complete, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .rundir import LOCK_NAME, SKIPPED_NAME, claim_run_dir
 from .ema import ModelEMA
-from .logging import MetricsFile, Progress, format_summary, log, plot_curves, recipe_summary
+from .hooks import CheckpointHook, CurvesHook, EMAHook, NaNGuard, UpdateHooks
+from .identity import check_identity, check_out_outside_data, run_identity
+from .logging import MetricsFile, Progress, finite_json, format_summary, log, recipe_summary
 from .optim import build_optimizer
 from .recipe import Recipe
 from .schedule import LRSchedule, Plan
 from .task import Task
 
-# recipe keys that fix the data order / optimisation trajectory: a resumed run must match them
-RESUME_KEYS = ("seed", "batch_size", "accum_steps", "max_train_samples", "epochs", "iterations", "warmup_epochs",
-               "warmup_iters", "schedule", "lr_steps", "layer_decay", "weight_decay", "img_size")
 # keys a resumed run may change (what the divergence advice tells the user to change); each change is noted
 ADJUSTABLE_ON_RESUME = ("lr", "blr", "min_lr", "clip_grad", "amp")
+# keys that change neither what is trained nor how: logging, loading, memory, the recipe's name and notes
+FREE_ON_RESUME = ("name", "source", "num_workers", "log_every_steps", "ckpt_every_steps", "grad_checkpointing",
+                  "global_batch_assumed", "dataset_images")
 
 
 class DivergenceError(HPViTError):
@@ -170,228 +172,320 @@ class Trainer:
             raise RunDirError(errs[0])
         return run_dir
 
+    # ---------------------------------------------------------------- the run, step by step
     def _run(self) -> dict[str, Any]:
+        self._set_up()
+        self._resume_or_start()
+        self._log_plan()
+        for h in self.hooks:
+            h.before_train(self)
+        while self.epoch < self.n_epochs:
+            self._train_epoch()
+            self._evaluate_epoch()
+            for h in self.hooks:
+                h.after_epoch(self)
+        return self._finish()
+
+    def _set_up(self) -> None:
+        """Checkpoint (with ``resume``) and its recipe check, then the model, the data and the optimizer."""
         r, dist = self.recipe, self.dist
-        main = dist.is_main
-        t_start = time.time()
+        self.t_start = time.time()
         if r.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             if dist.device.type == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
                 torch.backends.cudnn.benchmark = False
-        ckpt_path = self.out / LAST
-        ckpt = None
+        self.ckpt_path = self.out / LAST
+        self.ckpt = None
         if self.resume:
-            if ckpt_path.exists():
-                ckpt = load_checkpoint(ckpt_path)
-                self._check_resume(ckpt)
+            if self.ckpt_path.exists():
+                self.ckpt = load_checkpoint(self.ckpt_path)
+                if {"recipe", "world_size"} <= self.ckpt.keys():  # the recipe first: the common reason to refuse
+                    self._check_resume(self.ckpt)
+                check_complete(self.ckpt, self.ckpt_path)
             else:
-                log(f"--resume: no checkpoint in {self.out}, starting a new run", main)
+                log(f"--resume: no checkpoint in {self.out}, starting a new run", dist.is_main)
+        self._build_model()
+        self.identity = run_identity(self.task, self.model)
+        check_out_outside_data(self.task, self.out)
+        if self.ckpt is not None:
+            check_identity(self.ckpt, self.identity, self.out)
+        self._build_data()
+        self._build_optimizer()
+        self.hooks = [EMAHook(), NaNGuard(), CheckpointHook(), CurvesHook(), UpdateHooks()]
 
-        # model: identical on every rank (built under the run seed), then per-rank RNG streams
+    def _build_model(self) -> None:
+        """Identical on every rank (built under the run seed), then per-rank RNG streams."""
+        r, dist = self.recipe, self.dist
         _seed_all(r.seed)
         model = self.task.build_model()
         if r.grad_checkpointing:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise ConfigError(f"{type(model).__name__} has no set_grad_checkpointing(); set grad_checkpointing false")
             model.set_grad_checkpointing(True)
-        model.to(dist.device)
+        self.model = model.to(dist.device)
         _seed_all(r.seed + dist.rank)
 
-        train_ds, eval_ds = self.task.datasets()
+    def _build_data(self) -> None:
+        r, dist = self.recipe, self.dist
+        train_ds, self.eval_ds = self.task.datasets()
         skipped_file = self.out / SKIPPED_NAME
-        if main and ckpt is None and skipped_file.exists():
+        if dist.is_main and self.ckpt is None and skipped_file.exists():
             skipped_file.unlink()  # a new run lists its own skipped images
-        bad = self._check_data(train_ds, eval_ds, skipped_file) if self.check_data else []
+        bad = self._check_data(train_ds, self.eval_ds, skipped_file) if self.check_data else []
         if self.skip_bad_images:
             train_ds = SkipBadImages(train_ds, skipped_file, exclude=bad)
-        train_ds = SeededDataset(train_ds, seed=r.seed)
-        sampler = ResumableSampler(len(train_ds), dist.rank, dist.world_size, shuffle=True, seed=r.seed)
-        batches = sampler.per_rank() // r.batch_size
-        steps_per_epoch = batches // r.accum_steps
-        if steps_per_epoch < 1:
+        self.train_ds = SeededDataset(train_ds, seed=r.seed)
+        self.sampler = ResumableSampler(len(self.train_ds), dist.rank, dist.world_size, shuffle=True, seed=r.seed)
+        self.steps_per_epoch = self.sampler.per_rank() // r.batch_size // r.accum_steps
+        if self.steps_per_epoch < 1:
             raise ConfigError(
-                f"{len(train_ds)} training images over {dist.world_size} process(es) do not fill one optimizer step of "
-                f"batch_size {r.batch_size} x accum_steps {r.accum_steps}; lower --batch-size or use more data"
+                f"{len(self.train_ds)} training images over {dist.world_size} process(es) do not fill one optimizer "
+                f"step of batch_size {r.batch_size} x accum_steps {r.accum_steps}; lower --batch-size or use more data"
             )
-        plan = Plan.of(r, steps_per_epoch)
-        n_epochs = plan.epochs
-        lr = r.absolute_lr(dist.world_size)
-        optimizer = build_optimizer(model, r, lr)
-        sched = LRSchedule.for_plan(optimizer, r, plan, lr)
-        scaler = torch.amp.GradScaler(dist.device.type, enabled=r.amp == "fp16")
-        ema = ModelEMA(model, r.ema_decay) if r.ema else None
-        net: nn.Module = model
+        self.plan = Plan.of(r, self.steps_per_epoch)
+        self.n_epochs = self.plan.epochs
+
+    def _build_optimizer(self) -> None:
+        r, dist, model = self.recipe, self.dist, self.model
+        self.lr = r.absolute_lr(dist.world_size)
+        self.optimizer = build_optimizer(model, r, self.lr)
+        self.sched = LRSchedule.for_plan(self.optimizer, r, self.plan, self.lr)
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=r.amp == "fp16")
+        self.ema = ModelEMA(model, r.ema_decay) if r.ema else None
+        self.net: nn.Module = model
         if dist.enabled:
-            net = nn.parallel.DistributedDataParallel(
+            self.net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+        self.metrics = MetricsFile(self.out / "metrics.jsonl", enabled=dist.is_main)
 
-        metrics = MetricsFile(self.out / "metrics.jsonl", enabled=main)
-        epoch, step_in_epoch, gstep = 0, 0, 0
-        train_time, images_seen, prior_wall = 0.0, 0, 0.0
-        history: list[dict[str, Any]] = []
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            if json.loads(ckpt["recipe"]).get("amp") == r.amp:
-                scaler.load_state_dict(ckpt["scaler"])
-            sched.base_lr, sched.min_lr = lr, r.min_lr  # a resumed run may lower the lr (divergence advice)
-            if ema is not None and ckpt["ema"] is not None:
-                ema.load_state_dict(ckpt["ema"])
-            elif ema is not None:
-                log("the checkpoint has no EMA weights (EMA was off): the EMA starts from the resumed weights", main)
-            epoch, step_in_epoch, gstep = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
-            train_time, images_seen, prior_wall = ckpt["train_time"], ckpt["images_seen"], ckpt["wall_time"]
-            history = json.loads(ckpt["history"])
-            set_rng_state(ckpt["rng"][dist.rank] if dist.rank < len(ckpt["rng"]) else ckpt["rng"][0])
-            metrics.truncate_after(gstep)
-            log(f"resumed from {ckpt_path} at epoch {epoch}, step {step_in_epoch}/{steps_per_epoch} (update {gstep})", main)
-        else:
-            metrics.reset()
+    def _resume_or_start(self) -> None:
+        """The loop state: zero for a new run, the checkpoint's (every state dict, RNG, loss window) on resume."""
+        self.epoch, self.step_in_epoch, self.gstep = 0, 0, 0
+        self.train_time, self.images_seen, self.prior_wall = 0.0, 0, 0.0
+        self.history: list[dict[str, Any]] = []
+        self.loss_acc, self.n_acc = 0.0, 0
+        self.prog: "Progress | None" = None
+        ckpt, main = self.ckpt, self.dist.is_main
+        if ckpt is None:
+            self.metrics.reset()
+            self.last_eval: dict[str, Any] = {}
+            return
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        if json.loads(ckpt["recipe"]).get("amp") == self.recipe.amp:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.sched.base_lr, self.sched.min_lr = self.lr, self.recipe.min_lr  # a resumed run may lower the lr
+        if self.ema is not None and ckpt["ema"] is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        elif self.ema is not None:
+            log("the checkpoint has no EMA weights (EMA was off): the EMA starts from the resumed weights", main)
+        self.epoch, self.step_in_epoch, self.gstep = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
+        self._check_position()
+        self.train_time, self.images_seen, self.prior_wall = ckpt["train_time"], ckpt["images_seen"], ckpt["wall_time"]
+        self.history = json.loads(ckpt["history"])
+        rank = self.dist.rank if self.dist.rank < len(ckpt["rng"]) else 0
+        set_rng_state(ckpt["rng"][rank])
+        windows = ckpt.get("loss_window") or []  # the logging window the checkpoint cut (older files: none)
+        self.loss_acc, self.n_acc = windows[rank] if rank < len(windows) else (0.0, 0)
+        self.metrics.truncate_after(self.gstep)
+        self.last_eval = self.history[-1] if self.history else {}
+        log(f"resumed from {self.ckpt_path} at epoch {self.epoch}, step {self.step_in_epoch}/{self.steps_per_epoch} "
+            f"(update {self.gstep})", main)
 
-        gb = r.global_batch(dist.world_size)
+    def _check_position(self) -> None:
+        """The checkpoint's position must be one this run's plan reaches (an edited or foreign file may not be)."""
+        spe = self.steps_per_epoch
+        if not (self.epoch <= self.n_epochs and self.step_in_epoch < spe and self.gstep == self.epoch * spe
+                + self.step_in_epoch and (self.epoch < self.n_epochs or self.step_in_epoch == 0)):
+            raise CheckpointError(
+                f"{self.ckpt_path}: its position (epoch {self.epoch}, step {self.step_in_epoch}, update {self.gstep}) is "
+                f"not one of this run ({self.n_epochs} epoch(s) x {spe} steps); the checkpoint was edited or comes from "
+                "another run. Delete it and start over (--overwrite), or resume with the original settings")
+
+    def _log_plan(self) -> None:
+        r, dist, ev = self.recipe, self.dist, self.eval_ds
         log(
-            f"task {self.task.name}: {len(train_ds)} train / {len(eval_ds) if eval_ds is not None else 0} eval images, "
-            f"{dist.world_size} process(es) on {dist.device.type}"
-            + (f" ({dist.backend})" if dist.backend else "")
-            + f"; per-process batch {r.batch_size} x accum {r.accum_steps}, global batch {gb}; lr {lr:.3g} "
-            f"(layer decay {r.layer_decay}, {r.schedule} schedule); {steps_per_epoch} steps/epoch x {n_epochs} epochs"
-            + (f" ({r.iterations} iterations rounded up to whole epochs: {plan.total_steps} updates)"
-               if r.iterations else ""),
-            main,
+            f"task {self.task.name}: {len(self.train_ds)} train / {len(ev) if ev is not None else 0} eval images, "
+            f"{dist.world_size} process(es) on {dist.device.type}" + (f" ({dist.backend})" if dist.backend else "")
+            + f"; per-process batch {r.batch_size} x accum {r.accum_steps}, global batch {self.global_batch}; lr "
+            f"{self.lr:.3g} (layer decay {r.layer_decay}, {r.schedule} schedule); {self.steps_per_epoch} steps/epoch x "
+            f"{self.n_epochs} epochs" + (f" ({r.iterations} iterations rounded up to whole epochs: "
+                                          f"{self.plan.total_steps} updates)" if r.iterations else ""),
+            dist.is_main,
         )
 
-        def state(ep: int, sie: int) -> dict[str, Any]:
-            rngs = D.all_gather_objects(rng_state(), dist)
-            return {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                "epoch": ep, "step_in_epoch": sie, "global_step": gstep, "rng": rngs,
-                "world_size": dist.world_size, "recipe": json.dumps(r.to_dict()),
-                "train_time": train_time, "images_seen": images_seen, "wall_time": prior_wall + time.time() - t_start,
-                "history": json.dumps(history), "run_config": json.dumps(self.run_config, default=str),
-            }
+    @property
+    def global_batch(self) -> int:
+        return self.recipe.global_batch(self.dist.world_size)
 
-        def checkpoint(ep: int, sie: int) -> None:
-            st = state(ep, sie)  # every rank takes part in gathering the RNG states
-            if main:
-                save_checkpoint(ckpt_path, st)
-            D.barrier(dist)
+    def _train_epoch(self) -> None:
+        """The optimizer updates left in epoch ``self.epoch`` (all of them, or those after a resume point)."""
+        r, main = self.recipe, self.dist.is_main
+        self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * r.accum_steps * r.batch_size)
+        self.train_ds.set_epoch(self.epoch)
+        loader = self._loader(self.train_ds, self.sampler, r.batch_size, True, r.seed * 7 + self.epoch)
+        it = iter(loader)
+        self.net.train()
+        self.prog = Progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{self.n_epochs}", main, r.log_every_steps,
+                             self.step_in_epoch, unit_scale=self.global_batch)
+        self.t_epoch = time.time()
+        while self.step_in_epoch < self.steps_per_epoch:
+            self._train_step(it)
+            for h in self.hooks:
+                h.after_step(self)
+        self.prog.close()
+        del it, loader
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.epoch_time = time.time() - self.t_epoch
 
-        last_eval: dict[str, float] = history[-1] if history else {}
-        while epoch < n_epochs:
-            sampler.set_epoch(epoch, start=step_in_epoch * r.accum_steps * r.batch_size)
-            train_ds.set_epoch(epoch)
-            loader = self._loader(train_ds, sampler, r.batch_size, True, r.seed * 7 + epoch)
-            it = iter(loader)
-            net.train()
-            prog = Progress(steps_per_epoch, f"epoch {epoch + 1}/{n_epochs}", main, r.log_every_steps, step_in_epoch,
-                            unit_scale=gb)
-            t_epoch = time.time()
-            loss_acc, n_acc = 0.0, 0
-            while step_in_epoch < steps_per_epoch:
-                t0 = time.time()
-                cur_lr = sched.apply(gstep)
-                step_loss = 0.0
-                for micro in range(r.accum_steps):
-                    batch = self.task.prepare_batch(self._next(it), dist.device, train=True)
-                    sync = micro == r.accum_steps - 1
-                    ctx = net.no_sync() if (dist.enabled and not sync) else contextlib.nullcontext()
-                    with ctx:
-                        with self._autocast():
-                            loss = self.task.loss(net, batch)
-                        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
-                        if D.all_reduce_sum(bad, dist).item() > 0:
-                            prog.close()
-                            self._diverged(loss, epoch, step_in_epoch, gstep, ckpt_path)
-                        scaler.scale(loss / r.accum_steps).backward()
-                    step_loss += loss.item() / r.accum_steps
-                if r.clip_grad:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), r.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(model)
-                sched.advance()
-                gstep += 1
-                step_in_epoch += 1
-                images_seen += gb
-                train_time += time.time() - t0
-                loss_acc += step_loss
-                n_acc += 1
-                prog.update(loss=step_loss, lr=cur_lr)
-                if n_acc >= r.log_every_steps or step_in_epoch == steps_per_epoch:
-                    avg = torch.tensor([loss_acc / n_acc])
-                    avg = D.all_reduce_sum(avg, dist).item() / dist.world_size
-                    metrics.write({"kind": "train", "epoch": epoch + 1, "step": gstep, "loss": avg, "lr": cur_lr,
-                                   "images_per_s": images_seen / max(train_time, 1e-9)})
-                    loss_acc, n_acc = 0.0, 0
-                if r.ckpt_every_steps and gstep % r.ckpt_every_steps == 0 and step_in_epoch < steps_per_epoch:
-                    checkpoint(epoch, step_in_epoch)
-                for hook in self.update_hooks:
-                    hook(self, gstep)
-            prog.close()
-            del it, loader
-            epoch += 1
-            step_in_epoch = 0
-            epoch_time = time.time() - t_epoch
-            if eval_ds is not None and (epoch % max(r.eval_every_epochs, 1) == 0 or epoch == n_epochs):
-                t_eval = time.time()
-                ev = self.evaluate(model, eval_ds, f"epoch {epoch}/{n_epochs}: evaluating {self._split_name()}")
-                rec = {"kind": "eval", "epoch": epoch, "step": gstep, "split": self._split_name(),
-                       "images": len(eval_ds), **ev}
-                if ema is not None:
-                    rec.update({f"ema_{k}": v for k, v in
-                                self.evaluate(ema.module, eval_ds, f"epoch {epoch}/{n_epochs}: evaluating EMA").items()})
-                history.append(rec)
-                last_eval = rec
-                metrics.write(rec)
-                log(format_summary(epoch, n_epochs, rec, self._summary_keys(), self._units(),
-                                   epoch_time, time.time() - t_eval, self.out / "metrics.jsonl"), main)
-            checkpoint(epoch, 0)
-            if main:
-                plot_curves(metrics.read(), self.out / "curves.png", self.task.primary_metric)
+    def _train_step(self, it) -> None:
+        """One optimizer update over ``accum_steps`` micro-batches (every loss passes the hooks' ``after_loss``)."""
+        r, dist, net = self.recipe, self.dist, self.net
+        t0 = time.time()
+        self.cur_lr = self.sched.apply(self.gstep)
+        step_loss = 0.0
+        for micro in range(r.accum_steps):
+            batch = self.task.prepare_batch(self._next(it), dist.device, train=True)
+            sync = micro == r.accum_steps - 1
+            with net.no_sync() if (dist.enabled and not sync) else contextlib.nullcontext():
+                with self._autocast():
+                    loss = self.task.loss(net, batch)
+                for h in self.hooks:
+                    h.after_loss(self, loss)
+                self.scaler.scale(loss / r.accum_steps).backward()
+            step_loss += loss.item() / r.accum_steps
+        if r.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), r.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.sched.advance()
+        self.gstep += 1
+        self.step_in_epoch += 1
+        self.images_seen += self.global_batch
+        self.train_time += time.time() - t0
+        self.prog.update(loss=step_loss, lr=self.cur_lr)
+        self._log_loss(step_loss)
 
-        # ------------------------------------------------------------ finish
+    def _log_loss(self, step_loss: float) -> None:
+        """Average the loss over ``log_every_steps`` updates (and the epoch's end) into metrics.jsonl."""
+        r = self.recipe
+        self.loss_acc += step_loss
+        self.n_acc += 1
+        if self.n_acc >= r.log_every_steps or self.step_in_epoch == self.steps_per_epoch:
+            avg = D.all_reduce_sum(torch.tensor([self.loss_acc / self.n_acc]), self.dist).item() / self.dist.world_size
+            self.metrics.write({"kind": "train", "epoch": self.epoch + 1, "step": self.gstep, "loss": avg,
+                                "lr": self.cur_lr, "images_per_s": self.images_seen / max(self.train_time, 1e-9)})
+            self.loss_acc, self.n_acc = 0.0, 0
+
+    def checkpoint_due(self) -> bool:
+        """Whether the update just made is one of ``ckpt_every_steps`` inside an epoch (its end always is)."""
+        every = self.recipe.ckpt_every_steps
+        return bool(every) and self.gstep % every == 0 and self.step_in_epoch < self.steps_per_epoch
+
+    def _evaluate_epoch(self) -> None:
+        """Score the model (and its EMA) on the evaluation split after every ``eval_every_epochs`` and the last."""
+        r, ev, epoch, n = self.recipe, self.eval_ds, self.epoch, self.n_epochs
+        if ev is None or not (epoch % max(r.eval_every_epochs, 1) == 0 or epoch == n):
+            return
+        t_eval = time.time()
+        rec = {"kind": "eval", "epoch": epoch, "step": self.gstep, "split": self._split_name(), "images": len(ev),
+               **self.evaluate(self.model, ev, f"epoch {epoch}/{n}: evaluating {self._split_name()}")}
+        if self.ema is not None:
+            rec.update({f"ema_{k}": v for k, v in
+                        self.evaluate(self.ema.module, ev, f"epoch {epoch}/{n}: evaluating EMA").items()})
+        self.history.append(rec)
+        self.last_eval = rec
+        self.metrics.write(rec)
+        log(format_summary(epoch, n, rec, self._summary_keys(), self._units(), self.epoch_time,
+                           time.time() - t_eval, self.out / "metrics.jsonl"), self.dist.is_main)
+
+    def state(self) -> dict[str, Any]:
+        """Everything a resume needs (every rank takes part: the RNG states and loss windows are gathered)."""
+        rngs = D.all_gather_objects(rng_state(), self.dist)
+        windows = D.all_gather_objects((self.loss_acc, self.n_acc), self.dist)
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.gstep, "rng": rngs,
+            "loss_window": windows, "world_size": self.dist.world_size, "recipe": json.dumps(self.recipe.to_dict()),
+            "identity": json.dumps(self.identity, sort_keys=True, default=str),
+            "train_time": self.train_time, "images_seen": self.images_seen,
+            "wall_time": self.prior_wall + time.time() - self.t_start,
+            "history": json.dumps(finite_json(self.history)), "run_config": json.dumps(self.run_config, default=str),
+        }
+
+    def checkpoint(self) -> None:
+        st = self.state()
+        if self.dist.is_main:
+            save_checkpoint(self.ckpt_path, st)
+        D.barrier(self.dist)
+
+    def _finish(self) -> dict[str, Any]:
+        """Verify (finite weights, ranks in sync), then write the model files, results.json and the final curves."""
+        dist, model = self.dist, self.model
+        self.check_weights_finite()
         digests = D.all_gather_objects(param_digest(model), dist)
         in_sync = len(set(digests)) == 1
         if not in_sync:
-            log(f"ERROR: ranks ended with different weights: {digests}", main)
+            log(f"ERROR: ranks ended with different weights: {digests}", dist.is_main)
         results: dict[str, Any] = {}
-        if main:
-            files = self.task.save_model(model, self.out, ema.module if ema is not None else None)
-            wall = prior_wall + time.time() - t_start
-            results = {
-                **{k: v for k, v in last_eval.items() if k not in ("kind", "step", "split", "images")},
-                "eval_split": self._split_name() if eval_ds is not None else None,
-                "metric_units": self._units(),
-                "epochs": n_epochs,
-                "steps": gstep,
-                "wall_time_s": round(wall, 2),
-                "train_time_s": round(train_time, 2),
-                "images_per_s": round(images_seen / max(train_time, 1e-9), 2),
-                "train_images": len(train_ds),
-                "eval_images": len(eval_ds) if eval_ds is not None else 0,
-                "world_size": dist.world_size,
-                "global_batch": gb,
-                "lr": lr,
-                "ranks_in_sync": in_sync,
-                "rank_param_digests": digests,
-                "model_files": [str(f) for f in files],
-                **self.task.results(model),
-                "config": {"recipe": r.to_dict(), "task": self.task.describe(), "run": self.run_config},
-            }
-            write_text_atomic(self.out / "results.json", json.dumps(results, indent=2, default=str))
-            plot_curves(metrics.read(), self.out / "curves.png", self.task.primary_metric,
-                        "no evaluation set in this run" if eval_ds is None else "no evaluation yet")
-            score = self.task.primary_metric in results
+        if dist.is_main:
+            files = self.task.save_model(model, self.out, self.ema.module if self.ema is not None else None)
+            results = self._results(digests, in_sync, files)
+            write_text_atomic(self.out / "results.json", json.dumps(finite_json(results), indent=2, default=str,
+                                                                      allow_nan=False))
+            for h in self.hooks:
+                h.after_train(self)
+            score = self.task.primary_metric in results and results[self.task.primary_metric] is not None
             log("done: " + (f"{self.task.primary_metric} {results[self.task.primary_metric]:.4g}, " if score else "")
-                + f"wall {wall:.0f}s, {results['images_per_s']:.1f} img/s; results in {self.out / 'results.json'}", main)
+                + f"wall {results['wall_time_s']:.0f}s, {results['images_per_s']:.1f} img/s; results in "
+                f"{self.out / 'results.json'}", True)
         D.barrier(dist)
         return results
+
+    def _results(self, digests: list[str], in_sync: bool, files) -> dict[str, Any]:
+        r, ev = self.recipe, self.eval_ds
+        return {
+            **{k: v for k, v in self.last_eval.items() if k not in ("kind", "step", "split", "images")},
+            "eval_split": self._split_name() if ev is not None else None,
+            "metric_units": self._units(),
+            "epochs": self.n_epochs,
+            "steps": self.gstep,
+            "wall_time_s": round(self.prior_wall + time.time() - self.t_start, 2),
+            "train_time_s": round(self.train_time, 2),
+            "images_per_s": round(self.images_seen / max(self.train_time, 1e-9), 2),
+            "train_images": len(self.train_ds),
+            "eval_images": len(ev) if ev is not None else 0,
+            "world_size": self.dist.world_size,
+            "global_batch": self.global_batch,
+            "lr": self.lr,
+            "ranks_in_sync": in_sync,
+            "rank_param_digests": digests,
+            "model_files": [str(f) for f in files],
+            **self.task.results(self.model),
+            "config": {"recipe": r.to_dict(), "task": self.task.describe(), "run": self.run_config},
+        }
+
+    def check_weights_finite(self) -> None:
+        """DivergenceError when any rank's weights hold NaN or inf (an update that blew up after a finite loss)."""
+        bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if D.all_reduce_sum(torch.tensor([float(len(bad))]), self.dist).item() > 0:
+            if self.prog is not None:
+                self.prog.close()
+            self._diverged(f"the weights hold NaN or inf values after the update ({len(bad)} tensor(s) on this "
+                           f"process, e.g. {bad[:3]})", self.epoch_of_last_update(), after_update=True)
+
+    def epoch_of_last_update(self) -> tuple[int, int]:
+        """(epoch, step) of the update just made, counted from 0, as the divergence message names them."""
+        if self.step_in_epoch == 0 and self.epoch > 0:
+            return self.epoch - 1, self.steps_per_epoch - 1
+        return self.epoch, self.step_in_epoch - 1
 
     # ---------------------------------------------------------------- helpers
     @staticmethod
@@ -444,7 +538,8 @@ class Trainer:
             log("resuming with changed " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
                 + ": the run continues from the checkpoint with the new value(s) (no longer bit-identical to an "
                 "uninterrupted run)", self.dist.is_main)
-        diff = {k: (old.get(k), new.get(k)) for k in RESUME_KEYS if json.dumps(old.get(k)) != json.dumps(new.get(k))}
+        diff = {k: (old.get(k), new.get(k)) for k in new if k not in ADJUSTABLE_ON_RESUME + FREE_ON_RESUME
+                and json.dumps(old.get(k)) != json.dumps(new.get(k))}  # everything else fixes the trajectory
         ws = int(os.environ.get("WORLD_SIZE", "1"))
         if ckpt["world_size"] != ws:
             diff["world_size"] = (ckpt["world_size"], ws)
@@ -456,8 +551,10 @@ class Trainer:
                 "--resume), or start over with --overwrite or in another --out"
             )
 
-    def _diverged(self, loss: torch.Tensor, epoch: int, step: int, gstep: int, ckpt_path: Path) -> None:
-        val = loss.detach().float().cpu().flatten()[0].item()
+    def _diverged(self, what: str, at: tuple[int, int], after_update: bool = False) -> None:
+        """Raise DivergenceError: ``what`` went non-finite at ``(epoch, step)`` (from 0); the last good checkpoint
+        (written before any non-finite value reached it) is kept."""
+        ckpt_path = self.ckpt_path
         if ckpt_path.exists():
             st = load_checkpoint(ckpt_path)
             where = (f"the last good checkpoint {ckpt_path} (epoch {st['epoch']}, step {st['step_in_epoch']}, "
@@ -469,9 +566,12 @@ class Trainer:
             where = "no checkpoint had been written yet"
             advice = ("Run the same command again with a lower learning rate (--lr <smaller> or --set blr=<smaller>), "
                       "--set clip_grad=1.0, or --amp bf16 instead of fp16")
+        epoch, step = at
+        update = self.gstep if after_update else self.gstep + 1
+        stopped = "stopped after that update" if after_update else "stopped before the optimizer step"
         raise DivergenceError(
-            f"training diverged: the loss is {val} at epoch {epoch + 1}, step {step + 1} (update {gstep + 1}); "
-            f"stopped before the optimizer step, {where}. {advice}"
+            f"training diverged: {what} at epoch {epoch + 1}, step {step + 1} (update {update}); {stopped}, {where}; "
+            f"no model or results.json was written. {advice}"
         )
 
     def evaluate(self, model: nn.Module, eval_ds, desc: str = "evaluating") -> dict[str, float]:

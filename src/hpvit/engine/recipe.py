@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from ..errors import ConfigError
-from ..utils import DictIO, name_or_json
+from ..utils import DictIO, field_type_problems, name_or_json
 
 
 @dataclass
@@ -103,6 +103,11 @@ class Recipe(DictIO):
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ConfigError(f"{where}: {msg}")
+
+        wrong = field_type_problems(self)
+        if wrong:  # checked first: the range checks below compare numbers
+            raise ConfigError(f"{where}: wrong value type for " + "; ".join(wrong) + "; --set KEY=VALUE reads VALUE as JSON "
+                              "(epochs=3, lr=0.001, auto_augment=null; other text stays a string)")
 
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")

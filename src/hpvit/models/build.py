@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any
 
 from ..checkpoints import PlainViT, load_plain
 from ..config import HPViTConfig, get_config
+from ..errors import ConfigError
 from .hierarchical import HierarchicalViT
 from .reuse import convert_state_dict
 
@@ -30,6 +32,7 @@ def from_plain(
 
     ``model.reuse_report()`` then lists reused, new and dropped tensors.
     """
+    check_num_classes(num_classes)
     plain = load_plain(src, format=format, **(spec_overrides or {}))
     cfg = get_config(config, **config_overrides)  # resolved once, here; the model keeps this object
     model = HierarchicalViT(plain.spec, cfg, num_classes=num_classes)
@@ -37,3 +40,12 @@ def from_plain(
     model.load_state_dict(sd, strict=True)
     model._reuse_report = report
     return model
+
+
+def check_num_classes(num_classes: Any, what: str = "num_classes") -> None:
+    """``num_classes`` must be None (keep the source's head) or an integer >= 0 (0: no head, pooled features)."""
+    if num_classes is None:
+        return
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 0:
+        raise ConfigError(f"{what} must be an integer >= 0 (0 builds no classifier head), got {num_classes!r}; pass "
+                          "e.g. num_classes=10, or None to keep the source checkpoint's head")

@@ -259,6 +259,10 @@ class HierarchicalViT(nn.Module):
 
     # ------------------------------------------------------------------ embedding
     def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+            raise InputError(f"expected a float tensor of images (B, C, H, W), got {got}; stack a list of images with "
+                             "torch.stack(...), turn uint8 pixels into floats (x.float() / 255) and normalise them")
         if x.ndim != 4:
             raise InputError(f"expected images of shape (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
         if x.shape[1] != self.spec.in_chans:

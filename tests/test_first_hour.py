@@ -108,7 +108,7 @@ def test_one_subset_naming_scheme_with_old_aliases():
     a = p.parse_args(["train", "seg", "--init", "x", "--data", "d", "--out", "o", "--max-train-images", "5",
                       "--eval-images", "0:3"])
     assert (a.train_images, a.eval_images) == ("5", "0:3")
-    a = p.parse_args(["train", "det", "--init", "x", "--ann", "a", "--images", "i", "--out", "o", "--train-images", "0:100",
+    a = p.parse_args(["train", "det", "--model", "x", "--ann", "a", "--data", "i", "--out", "o", "--train-images", "0:100",
                       "--val-images", "100:128"])
     assert (a.train_images, a.eval_images) == ("0:100", "100:128")
     with pytest.raises(SystemExit):
@@ -143,7 +143,7 @@ def test_recipe_auto_and_worker_cap():
 def test_default_train_cls_tells_what_it_does(tmp_path, tiny_init, capsys, monkeypatch):
     data, out = _images(tmp_path / "d"), tmp_path / "run"
     figs = FigureTexts(monkeypatch)
-    rc = main(["train", "cls", "--init", str(tiny_init), "--data", str(data), "--out", str(out), "--img-size", "32",
+    rc = main(["train", "cls", "--model", str(tiny_init), "--data", str(data), "--out", str(out), "--img-size", "32",
                "--batch-size", "4", "--workers", "10000", "--threads", "1", "--set", "auto_augment=null"])
     assert rc == 0
     err = capsys.readouterr().err
@@ -176,7 +176,7 @@ def test_default_train_cls_tells_what_it_does(tmp_path, tiny_init, capsys, monke
 
 def test_failed_train_leaves_no_folder(tmp_path, capsys):
     data, out = _images(tmp_path / "d"), tmp_path / "new" / "run"
-    rc = main(["train", "cls", "--init", str(tmp_path / "missing.pth"), "--data", str(data), "--out", str(out),
+    rc = main(["train", "cls", "--model", str(tmp_path / "missing.pth"), "--data", str(data), "--out", str(out),
                "--recipe", "cifar-mini", "--workers", "0"])
     assert rc == 2 and "missing.pth" in capsys.readouterr().err
     assert not out.exists()
@@ -219,9 +219,9 @@ def test_load_returns_detector_and_segmenter(tmp_path, tiny_init, capsys):
     assert main(["info", str(tmp_path / "det" / "model.safetensors"), "--img-size", "64"]) == 0
     assert "Mask R-CNN detector (2 classes), backbone plain-det" in capsys.readouterr().out
     png = tmp_path / "demo.png"
-    assert main(["demo", "--checkpoint", str(tmp_path / "seg.safetensors"), "--img-size", "64", "--out", str(png)]) == 0
+    assert main(["demo", "--model", str(tmp_path / "seg.safetensors"), "--img-size", "64", "--out", str(png)]) == 0
     assert png.stat().st_size > 10_000
-    assert main(["demo", "--checkpoint", str(tmp_path / "det" / "model.safetensors"), "--img-size", "64",
+    assert main(["demo", "--model", str(tmp_path / "det" / "model.safetensors"), "--img-size", "64",
                  "--out", str(png)]) == 2
     err = capsys.readouterr().err
     assert "4-level feature pyramid" in err and "--format" not in err

@@ -13,49 +13,58 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import Steps, add_common_model_args, parse_key_values
+from .common import (Steps, add_common_model_args, add_model_arg, add_model_positional, add_old_names, add_overwrite_arg,
+                     parse_key_values)
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("demo", help="transform a plain ViT, print the reuse report and stage table, save a feature-map PNG")
-    p.add_argument("--checkpoint", default=None,
-                   help="plain ViT checkpoint or a file hpvit wrote (default: a randomly initialised ViT-Tiny)")
-    p.add_argument("--image", default=None, help="input image (default: a built-in synthetic scene)")
+    p = sub.add_parser("demo", help="transform a ViT, print the reuse report and stage table, save a PNG of the pyramid "
+                                    "and the plain vs transformed top-5 classes")
+    add_model_arg(p, "plain ViT checkpoint or a file hpvit wrote (default: timm's pretrained DeiT-Tiny when it can "
+                     "be downloaded, else a randomly initialised ViT-Tiny, said loudly)", required=False, old="--checkpoint")
+    p.add_argument("--image", default=None, help="input image (default: a photo shipped with an installed package)")
     p.add_argument("--config", default="paper-cls", help="preset for a plain checkpoint (default paper-cls)")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--out", default="hpvit_demo.png", help="PNG to write")
+    p.add_argument("--img-size", type=int, default=224, help="input side in pixels (default 224)")
+    p.add_argument("--offline", action="store_true", help="do not try to download the pretrained DeiT-Tiny")
+    p.add_argument("--out", default="hpvit_demo.png", help="PNG to write (default hpvit_demo.png)")
     p.set_defaults(func="hpvit.cli.convert:cmd_demo")
 
     p = sub.add_parser("convert", help="convert a plain ViT checkpoint into an hpvit .safetensors file")
-    p.add_argument("src", help="checkpoint path, Hugging Face folder, or timm:<model name>")
+    add_model_positional(p, "checkpoint path, Hugging Face folder, or timm:<model name>")
     p.add_argument("-o", "--out", required=True, help="output .safetensors path")
     add_common_model_args(p)
-    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    add_overwrite_arg(p)
     p.add_argument("--validate", action="store_true", help="check the identity config against the source's own library")
     p.add_argument("--reparameterize", action="store_true", help="merge avg-pool + conv pairs before saving")
     p.set_defaults(func="hpvit.cli.convert:cmd_convert")
 
     p = sub.add_parser("info", help="per-stage table: blocks, tokens, window, dim, params, GFLOPs")
-    p.add_argument("src", help="plain checkpoint, a file hpvit wrote (classifier, detector, segmenter), or timm:<model name>")
+    add_model_positional(p, "plain checkpoint, a file hpvit wrote (classifier, detector, segmenter), or timm:<model name>")
     add_common_model_args(p, config_default=None)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--similarity", default=None, metavar="IMAGES",
-                   help="folder or zip of images: per stage, cosine similarity of the transformed model's output to "
-                        "the plain model's output after the same block (and top-1 agreement when both classify)")
-    p.add_argument("--max-images", type=int, default=32, help="images used by --similarity (default 32)")
-    p.add_argument("--plain", default=None, help="with --similarity: the plain checkpoint to compare with (default: SRC)")
+    p.add_argument("--img-size", type=int, default=224, help="input side the table is computed for (default 224)")
+    p.add_argument("--data", default=None, metavar="DIR_OR_ZIP",
+                   help="also measure, on these images, per stage the cosine similarity of the transformed model's "
+                        "output to the plain model's output after the same block (and top-1 agreement when both classify)")
+    p.add_argument("--eval-images", type=int, default=32, metavar="N", help="images used from --data (default 32)")
+    p.add_argument("--plain", default=None, help="with --data: the plain checkpoint to compare with (default: MODEL)")
+    add_old_names(p, {"--similarity": "--data", "--max-images": "--eval-images"})
     p.set_defaults(func="hpvit.cli.convert:cmd_info")
 
     p = sub.add_parser("export", help="write an ONNX file of a model: classifier logits or the 4-level pyramid")
-    p.add_argument("model", help="a file hpvit wrote (.safetensors) or a plain ViT checkpoint (converted with --config)")
+    add_model_positional(p, "a file or run folder hpvit wrote (classifier, detector, segmenter, adapt) or a plain ViT "
+                            "checkpoint (converted with --config)")
     p.add_argument("-o", "--out", required=True, help="output .onnx path")
     p.add_argument("--config", default=None, help="preset for a plain checkpoint (default paper-cls)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size for a plain checkpoint")
-    p.add_argument("--pyramid", action="store_true", help="export the backbone's pyramid (p1..p4, NCHW) instead of logits")
-    p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic")
-    p.add_argument("--img-size", type=int, default=224, help="input side the graph is exported for (default 224)")
+    p.add_argument("--pyramid", action="store_true",
+                   help="export the backbone's pyramid (p1..p4, NCHW) instead of logits (always, for a detector or "
+                        "segmenter: its backbone is what is exported)")
+    p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic (default: fixed at 1)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input side the graph is exported for (default: the training size recorded in the file or run, "
+                        "else 224)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    add_overwrite_arg(p)
     p.add_argument("--check", action="store_true", help="run the file with onnxruntime and print the max abs diff to PyTorch")
     p.set_defaults(func="hpvit.cli.convert:cmd_export")
 
@@ -106,21 +115,21 @@ def _saved_backbone(model, src: str, config: "str | None"):
 def cmd_info(args) -> int:
     from ..analysis import format_table, stage_table
 
-    model, plain = _build(args.src, args.config, args.num_classes, args.format, args.spec)
+    model, plain = _build(args.model, args.config, args.num_classes, args.format, args.spec)
     if plain is not None:
         print(plain.summary())
     else:
-        model = _saved_backbone(model, args.src, args.config)
+        model = _saved_backbone(model, args.model, args.config)
     print(f"config: {model.config.name}  depths={model.layout.depths}  patch stride={model.stride}  head={model.head_type}")
     print(format_table(*stage_table(model, args.img_size)))
     print(model.reuse_report().summary())
-    if getattr(args, "similarity", None):
+    if getattr(args, "data", None):
         _print_similarity(model, plain, args)
     return 0
 
 
 def _print_similarity(model, plain, args) -> None:
-    """``hpvit info --similarity IMAGES``: distance of ``model`` to its plain source, stage by stage."""
+    """``hpvit info MODEL --data IMAGES``: distance of ``model`` to its plain source, stage by stage."""
     import torch
 
     from ..analysis import format_similarity, similarity_to_plain
@@ -130,18 +139,18 @@ def _print_similarity(model, plain, args) -> None:
     from ..models.build import from_plain
 
     if model.keep_prefix:
-        raise ConfigError("--similarity compares a hierarchical config with the plain model; pick e.g. --config paper-cls")
-    if not args.max_images or args.max_images < 1:
-        raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
+        raise ConfigError("--data (the similarity measurement) compares a hierarchical config with the plain model; pick e.g. --config paper-cls")
+    if not args.eval_images or args.eval_images < 1:
+        raise ConfigError(f"--eval-images must be >= 1, got {args.eval_images}")
     if args.plain:
         plain = args.plain
     elif plain is None:
-        raise ConfigError(f"{args.src} is an hpvit file: name the plain checkpoint to compare it with, --plain PLAIN")
+        raise ConfigError(f"{args.model} is an hpvit file: name the plain checkpoint to compare it with, --plain PLAIN")
     plain = from_plain(plain, "identity", format=args.format, spec_overrides=parse_key_values(args.spec, "--spec"))
     tf = build_transform(Recipe(img_size=args.img_size), False)
-    ds = UnlabeledImages([args.similarity], tf, args.max_images, 0)
+    ds = UnlabeledImages([args.data], tf, args.eval_images, 0)
     images = torch.stack([ds[i][0] for i in range(len(ds))])
-    print(f"\nsimilarity to the plain model on {len(ds)} image(s) from {args.similarity} at {args.img_size} px:")
+    print(f"\nsimilarity to the plain model on {len(ds)} image(s) from {args.data} at {args.img_size} px:")
     print(format_similarity(*similarity_to_plain(model, plain, images)))
 
 
@@ -162,15 +171,15 @@ def cmd_convert(args) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"output {out} must end in .safetensors (hpvit writes safetensors + JSON metadata)")
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; refusing to overwrite it (add --force to replace it)")
-    src_path = Path(args.src)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; refusing to overwrite it (add --overwrite to replace it)")
+    src_path = Path(args.model)
     before = src_path.stat().st_mtime_ns if src_path.is_file() else None
     steps = Steps(4 if args.validate else 3, "convert")
     try:
-        model, plain = _build(args.src, args.config, args.num_classes, args.format, args.spec, steps)
+        model, plain = _build(args.model, args.config, args.num_classes, args.format, args.spec, steps)
         if plain is None:
-            raise ConfigError(f"{args.src} is already an hpvit file; nothing to convert")
+            raise ConfigError(f"{args.model} is already an hpvit file; nothing to convert")
         return _finish_convert(args, out, model, plain, steps, src_path, before)
     finally:
         steps.close()
@@ -183,11 +192,11 @@ def _finish_convert(args, out: Path, model, plain, steps: Steps, src_path: Path,
 
     print(f"detected format: {plain.format}")
     print(plain.summary())
-    _warn_non_finite(plain.state_dict, args.src)
+    _warn_non_finite(plain.state_dict, args.model)
     print(model.reuse_report().summary())
     if args.validate:
         steps.step("validating the identity config against the source's own library")
-        res = validate_identity(args.src, plain=plain)
+        res = validate_identity(args.model, plain=plain)
         print(f"validate: identity config vs {res['library']}: max |diff| {res['max_abs_diff']:.3g}, "
               f"max rel diff {res['max_rel_diff']:.3g} -> {'OK' if res['ok'] else 'MISMATCH'}")
         if not res["ok"]:
@@ -196,7 +205,7 @@ def _finish_convert(args, out: Path, model, plain, steps: Steps, src_path: Path,
     if args.reparameterize:
         model.reparameterize()
     steps.step(f"writing {out}")
-    save(model, out, force=args.force)
+    save(model, out, force=args.overwrite)
     if before is not None:
         assert src_path.stat().st_mtime_ns == before
     print(f"wrote {out} (config {model.config.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
@@ -264,11 +273,11 @@ def cmd_demo(args) -> int:
 
     t0 = time.time()
     model, plain = None, None
-    if args.checkpoint and is_hpvit_model_file(args.checkpoint):
-        model = _saved_backbone(load(args.checkpoint), args.checkpoint, None).eval()
+    if args.model and is_hpvit_model_file(args.model):
+        model = _saved_backbone(load(args.model), args.model, None).eval()
         source = model.reuse_report().source
-    elif args.checkpoint:
-        plain = load_plain(args.checkpoint)
+    elif args.model:
+        plain = load_plain(args.model)
     else:
         banner = "!" * 78
         print(banner)
@@ -285,7 +294,7 @@ def cmd_demo(args) -> int:
         source = plain.source
         print(plain.summary())
     if model.keep_prefix or len(model.feature_info) != 4:
-        where = f"{args.checkpoint} holds a {model.config.name} model" if plain is None else f"--config {args.config}"
+        where = f"{args.model} holds a {model.config.name} model" if plain is None else f"--config {args.config}"
         raise ConfigError(f"the demo shows a 4-level feature pyramid, but {where}; use a hierarchical config "
                           "(paper-cls, paper-det, paper-seg) or a file converted with one")
     print()
@@ -327,25 +336,70 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _export_source(args):
+    """``(HierarchicalViT, pyramid, img_size, why)`` for ``hpvit export``: from any file or run folder hpvit wrote
+    (a detector or segmenter gives its backbone's pyramid) or a plain checkpoint, at the size the model was
+    trained at unless ``--img-size`` says otherwise."""
+    import json
+
+    from ..checkpoints.native import is_hpvit_model_file, model_file
+    from ..errors import OutputError
+    from ..export import load
+    from ..models.build import from_plain
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise OutputError(f"{out} exists; refusing to overwrite it (add --overwrite to replace it, or choose another path)")
+    pyramid, size, why = args.pyramid, None, "no training size recorded"
+    if is_hpvit_model_file(args.model):
+        f = Path(model_file(args.model))
+        model = load(f)
+        meta = getattr(model, "hpvit_meta", None)
+        if meta is not None:  # a detector / segmenter: its heads (torchvision's Mask R-CNN, UperNet) stay in PyTorch
+            vit = model.body.vit
+            what = {"det": "Mask R-CNN detector", "seg": "UperNet segmenter"}.get(meta.get("task"), meta.get("task"))
+            if vit.keep_prefix:
+                raise ConfigError(f"{args.model} is a {what} on the plain {meta.get('config_name')} backbone, whose "
+                                  "single-scale ViT has no hierarchical pyramid to export (its simple feature pyramid "
+                                  "lives in the detection/segmentation wrapper); export works for transformed "
+                                  "backbones (paper-det, paper-seg)")
+            if not pyramid:
+                print(f"note: {args.model} is a {what}: exporting its backbone's {len(vit.feature_info)}-level pyramid "
+                      "(the task head is not exported; run it in PyTorch with hpvit.load)")
+            model, pyramid = vit, True
+            size, why = meta.get("img_size") or meta.get("crop"), "its training size"
+        pre = f.parent / "model.json"  # classifier / adapt runs: the preprocessing record next to the model
+        if size is None and pre.is_file():
+            try:
+                size, why = json.loads(pre.read_text()).get("img_size"), f"its training size ({pre.name})"
+            except (OSError, json.JSONDecodeError):
+                size = None
+    else:
+        model = from_plain(args.model, config=args.config or "paper-cls", num_classes=args.num_classes)
+    if args.img_size:
+        size, why = args.img_size, "--img-size"
+    elif not size:
+        size = 224
+    return model, pyramid, int(size), why
+
+
 def cmd_export(args) -> int:
     """``hpvit export MODEL -o OUT.onnx [--pyramid] [--dynamic-batch] [--img-size N] [--check]``."""
     import torch
 
-    from ..checkpoints.native import is_hpvit_file
-    from ..export import compare_onnx, export_onnx, load, output_names
-    from ..models.build import from_plain
+    from ..export import compare_onnx, export_onnx, output_names
 
-    if is_hpvit_file(args.model):
-        model = load(args.model)
-    else:
-        model = from_plain(args.model, config=args.config or "paper-cls", num_classes=args.num_classes)
-    path = export_onnx(model, args.out, img_size=args.img_size, pyramid=args.pyramid,
-                       dynamic_batch=args.dynamic_batch, opset=args.opset, force=args.force)
-    outs = output_names(model, args.pyramid)
-    print(f"wrote {path}: images (B, {model.spec.in_chans}, {args.img_size}, {args.img_size}) -> {', '.join(outs)}"
-          f"{' (dynamic batch)' if args.dynamic_batch else ''}")
+    model, pyramid, size, why = _export_source(args)
+    path = export_onnx(model, args.out, img_size=size, pyramid=pyramid, dynamic_batch=args.dynamic_batch,
+                       opset=args.opset, force=args.overwrite)
+    outs = output_names(model, pyramid)
+    batch = "B" if args.dynamic_batch else "1"
+    print(f"wrote {path}: input images ({batch}, {model.spec.in_chans}, {size}, {size}) float32 at {size} px ({why}) -> "
+          f"{', '.join(outs)}; " + ("batch dimension dynamic" if args.dynamic_batch else
+                                     "batch fixed at 1 (add --dynamic-batch for any batch)")
+          + "; height and width are fixed")
     if args.check:
-        x = torch.randn(2 if args.dynamic_batch else 1, model.spec.in_chans, args.img_size, args.img_size)
-        diff = compare_onnx(model, path, x, args.pyramid)
+        x = torch.randn(2 if args.dynamic_batch else 1, model.spec.in_chans, size, size)
+        diff = compare_onnx(model, path, x, pyramid)
         print(f"onnxruntime vs PyTorch: max abs diff {diff:.2e}")
     return 0

@@ -60,12 +60,15 @@ class FigureTexts:
 
         self.texts: list[str] = []
         self.markers: list[str] = []
+        self.xticks: list[float] = []
         original = Figure.savefig
 
         def savefig(fig, *a, **k):
             for ax in fig.axes:
                 self.texts += [ax.get_title()] + [t.get_text() for t in ax.texts]
                 self.markers += [ln.get_marker() for ln in ax.lines]
+                lo, hi = ax.get_xlim()
+                self.xticks += [t for t in ax.get_xticks() if lo <= t <= hi]
             self.texts += [t.get_text() for t in fig.texts]
             for leg in fig.legends:
                 self.texts += [t.get_text() for t in leg.get_texts()]
@@ -262,3 +265,35 @@ def test_detection_picture_shows_ground_truth_and_says_when_nothing_is_detected(
     assert w >= 600 and h >= 500
     assert figs.has("000001.jpg: ground truth (1 object)") and figs.has("no detections above threshold 0.30")
     assert figs.has("best: cat 0.05") and figs.has("predictions: 1 with score >= 0.30") and figs.has("cat 0.90")
+
+
+# ------------------------------------------------------------------ small image sets, explained metrics (issue 21)
+def test_adapt_on_a_small_set_fits_the_batch_and_explains_its_metrics(tmp_path, tiny_init, capsys, monkeypatch):
+    imgs = _images(tmp_path / "d", n_train=3, n_val=0) / "train"  # 6 unlabeled images, recipe batch 32
+    out = tmp_path / "adapt"
+    base = ["adapt", "--model", str(tiny_init), "--data", str(imgs), "--eval-data", str(imgs), "--img-size", "32",
+            "--epochs", "1", "--workers", "0", "--threads", "1"]
+    assert main(base + ["--out", str(out), "--batch-size", "32"]) == 2  # a batch the user chose: named, not changed
+    err = capsys.readouterr().err
+    assert "--batch-size 6 (or less) would fit" in err and "recipe.json" not in err and not out.exists()
+    figs = FigureTexts(monkeypatch)
+    assert main(base + ["--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "using batch_size 6, the largest that fits" in err
+    assert "agree1 = % of held-out images whose top-1 class is the plain model's top-1 class" in err
+    res = json.loads((out / "results.json").read_text())
+    assert res["metric_units"]["agree1"].startswith("%") and "nats" in res["metric_units"]["kl"]
+    assert res["global_batch"] == 6
+    assert figs.has("agree1: % of held-out images") and figs.has("%")  # the unit, in words, on curves.png
+    assert figs.xticks and all(t == int(t) for t in figs.xticks)  # one step, one epoch: no fractional ticks
+
+
+def test_train_cls_checks_the_batch_before_reading_any_image(tmp_path, tiny_init, capsys):
+    data = _images(tmp_path / "d", n_train=2, n_val=1)
+    (data / "val" / "a" / "broken.png").write_bytes(b"not a png")  # decoding the eval set would fail on it
+    rc = main(["train", "cls", "--model", str(tiny_init), "--data", str(data), "--out", str(tmp_path / "run"),
+               "--recipe", "cifar-mini", "--train-images", "4", "--batch-size", "8", "--workers", "0"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "4 training images do not fill one optimizer step of batch_size 8" in err and "--batch-size 4" in err
+    assert "broken" not in err and not (tmp_path / "run").exists()

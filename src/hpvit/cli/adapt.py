@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .common import (add_format_arg, add_model_arg, add_old_names, add_run_args, add_spec_arg, parse_key_values,
-                     recipe_from_flags, run_training, schedule_flags, subset_spec)
+                     fit_batch, recipe_from_flags, run_training, schedule_flags, subset_spec)
 
 HELP = "align a transformed model to its plain source on unlabeled images (distillation, before fine-tuning)"
 
@@ -39,8 +39,11 @@ def add_adapt_args(p: argparse.ArgumentParser) -> None:
 def build_recipe(args):
     from ..data.subset import subset_count
 
+    from ..data.unlabeled import UnlabeledImages
+
     flags = {**schedule_flags(args), "max_train_samples": subset_count(args.train_images, "--train-images")}
-    return recipe_from_flags(args.recipe, flags, args.set)
+    r = recipe_from_flags(args.recipe, flags, args.set)
+    return fit_batch(r, len(UnlabeledImages(args.data, None, r.max_train_samples, r.seed)), args)
 
 
 def run(args) -> int:

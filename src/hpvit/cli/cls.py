@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .common import (AUTO_RECIPE, add_device_args, add_format_arg, add_model_arg, add_run_args, add_subset_args,
-                     evaluate_saved, recipe_from_flags, run_training, schedule_flags)
+                     evaluate_saved, fit_batch, recipe_from_flags, run_training, schedule_flags)
 
 TRAIN_HELP = "fine-tune a classifier on an ImageFolder directory or zip (train/ + val/ or test/)"
 EVAL_HELP = "evaluate a fine-tuned classifier (top-1 / top-5)"
@@ -76,18 +76,23 @@ def _device_type(device: "str | None") -> str:
 
 def resolve_recipe_name(args) -> str:
     """``--recipe`` as given, or for ``auto`` the recipe :func:`choose_recipe` picks for ``--data`` (printed)."""
-    from ..data import ImageFolderSource
-    from ..data.subset import subset_count
     from ..engine.logging import log
 
     if args.recipe != AUTO_RECIPE:
         return args.recipe
-    n_train = len(ImageFolderSource(args.data).samples("train"))
-    wanted = subset_count(args.train_images, "--train-images")
-    n = min(n_train, wanted) if wanted else n_train
-    name, why = choose_recipe(n, _device_type(args.device))
+    name, why = choose_recipe(train_count(args), _device_type(args.device))
     log(f"--recipe auto -> {name} ({why}); pass --recipe imagenet-paper|cifar-mini|FILE.json to choose")
     return name
+
+
+def train_count(args) -> int:
+    """Training images the run will use (the train split's file list, no image decoded; --train-images applied)."""
+    from ..data import ImageFolderSource
+    from ..data.subset import subset_count
+
+    n_train = len(ImageFolderSource(args.data).samples("train"))
+    wanted = subset_count(args.train_images, "--train-images")
+    return min(n_train, wanted) if wanted else n_train
 
 
 def build_recipe(args):
@@ -95,7 +100,7 @@ def build_recipe(args):
 
     flags = {**schedule_flags(args), "max_train_samples": subset_count(args.train_images, "--train-images"),
              "max_eval_samples": subset_count(args.eval_images, "--eval-images")}
-    return recipe_from_flags(resolve_recipe_name(args), flags, args.set)
+    return fit_batch(recipe_from_flags(resolve_recipe_name(args), flags, args.set), train_count(args), args)
 
 
 def run_train(args) -> int:

@@ -245,6 +245,33 @@ def recipe_from_flags(name: str, flags: dict, set_items: "list[str] | None"):
     return r.replace(**changes) if changes else r
 
 
+def fit_batch(recipe, n_train: int, args):
+    """Check, before any image is decoded, that ``n_train`` training images fill one optimizer step.
+
+    When they do not and the batch size came from the recipe, the largest batch that fits is used (with a
+    note); a batch size the user chose is an error that names the batch that would fit."""
+    import os
+
+    from ..engine.logging import log
+
+    world = max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    per_rank, b, acc = n_train // world, recipe.batch_size, recipe.accum_steps
+    if per_rank // b // acc >= 1:
+        return recipe
+    fits = per_rank // acc
+    chosen = args.batch_size is not None or "batch_size" in parse_key_values(args.set, "--set")
+    where = f"{n_train} training image{'s' if n_train != 1 else ''}" + (f" over {world} processes" if world > 1 else "")
+    if fits < 1:
+        raise ConfigError(f"{where} cannot fill one optimizer step even at batch size 1 with accum_steps {acc}; "
+                          f"use more images (at least {acc * world})" + (" or lower --accum-steps" if acc > 1 else ""))
+    if chosen:
+        raise ConfigError(f"{where} do not fill one optimizer step of batch_size {b} x accum_steps {acc}; "
+                          f"--batch-size {fits} (or less) would fit, or use more images")
+    log(f"note: {where} do not fill one optimizer step of the recipe's batch_size {b} x accum_steps {acc}; "
+        f"using batch_size {fits}, the largest that fits (pass --batch-size to choose)")
+    return recipe.replace(batch_size=fits)
+
+
 def run_training(task, recipe, args) -> int:
     """Run ``task`` with the shared engine in the folder ``args.out`` (claimed for this run; ``--overwrite`` and
     ``--skip-bad-images`` are honoured when the command defines them); the command line goes into results.json."""

@@ -353,7 +353,7 @@ class Trainer:
                                    epoch_time, time.time() - t_eval, self.out / "metrics.jsonl"), main)
             checkpoint(epoch, 0)
             if main:
-                plot_curves(metrics.read(), self.out / "curves.png", self.task.primary_metric)
+                plot_curves(metrics.read(), self.out / "curves.png", self.task.primary_metric, units=self._units())
 
         # ------------------------------------------------------------ finish
         digests = D.all_gather_objects(param_digest(model), dist)
@@ -386,7 +386,7 @@ class Trainer:
             }
             write_text_atomic(self.out / "results.json", json.dumps(results, indent=2, default=str))
             plot_curves(metrics.read(), self.out / "curves.png", self.task.primary_metric,
-                        "no evaluation set in this run" if eval_ds is None else "no evaluation yet")
+                        "no evaluation set in this run" if eval_ds is None else "no evaluation yet", units=self._units())
             score = self.task.primary_metric in results
             log("done: " + (f"{self.task.primary_metric} {results[self.task.primary_metric]:.4g}, " if score else "")
                 + f"wall {wall:.0f}s, {results['images_per_s']:.1f} img/s; results in {self.out / 'results.json'}", main)

@@ -33,7 +33,7 @@ def test_convert_and_info_real_deit(tmp_path, capsys, deit_tiny_path):
     out = tmp_path / "deit_tiny_hpvit.safetensors"
     assert main(["convert", str(deit_tiny_path), "-o", str(out), "--config", "paper-cls"]) == 0
     text = capsys.readouterr().out
-    assert "detected format: timm" in text and "dim=192, depth=12, heads=3" in text
+    assert "format: timm" in text and text.count("format:") == 1 and "dim=192, depth=12, heads=3" in text
     assert "reused :  152 tensors" in text  # every encoder tensor and the class token (joined at block 5)
     assert _sha(deit_tiny_path) == before
     m = hpvit.load(out)
@@ -217,3 +217,18 @@ def test_unknown_config_or_recipe_is_reported_before_anything_is_read(tmp_path, 
     err = capsys.readouterr().err
     assert "unknown recipe" in err and "did you mean 'cifar-mini'?" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_info_similarity_shows_progress(tmp_path, tiny_vit_sd, capsys):
+    from PIL import Image
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(2):
+        Image.fromarray((torch.rand(40, 50, 3) * 255).byte().numpy()).save(d / f"{i}.jpg")
+    assert main(["info", str(tiny_vit_sd), "--img-size", "64", "--data", str(d)]) == 0
+    cap = capsys.readouterr()
+    assert "similarity to the plain model on 2 image(s)" in cap.out
+    for step in ("info --data 1/3: building the plain model", "info --data 2/3: decoding 2 image(s)",
+                 "info --data 3/3: running both models on 2 image(s) at 64 px"):
+        assert step in cap.err, cap.err

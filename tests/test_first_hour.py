@@ -174,7 +174,9 @@ def test_default_train_cls_tells_what_it_does(tmp_path, tiny_init, capsys, monke
         hpvit.load(out / "checkpoint-last.pt")
 
     assert main(["eval", "cls", "--model", str(out), "--data", str(data), "--workers", "0"]) == 0
-    assert "evaluating val (4 images)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "evaluating val (4 images)" in err
+    assert "hpvit eval: top1 " in err and "% (evaluating val, 4 images" in err  # one line besides the JSON
 
 
 def test_failed_train_leaves_no_folder(tmp_path, capsys):

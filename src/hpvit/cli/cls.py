@@ -160,4 +160,4 @@ def run_eval(args) -> int:
                                                                  device=dev)) / 1e9, 4)}
     return evaluate_saved(model, ds, ClassificationEvaluator(), device=args.device, batch_size=args.batch_size,
                           desc=f"evaluating {split}", workers=usable_workers(args.workers, int(os.environ.get("WORLD_SIZE", "1"))),
-                          report=rep, results_json=args.json)
+                          headline=("top1", "top5"), report=rep, results_json=args.json)

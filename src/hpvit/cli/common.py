@@ -303,11 +303,11 @@ def run_dry_run(args) -> int:
 
 
 def evaluate_saved(model, ds, evaluator, *, device, batch_size: int, desc: str, workers: int = 0, collate_fn=None,
-                   prepare=None, report=None, results_json=None, shown=None) -> int:
+                   prepare=None, report=None, results_json=None, shown=None, headline: "tuple[str, ...]" = ()) -> int:
     """``hpvit eval cls|det|seg``: run ``evaluator`` over ``ds`` with the saved ``model`` on every process of
     the run (single or torchrun), then, on the main process, add ``eval_time_s`` and ``report(metrics, device)``
-    (the command's extra entries, pictures...), write ``results_json`` (when given) and print ``shown(metrics)``
-    (default: all of them)."""
+    (the command's extra entries, pictures...), write ``results_json`` (when given), print ``shown(metrics)``
+    (default: all of them) as JSON on stdout and a one-line summary of the ``headline`` metrics on stderr."""
     from ..engine import distributed as D
     from ..engine.loop import evaluate
     from ..utils import write_text_atomic
@@ -324,9 +324,20 @@ def evaluate_saved(model, ds, evaluator, *, device, batch_size: int, desc: str, 
             if results_json is not None:
                 write_text_atomic(results_json, json.dumps(m, indent=2))
             print(json.dumps(shown(m) if shown else m, indent=2))
+            print(eval_summary(m, headline, desc, len(ds), results_json), file=sys.stderr, flush=True)
     finally:
         D.cleanup(dist)
     return 0
+
+
+def eval_summary(m: dict, headline: "tuple[str, ...]", desc: str, n: int, results_json=None) -> str:
+    """``eval: top1 75.0%, top5 92.1% (evaluating val, 500 images, 12.3s; all metrics above [and in FILE])``."""
+    units = m.get("metric_units") or {}
+    parts = [f"{k} {m[k]:.4g}{'%' if str(units.get(k, '')).startswith('%') else ''}" for k in headline
+             if isinstance(m.get(k), (int, float))]
+    where = f"; also in {results_json}" if results_json else ""
+    return (f"hpvit eval: {', '.join(parts) or 'done'} ({desc}, {n} images, {m.get('eval_time_s', 0):.1f}s; "
+            f"all metrics in the JSON above{where})")
 
 
 def eval_out_dir(model: str, out: "str | None") -> Path:

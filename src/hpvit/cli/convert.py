@@ -146,12 +146,20 @@ def _print_similarity(model, plain, args) -> None:
         plain = args.plain
     elif plain is None:
         raise ConfigError(f"{args.model} is an hpvit file: name the plain checkpoint to compare it with, --plain PLAIN")
-    plain = from_plain(plain, "identity", format=args.format, spec_overrides=parse_key_values(args.spec, "--spec"))
-    tf = build_transform(Recipe(img_size=args.img_size), False)
-    ds = UnlabeledImages([args.data], tf, args.eval_images, 0)
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    steps = Steps(3, "info --data")
+    try:
+        steps.step(f"building the plain model from {plain if isinstance(plain, str) else args.model}")
+        plain = from_plain(plain, "identity", format=args.format, spec_overrides=parse_key_values(args.spec, "--spec"))
+        tf = build_transform(Recipe(img_size=args.img_size), False)
+        ds = UnlabeledImages([args.data], tf, args.eval_images, 0)
+        steps.step(f"decoding {len(ds)} image(s) from {args.data}")
+        images = torch.stack([ds[i][0] for i in range(len(ds))])
+        steps.step(f"running both models on {len(ds)} image(s) at {args.img_size} px")
+        result = similarity_to_plain(model, plain, images)
+    finally:
+        steps.close()
     print(f"\nsimilarity to the plain model on {len(ds)} image(s) from {args.data} at {args.img_size} px:")
-    print(format_similarity(*similarity_to_plain(model, plain, images)))
+    print(format_similarity(*result))
 
 
 def _warn_non_finite(state_dict: dict, src: str) -> list[str]:
@@ -190,8 +198,7 @@ def _finish_convert(args, out: Path, model, plain, steps: Steps, src_path: Path,
     from ..export import save
     from ..verify import validate_identity
 
-    print(f"detected format: {plain.format}")
-    print(plain.summary())
+    print(plain.summary())  # names the detected format once
     _warn_non_finite(plain.state_dict, args.model)
     print(model.reuse_report().summary())
     if args.validate:

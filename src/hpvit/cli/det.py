@@ -119,4 +119,4 @@ def run_eval(args) -> int:
                                          out / "predictions.png"))}
     return evaluate_saved(model, ds, DetectionEvaluator(src, idx, out), device=args.device, batch_size=args.batch_size,
                           desc=f"evaluating {split}", collate_fn=collate_detection, prepare=prepare_detection,
-                          report=rep, results_json=out / "results.json")
+                          headline=("bbox_AP", "segm_AP", "bbox_AP50"), report=rep, results_json=out / "results.json")

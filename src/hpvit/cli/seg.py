@@ -95,5 +95,5 @@ def run_eval(args) -> int:
                                          out / "predictions.png"))}
     return evaluate_saved(model, ds, SegmentationEvaluator(layout.classes, args.mode, crop), device=args.device,
                           batch_size=1, desc=f"evaluating {args.split}", collate_fn=collate_seg,
-                          prepare=prepare_segmentation, report=rep, results_json=out / "results.json",
+                          prepare=prepare_segmentation, headline=("mIoU", "mAcc", "aAcc"), report=rep, results_json=out / "results.json",
                           shown=lambda m: {k: v for k, v in m.items() if not k.startswith(("IoU.", "Acc."))})

@@ -178,6 +178,22 @@ def test_default_train_cls_tells_what_it_does(tmp_path, tiny_init, capsys, monke
     assert "evaluating val (4 images)" in err
     assert "hpvit eval: top1 " in err and "% (evaluating val, 4 images" in err  # one line besides the JSON
 
+    # export takes the run folder too, at the training size, and says the input the file really takes
+    pytest.importorskip("onnxruntime", reason="onnxruntime (a test extra) is needed to run the exported file")
+    from hpvit.export import run_onnx
+
+    onnx = tmp_path / "cls.onnx"
+    assert main(["export", str(out), "-o", str(onnx)]) == 0
+    text = capsys.readouterr().out
+    assert "input images (1, 3, 32, 32)" in text and "32 px (its training size (model.json))" in text
+    assert "batch fixed at 1" in text
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        want = model.eval()(x)
+    assert (torch.as_tensor(run_onnx(onnx, x)[0]) - want).abs().max() < 1e-3  # the run's model, as PyTorch runs it
+    with pytest.raises(Exception):  # the batch really is fixed
+        run_onnx(onnx, torch.rand(2, 3, 32, 32))
+
 
 def test_failed_train_leaves_no_folder(tmp_path, capsys):
     data, out = _images(tmp_path / "d"), tmp_path / "new" / "run"
@@ -230,6 +246,20 @@ def test_load_returns_detector_and_segmenter(tmp_path, tiny_init, capsys):
                  "--out", str(png)]) == 2
     err = capsys.readouterr().err
     assert "4-level feature pyramid" in err and "--format" not in err
+
+    # export: a segmenter gives its transformed backbone's pyramid at the training crop; a plain baseline cannot
+    pytest.importorskip("onnxruntime", reason="onnxruntime (a test extra) is needed to run the exported file")
+    from hpvit.export import compare_onnx
+
+    onnx = tmp_path / "seg.onnx"
+    assert main(["export", str(tmp_path / "seg.safetensors"), "-o", str(onnx)]) == 0
+    text = capsys.readouterr().out
+    assert "exporting its backbone's 4-level pyramid" in text and "input images (1, 3, 64, 64)" in text
+    assert "p1, p2, p3, p4" in text
+    assert compare_onnx(s2.body.vit, onnx, torch.rand(1, 3, 64, 64), pyramid=True) < 1e-3
+    assert main(["export", str(tmp_path / "det"), "-o", str(tmp_path / "det.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "plain plain-det backbone" in err and "paper-det, paper-seg" in err and not (tmp_path / "det.onnx").exists()
 
 
 # ------------------------------------------------------------------ pictures

@@ -365,11 +365,11 @@ def _export_source(args):
         if meta is not None:  # a detector / segmenter: its heads (torchvision's Mask R-CNN, UperNet) stay in PyTorch
             vit = model.body.vit
             what = {"det": "Mask R-CNN detector", "seg": "UperNet segmenter"}.get(meta.get("task"), meta.get("task"))
-            if vit.keep_prefix:
+            if vit.keep_prefix or len(vit.feature_info) < 2:
                 raise ConfigError(f"{args.model} is a {what} on the plain {meta.get('config_name')} backbone, whose "
                                   "single-scale ViT has no hierarchical pyramid to export (its simple feature pyramid "
-                                  "lives in the detection/segmentation wrapper); export works for transformed "
-                                  "backbones (paper-det, paper-seg)")
+                                  "lives in the detection/segmentation wrapper, which is not exported); export works "
+                                  "for transformed backbones (paper-det, paper-seg)")
             if not pyramid:
                 print(f"note: {args.model} is a {what}: exporting its backbone's {len(vit.feature_info)}-level pyramid "
                       "(the task head is not exported; run it in PyTorch with hpvit.load)")

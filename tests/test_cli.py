@@ -16,16 +16,60 @@ def _sha(p):
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def test_demo_random_vit_writes_png(tmp_path, capsys):
+def test_demo_offline_falls_back_to_a_random_vit_loudly(tmp_path, capsys):
     out = tmp_path / "demo.png"
-    assert main(["demo", "--out", str(out), "--img-size", "128"]) == 0
+    assert main(["demo", "--offline", "--out", str(out), "--img-size", "64"]) == 0
     text = capsys.readouterr().out
-    assert "RANDOMLY INITIALISED" in text
+    assert "RANDOMLY INITIALISED" in text and "--offline given" in text
     assert "reuse report" in text and "stage4 (1/32)" in text
+    assert "top-5 classes, plain ViT" in text and "top-5 classes, transformed (paper-cls" in text
     from PIL import Image
 
     im = Image.open(out)
-    assert im.size[0] > 800 and im.size[1] > 200
+    assert im.size[0] > 800 and im.size[1] > 400
+
+
+def test_demo_uses_the_pretrained_deit_tiny_when_the_hub_answers(tmp_path, capsys, monkeypatch):
+    """The online path, with a local file standing in for the download: real DeiT-Tiny weights when the shared
+    data has them (then the photo's classes are checked too), else a random ViT of the same shape. The
+    plain top-5 the demo prints must be timm's own model's top-5 on the same input."""
+    import timm
+
+    import hpvit.checkpoints as ck
+    from hpvit.cli import convert as cc
+    from conftest import SHARED
+
+    real = SHARED / "deit_tiny" / "deit_tiny_patch16_224.pth"
+    ref = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    if real.is_file():
+        ref.load_state_dict(torch.load(real, weights_only=True))
+    else:
+        ref = random_timm_vit(depth=12, name="deit_tiny_patch16_224")
+    sd = ref.state_dict()
+    calls = []
+
+    def download(name):
+        calls.append(name)
+        return {k: v.clone() for k, v in sd.items()}, f"timm:{name}"
+
+    monkeypatch.setattr(ck, "_from_hub", download)
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert calls == [cc.DEMO_HUB_MODEL] and "RANDOM" not in text and "timm's pretrained DeiT-Tiny" in text
+    assert "grace_hopper.jpg" in text  # a real photo shipped by matplotlib, a dependency
+    from types import SimpleNamespace
+
+    img, _ = cc._demo_input(SimpleNamespace(image=None), 224)
+    with torch.no_grad():
+        want = [n for n, _ in cc.top5(ref(cc.demo_tensor(img)[1]), cc.class_names(1000))]
+    block = text.split("top-5 classes, plain ViT")[1].split("top-5 classes, transformed")[0]
+    got = [ln.split("%", 1)[1].strip() for ln in block.strip().splitlines()[1:]]
+    assert got == want
+    if real.is_file():
+        assert "military uniform" in got  # Grace Hopper in her US Navy uniform
+    else:
+        print(f"photo's classes not checked: {real} is absent (random stand-in weights)")
 
 
 def test_convert_and_info_real_deit(tmp_path, capsys, deit_tiny_path):

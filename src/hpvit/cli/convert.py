@@ -261,42 +261,124 @@ def _pca_rgb(fmap):
     return y.reshape(h, w, 3).numpy()
 
 
+DEMO_HUB_MODEL = "deit_tiny_patch16_224.fb_in1k"  # timm's pretrained DeiT-Tiny (5.7M parameters, ImageNet-1k)
+DEMO_PHOTO = "grace_hopper.jpg"  # a public-domain photo shipped with matplotlib (a dependency): mpl-data/sample_data
+
+
+def demo_photo() -> "str | None":
+    """The path of the real photo the demo uses by default, or None when this matplotlib does not ship it."""
+    try:
+        import matplotlib
+
+        p = Path(matplotlib.get_data_path()) / "sample_data" / DEMO_PHOTO
+    except Exception:  # noqa: BLE001 - an unusual matplotlib install: the demo falls back to its drawn scene
+        return None
+    return str(p) if p.is_file() else None
+
+
+def _banner(lines: "list[str]") -> None:
+    bar = "!" * 78
+    print("\n".join([bar] + [f"!! {ln}" for ln in lines] + [bar]))
+
+
+def _demo_plain(args):
+    """``(PlainViT, pretrained)`` for the demo: ``--model``, else timm's pretrained DeiT-Tiny from the hub,
+    else (offline, or ``--offline``) a randomly initialised ViT-Tiny, said loudly."""
+    import timm
+    import torch
+
+    from ..checkpoints import load_plain
+    from ..errors import CheckpointError, OfflineError
+
+    if args.model:
+        return load_plain(args.model), True
+    why = "--offline given"
+    if not args.offline:
+        try:
+            plain = load_plain(f"timm:{DEMO_HUB_MODEL}")
+            plain.source = f"timm's pretrained DeiT-Tiny ({DEMO_HUB_MODEL}, from the Hugging Face Hub)"
+            return plain, True
+        except (OfflineError, CheckpointError) as e:
+            why = f"the pretrained DeiT-Tiny could not be had: {str(e).split('. ')[0]}"
+    _banner([f"NO PRETRAINED WEIGHTS ({why}):",
+             "using a RANDOMLY INITIALISED ViT-Tiny/16 (timm architecture).",
+             "Its features and classes are meaningless; this only shows the transform working end to end.",
+             "For real features: hpvit demo --model path/to/plain_vit.pth (or run it online)"])
+    torch.manual_seed(0)
+    plain = load_plain(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict())
+    plain.source = "random ViT-Tiny/16 (no pretrained weights)"
+    return plain, False
+
+
+def _demo_input(args, size: int):
+    """``(PIL image size x size, name)``: ``--image``, else the photo shipped with matplotlib (shorter side
+    resized to size * 256 / 224, centre crop), else the drawn scene."""
+    from PIL import Image
+
+    path = args.image or demo_photo()
+    if path is None:
+        print("note: no photo found in matplotlib's sample data; using a drawn scene (pass --image PHOTO)")
+        return synthetic_scene(size), "built-in drawn scene"
+    img = Image.open(path).convert("RGB")
+    short = round(size * 256 / 224)
+    w, h = img.size
+    img = img.resize((max(short, round(w * short / h)), max(short, round(h * short / w))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    name = path if args.image else f"{DEMO_PHOTO} (a photo shipped with matplotlib)"
+    return img.crop((left, top, left + size, top + size)), name
+
+
+def demo_tensor(img):
+    """``(H, W, 3) array in [0, 1], (1, 3, H, W) ImageNet-normalised tensor)`` of a PIL image."""
+    import numpy as np
+    import torch
+
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    return arr, torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1)).float().unsqueeze(0)
+
+
+def class_names(n: int) -> "list[str]":
+    """ImageNet-1k class names (timm's) for a 1000-class head, else ``class i``."""
+    if n == 1000:
+        try:
+            from timm.data import ImageNetInfo
+
+            info = ImageNetInfo()
+            return [info.index_to_description(i).split(",")[0] for i in range(n)]
+        except Exception:  # noqa: BLE001 - an older timm without the class list: indices still tell the classes apart
+            pass
+    return [f"class {i}" for i in range(n)]
+
+
+def top5(logits, names: "list[str]") -> "list[tuple[str, float]]":
+    p = logits.softmax(-1)[0]
+    v, i = p.topk(min(5, p.numel()))
+    return [(names[k], float(x)) for k, x in zip(i.tolist(), v.tolist())]
+
+
 def cmd_demo(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    import timm
     import torch
-    from PIL import Image
 
     from ..analysis import format_table, stage_table
-    from ..checkpoints import load_plain
     from ..checkpoints.native import is_hpvit_model_file
     from ..export import load
     from ..models.build import from_plain
     from ..utils import atomic_write
 
     t0 = time.time()
-    model, plain = None, None
+    plain, pretrained = None, True
     if args.model and is_hpvit_model_file(args.model):
         model = _saved_backbone(load(args.model), args.model, None).eval()
         source = model.reuse_report().source
-    elif args.model:
-        plain = load_plain(args.model)
     else:
-        banner = "!" * 78
-        print(banner)
-        print("!! NO --checkpoint GIVEN: using a RANDOMLY INITIALISED ViT-Tiny/16 (timm architecture).")
-        print("!! Its features are meaningless; this only shows the transform working end to end.")
-        print("!! For real features: hpvit demo --checkpoint path/to/plain_vit.pth")
-        print(banner)
-        torch.manual_seed(0)
-        sd = timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict()
-        plain = load_plain(sd)
-        plain.source = "random ViT-Tiny/16 (no checkpoint)"
-    if model is None:
+        plain, pretrained = _demo_plain(args)
         model = from_plain(plain, config=args.config).eval()
         source = plain.source
         print(plain.summary())
@@ -310,35 +392,56 @@ def cmd_demo(args) -> int:
     print(format_table(*stage_table(model, args.img_size)))
 
     size = args.img_size
-    if args.image:
-        img = Image.open(args.image).convert("RGB").resize((size, size), Image.BICUBIC)
-        img_name = args.image
-    else:
-        img = synthetic_scene(size)
-        img_name = "built-in synthetic scene"
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    x = torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1)).float().unsqueeze(0)
+    img, img_name = _demo_input(args, size)
+    arr, x = demo_tensor(img)
+    ranked = []  # (title, top-5)
     with torch.no_grad():
         maps = model.forward_pyramid(x)
+        if model.num_classes > 0:
+            names = class_names(model.num_classes)
+            if plain is not None and plain.spec.num_classes == model.num_classes:
+                ranked.append(("plain ViT (identity config: the source exactly)",
+                               top5(from_plain(plain, "identity").eval()(x), names)))
+            ranked.append((f"transformed ({model.config.name}, before any fine-tuning)", top5(model(x), names)))
+    for title, rows in ranked:
+        print(f"\ntop-5 classes, {title}:")
+        for name, pr in rows:
+            print(f"  {pr * 100:5.1f}%  {name}")
 
-    fig, axes = plt.subplots(1, 5, figsize=(17, 3.8))
+    fig = plt.figure(figsize=(17, 6.6 if ranked else 3.8))
+    grid = fig.add_gridspec(2 if ranked else 1, 5, height_ratios=(1, 0.8) if ranked else None)
+    axes = [fig.add_subplot(grid[0, i]) for i in range(5)]
     axes[0].imshow(arr)
     axes[0].set_title(f"input {size}x{size}")
-    for ax, fm, s in zip(axes[1:], maps, model.strides):
+    for ax, fm, st in zip(axes[1:], maps, model.strides):
         ax.imshow(_pca_rgb(fm[0]), interpolation="nearest")
-        ax.set_title(f"1/{s}: {fm.shape[-2]}x{fm.shape[-1]}x{fm.shape[1]}")
+        ax.set_title(f"1/{st}: {fm.shape[-2]}x{fm.shape[-1]}x{fm.shape[1]}")
     for ax in axes:
         ax.axis("off")
-    fig.suptitle(f"hpvit {model.config.name} from {source} — feature maps (first 3 principal components)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))  # room for the suptitle above the panel titles
+    spans = [slice(0, 2), slice(3, 5)] if len(ranked) == 2 else [slice(1, 4)]
+    top = max((r[1] for _, rows in ranked for r in rows), default=0.01) * 100
+    for (title, rows), span in zip(ranked, spans):  # one probability scale for both, so they compare honestly
+        ax = fig.add_subplot(grid[1, span])
+        labels, probs = [r[0] for r in rows][::-1], [r[1] * 100 for r in rows][::-1]
+        ax.barh(range(len(rows)), probs, color="tab:blue" if title.startswith("plain") else "tab:orange")
+        ax.set_yticks(range(len(rows)), labels, fontsize=9)
+        for i, v in enumerate(probs):
+            ax.text(v, i, f" {v:.1f}%" if v >= 1 else f" {v:.2f}%", va="center", fontsize=8)
+        ax.set_xlim(0, min(100.0, top * 1.3))
+        ax.set_title(f"top-5, {title}", fontsize=10)
+        ax.set_xlabel("probability (%)" + ("" if title.startswith("plain") else
+                                           " (fine-tune with train cls, or align with adapt, before trusting it)"))
+    what = "" if pretrained else " — RANDOM WEIGHTS: features and classes are meaningless"
+    fig.suptitle(f"hpvit {model.config.name} from {source}{what}\nfeature maps: first 3 principal components; "
+                 f"input: {img_name}", fontsize=10, color="black" if pretrained else "darkred")
+    fig.tight_layout(rect=(0, 0, 1, 0.94 if ranked else 0.88))  # room for the suptitle above the panel titles
     out = Path(args.out)
     try:
         atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), force=True)
     finally:
         plt.close(fig)
     print()
-    print(f"input: {img_name}; pyramid: " + ", ".join(f"1/{s} {tuple(m.shape)}" for s, m in zip(model.strides, maps)))
+    print(f"input: {img_name}; pyramid: " + ", ".join(f"1/{st} {tuple(m.shape)}" for st, m in zip(model.strides, maps)))
     print(f"wrote {out} in {time.time() - t0:.1f}s")
     return 0
 

@@ -40,10 +40,15 @@ def build_recipe(args):
     from ..data.subset import subset_count
 
     from ..data.unlabeled import UnlabeledImages
+    from ..errors import HPViTError
 
     flags = {**schedule_flags(args), "max_train_samples": subset_count(args.train_images, "--train-images")}
     r = recipe_from_flags(args.recipe, flags, args.set)
-    return fit_batch(r, len(UnlabeledImages(args.data, None, r.max_train_samples, r.seed)), args)
+    try:
+        n_train = len(UnlabeledImages(args.data, None, r.max_train_samples, r.seed))
+    except HPViTError:  # unreadable images: the task names them, after the output folder is claimed
+        return r
+    return fit_batch(r, n_train, args)
 
 
 def run(args) -> int:

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, HPViTError
 from .common import (AUTO_RECIPE, add_device_args, add_format_arg, add_model_arg, add_run_args, add_subset_args,
                      evaluate_saved, fit_batch, recipe_from_flags, run_training, schedule_flags)
 
@@ -100,7 +100,12 @@ def build_recipe(args):
 
     flags = {**schedule_flags(args), "max_train_samples": subset_count(args.train_images, "--train-images"),
              "max_eval_samples": subset_count(args.eval_images, "--eval-images")}
-    return fit_batch(recipe_from_flags(resolve_recipe_name(args), flags, args.set), train_count(args), args)
+    recipe = recipe_from_flags(resolve_recipe_name(args), flags, args.set)
+    try:
+        n_train = train_count(args)
+    except HPViTError:  # unreadable data: the task names it, after the output folder is claimed
+        return recipe
+    return fit_batch(recipe, n_train, args)
 
 
 def run_train(args) -> int:

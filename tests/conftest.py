@@ -41,3 +41,12 @@ def tiny_vit_sd(tmp_path_factory):
     p = tmp_path_factory.mktemp("vit") / "tiny.pth"
     torch.save(random_timm_vit(0, depth=4).state_dict(), p)
     return p
+
+
+@pytest.fixture(scope="session")
+def small_vit_init(tmp_path_factory) -> Path:
+    """A random 4-block, 64-wide timm ViT (patch 16, 10 classes) as a plain state-dict file: the cheap start of
+    the end-to-end command-line runs that check plumbing (resume, evaluation, recipes), not what the weights know."""
+    from helpers import save_small_vit
+
+    return save_small_vit(tmp_path_factory.mktemp("small_vit") / "small_vit.pth", img_size=32)

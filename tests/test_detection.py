@@ -213,16 +213,20 @@ def _cli(*args, env=None, check=True):
 
 
 @pytest.mark.slow
-def test_cli_train_eval_resume_on_coco8(tmp_path, coco8, deit_tiny_path):
-    common = ["train", "det", "--init", deit_tiny_path, "--config", "paper-det",
-              "--ann", coco8 / "instances_coco8seg_train.json", "--images", coco8 / "images" / "train",
-              "--val-ann", coco8 / "instances_coco8seg_val.json", "--val-images-dir", coco8 / "images" / "val",
+def test_cli_train_eval_resume_on_coco8(tmp_path, coco8, small_vit_init, capsys):
+    """Train, kill (a subprocess: the fault seam), resume, evaluate: in-process `main` except for the kill."""
+    from hpvit.cli import main
+
+    common = ["train", "det", "--model", small_vit_init, "--config", "paper-det",
+              "--ann", coco8 / "instances_coco8seg_train.json", "--data", coco8 / "images" / "train",
+              "--eval-ann", coco8 / "instances_coco8seg_val.json", "--eval-data", coco8 / "images" / "val",
               "--img-size", "96", "--batch-size", "2", "--epochs", "1", "--workers", "0", "--threads", "1",
               "--ckpt-every-steps", "1", "--rcnn", "box_batch_size_per_image=32", "--rcnn", "rpn_post_nms_top_n_train=100",
               "--rcnn", "rpn_pre_nms_top_n_test=200", "--rcnn", "rpn_post_nms_top_n_test=100",
               "--rcnn", "representation_size=128"]
+    common = [str(c) for c in common]
     a = tmp_path / "a"
-    _cli(*common, "--out", a)
+    assert main(common + ["--out", str(a)]) == 0
     res = json.loads((a / "results.json").read_text())
     for t in ("bbox", "segm"):
         for n in STAT_NAMES:
@@ -234,12 +238,12 @@ def test_cli_train_eval_resume_on_coco8(tmp_path, coco8, deit_tiny_path):
     b = tmp_path / "b"
     r = _cli(*common, "--out", b, env=fault_env(1), check=False)
     assert r.returncode != 0 and (b / "checkpoint-last.pt").is_file() and not (b / "results.json").exists()
-    _cli(*common, "--out", b, "--resume")
+    assert main(common + ["--out", str(b), "--resume"]) == 0
     assert json.loads((b / "results.json").read_text())["rank_param_digests"] == res["rank_param_digests"]
     # eval det: results.json with the COCO summary, predictions json, PNG
     out = tmp_path / "ev"
-    _cli("eval", "det", "--model", a, "--ann", coco8 / "instances_coco8seg_val.json", "--images",
-         coco8 / "images" / "val", "--out", out, "--threads", "1")
+    assert main(["eval", "det", "--model", str(a), "--ann", str(coco8 / "instances_coco8seg_val.json"), "--data",
+                 str(coco8 / "images" / "val"), "--out", str(out), "--threads", "1"]) == 0
     ev = json.loads((out / "results.json").read_text())
     assert {"bbox_AP", "bbox_AP50", "segm_AP", "segm_AR100"} <= set(ev)
     assert ev["bbox_AP"] == pytest.approx(res["bbox_AP"]) and ev["segm_AP"] == pytest.approx(res["segm_AP"])
@@ -248,9 +252,11 @@ def test_cli_train_eval_resume_on_coco8(tmp_path, coco8, deit_tiny_path):
     bad = json.loads((coco8 / "instances_coco8seg_train.json").read_text())
     bad["images"][0]["file_name"] = "missing.jpg"
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    r = _cli(*[c if c != coco8 / "instances_coco8seg_train.json" else tmp_path / "bad.json" for c in common],
-             "--out", tmp_path / "c", check=False)
-    assert r.returncode == 2 and "missing.jpg" in r.stderr
+    capsys.readouterr()
+    train_ann = str(coco8 / "instances_coco8seg_train.json")
+    assert main([c if c != train_ann else str(tmp_path / "bad.json") for c in common]
+                + ["--out", str(tmp_path / "c")]) == 2
+    assert "missing.jpg" in capsys.readouterr().err
 
 
 def test_multiscale_shorter_side_resize_of_the_1x_recipe(coco8):
@@ -284,18 +290,21 @@ def test_multiscale_shorter_side_resize_of_the_1x_recipe(coco8):
 
 
 @pytest.mark.slow
-def test_paper_recipe_runs_end_to_end_scaled_down(tmp_path, coco8, deit_tiny_path):
+def test_paper_recipe_runs_end_to_end_scaled_down(tmp_path, coco8, small_vit_init):
     """`--recipe coco-maskrcnn-1x`, scaled down with --set: its step schedule (x0.1 after the lr_steps epoch),
     multi-scale shorter sides and test size reach a real run; the recipe is recorded in the run folder."""
+    from hpvit.cli import main
+
     out = tmp_path / "r"
-    _cli("train", "det", "--recipe", "coco-maskrcnn-1x", "--init", deit_tiny_path, "--config", "paper-det",
-         "--ann", coco8 / "instances_coco8seg_train.json", "--images", coco8 / "images" / "train",
-         "--val-ann", coco8 / "instances_coco8seg_val.json", "--val-images-dir", coco8 / "images" / "val",
-         "--epochs", "2", "--batch-size", "2", "--workers", "0", "--threads", "1", "--amp", "none",
-         "--set", "lr_steps=[1]", "--set", "warmup_iters=0", "--set", "train_short_sides=[96,128]",
-         "--set", "max_long_side=160", "--set", "test_short_side=96", "--set", "eval_every_epochs=2",
-         "--rcnn", "box_batch_size_per_image=32", "--rcnn", "rpn_post_nms_top_n_train=100",
-         "--rcnn", "rpn_post_nms_top_n_test=100", "--out", out)
+    args = ["train", "det", "--recipe", "coco-maskrcnn-1x", "--model", small_vit_init, "--config", "paper-det",
+            "--ann", coco8 / "instances_coco8seg_train.json", "--data", coco8 / "images" / "train",
+            "--eval-ann", coco8 / "instances_coco8seg_val.json", "--eval-data", coco8 / "images" / "val",
+            "--epochs", "2", "--batch-size", "2", "--workers", "0", "--threads", "1", "--amp", "none",
+            "--set", "lr_steps=[1]", "--set", "warmup_iters=0", "--set", "train_short_sides=[96,128]",
+            "--set", "max_long_side=160", "--set", "test_short_side=96", "--set", "eval_every_epochs=2",
+            "--rcnn", "box_batch_size_per_image=32", "--rcnn", "rpn_post_nms_top_n_train=100",
+            "--rcnn", "rpn_post_nms_top_n_test=100", "--out", out]
+    assert main([str(a) for a in args]) == 0
     rec = json.loads((out / "recipe.json").read_text())
     assert rec["name"] == "coco-maskrcnn-1x" and rec["schedule"] == "step" and rec["train_short_sides"] == [96, 128]
     lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()

@@ -60,12 +60,15 @@ class FigureTexts:
 
         self.texts: list[str] = []
         self.markers: list[str] = []
+        self.xticks: list[float] = []
         original = Figure.savefig
 
         def savefig(fig, *a, **k):
             for ax in fig.axes:
                 self.texts += [ax.get_title()] + [t.get_text() for t in ax.texts]
                 self.markers += [ln.get_marker() for ln in ax.lines]
+                lo, hi = ax.get_xlim()
+                self.xticks += [t for t in ax.get_xticks() if lo <= t <= hi]
             self.texts += [t.get_text() for t in fig.texts]
             for leg in fig.legends:
                 self.texts += [t.get_text() for t in leg.get_texts()]
@@ -108,7 +111,7 @@ def test_one_subset_naming_scheme_with_old_aliases():
     a = p.parse_args(["train", "seg", "--init", "x", "--data", "d", "--out", "o", "--max-train-images", "5",
                       "--eval-images", "0:3"])
     assert (a.train_images, a.eval_images) == ("5", "0:3")
-    a = p.parse_args(["train", "det", "--init", "x", "--ann", "a", "--images", "i", "--out", "o", "--train-images", "0:100",
+    a = p.parse_args(["train", "det", "--model", "x", "--ann", "a", "--data", "i", "--out", "o", "--train-images", "0:100",
                       "--val-images", "100:128"])
     assert (a.train_images, a.eval_images) == ("0:100", "100:128")
     with pytest.raises(SystemExit):
@@ -143,7 +146,7 @@ def test_recipe_auto_and_worker_cap():
 def test_default_train_cls_tells_what_it_does(tmp_path, tiny_init, capsys, monkeypatch):
     data, out = _images(tmp_path / "d"), tmp_path / "run"
     figs = FigureTexts(monkeypatch)
-    rc = main(["train", "cls", "--init", str(tiny_init), "--data", str(data), "--out", str(out), "--img-size", "32",
+    rc = main(["train", "cls", "--model", str(tiny_init), "--data", str(data), "--out", str(out), "--img-size", "32",
                "--batch-size", "4", "--workers", "10000", "--threads", "1", "--set", "auto_augment=null"])
     assert rc == 0
     err = capsys.readouterr().err
@@ -171,12 +174,30 @@ def test_default_train_cls_tells_what_it_does(tmp_path, tiny_init, capsys, monke
         hpvit.load(out / "checkpoint-last.pt")
 
     assert main(["eval", "cls", "--model", str(out), "--data", str(data), "--workers", "0"]) == 0
-    assert "evaluating val (4 images)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "evaluating val (4 images)" in err
+    assert "hpvit eval: top1 " in err and "% (evaluating val, 4 images" in err  # one line besides the JSON
+
+    # export takes the run folder too, at the training size, and says the input the file really takes
+    pytest.importorskip("onnxruntime", reason="onnxruntime (a test extra) is needed to run the exported file")
+    from hpvit.export import run_onnx
+
+    onnx = tmp_path / "cls.onnx"
+    assert main(["export", str(out), "-o", str(onnx)]) == 0
+    text = capsys.readouterr().out
+    assert "input images (1, 3, 32, 32)" in text and "32 px (its training size (model.json))" in text
+    assert "batch fixed at 1" in text
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        want = model.eval()(x)
+    assert (torch.as_tensor(run_onnx(onnx, x)[0]) - want).abs().max() < 1e-3  # the run's model, as PyTorch runs it
+    with pytest.raises(Exception):  # the batch really is fixed
+        run_onnx(onnx, torch.rand(2, 3, 32, 32))
 
 
 def test_failed_train_leaves_no_folder(tmp_path, capsys):
     data, out = _images(tmp_path / "d"), tmp_path / "new" / "run"
-    rc = main(["train", "cls", "--init", str(tmp_path / "missing.pth"), "--data", str(data), "--out", str(out),
+    rc = main(["train", "cls", "--model", str(tmp_path / "missing.pth"), "--data", str(data), "--out", str(out),
                "--recipe", "cifar-mini", "--workers", "0"])
     assert rc == 2 and "missing.pth" in capsys.readouterr().err
     assert not out.exists()
@@ -219,12 +240,26 @@ def test_load_returns_detector_and_segmenter(tmp_path, tiny_init, capsys):
     assert main(["info", str(tmp_path / "det" / "model.safetensors"), "--img-size", "64"]) == 0
     assert "Mask R-CNN detector (2 classes), backbone plain-det" in capsys.readouterr().out
     png = tmp_path / "demo.png"
-    assert main(["demo", "--checkpoint", str(tmp_path / "seg.safetensors"), "--img-size", "64", "--out", str(png)]) == 0
+    assert main(["demo", "--model", str(tmp_path / "seg.safetensors"), "--img-size", "64", "--out", str(png)]) == 0
     assert png.stat().st_size > 10_000
-    assert main(["demo", "--checkpoint", str(tmp_path / "det" / "model.safetensors"), "--img-size", "64",
+    assert main(["demo", "--model", str(tmp_path / "det" / "model.safetensors"), "--img-size", "64",
                  "--out", str(png)]) == 2
     err = capsys.readouterr().err
     assert "4-level feature pyramid" in err and "--format" not in err
+
+    # export: a segmenter gives its transformed backbone's pyramid at the training crop; a plain baseline cannot
+    pytest.importorskip("onnxruntime", reason="onnxruntime (a test extra) is needed to run the exported file")
+    from hpvit.export import compare_onnx
+
+    onnx = tmp_path / "seg.onnx"
+    assert main(["export", str(tmp_path / "seg.safetensors"), "-o", str(onnx)]) == 0
+    text = capsys.readouterr().out
+    assert "exporting its backbone's 4-level pyramid" in text and "input images (1, 3, 64, 64)" in text
+    assert "p1, p2, p3, p4" in text
+    assert compare_onnx(s2.body.vit, onnx, torch.rand(1, 3, 64, 64), pyramid=True) < 1e-3
+    assert main(["export", str(tmp_path / "det"), "-o", str(tmp_path / "det.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "plain plain-det backbone" in err and "paper-det, paper-seg" in err and not (tmp_path / "det.onnx").exists()
 
 
 # ------------------------------------------------------------------ pictures
@@ -262,3 +297,35 @@ def test_detection_picture_shows_ground_truth_and_says_when_nothing_is_detected(
     assert w >= 600 and h >= 500
     assert figs.has("000001.jpg: ground truth (1 object)") and figs.has("no detections above threshold 0.30")
     assert figs.has("best: cat 0.05") and figs.has("predictions: 1 with score >= 0.30") and figs.has("cat 0.90")
+
+
+# ------------------------------------------------------------------ small image sets, explained metrics (issue 21)
+def test_adapt_on_a_small_set_fits_the_batch_and_explains_its_metrics(tmp_path, tiny_init, capsys, monkeypatch):
+    imgs = _images(tmp_path / "d", n_train=3, n_val=0) / "train"  # 6 unlabeled images, recipe batch 32
+    out = tmp_path / "adapt"
+    base = ["adapt", "--model", str(tiny_init), "--data", str(imgs), "--eval-data", str(imgs), "--img-size", "32",
+            "--epochs", "1", "--workers", "0", "--threads", "1"]
+    assert main(base + ["--out", str(out), "--batch-size", "32"]) == 2  # a batch the user chose: named, not changed
+    err = capsys.readouterr().err
+    assert "--batch-size 6 (or less) would fit" in err and "recipe.json" not in err and not out.exists()
+    figs = FigureTexts(monkeypatch)
+    assert main(base + ["--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "using batch_size 6, the largest that fits" in err
+    assert "agree1 = % of held-out images whose top-1 class is the plain model's top-1 class" in err
+    res = json.loads((out / "results.json").read_text())
+    assert res["metric_units"]["agree1"].startswith("%") and "nats" in res["metric_units"]["kl"]
+    assert res["global_batch"] == 6
+    assert figs.has("agree1: % of held-out images") and figs.has("%")  # the unit, in words, on curves.png
+    assert figs.xticks and all(t == int(t) for t in figs.xticks)  # one step, one epoch: no fractional ticks
+
+
+def test_train_cls_checks_the_batch_before_reading_any_image(tmp_path, tiny_init, capsys):
+    data = _images(tmp_path / "d", n_train=2, n_val=1)
+    (data / "val" / "a" / "broken.png").write_bytes(b"not a png")  # decoding the eval set would fail on it
+    rc = main(["train", "cls", "--model", str(tiny_init), "--data", str(data), "--out", str(tmp_path / "run"),
+               "--recipe", "cifar-mini", "--train-images", "4", "--batch-size", "8", "--workers", "0"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "4 training images do not fill one optimizer step of batch_size 8" in err and "--batch-size 4" in err
+    assert "broken" not in err and not (tmp_path / "run").exists()

@@ -32,18 +32,25 @@ def _model(sd, config, **kw):
     return m
 
 
-@pytest.mark.parametrize("config,size", [("paper-cls", 224), ("paper-cls", 100), ("paper-det", 96), ("fast-cls", 72), ("lite-cls", 64)])
-def test_fast_inference_matches_per_block_forward(vit_tiny_sd, config, size):
+EVERY_CHUNKING = (10**9, 37, 1)  # no chunking, ragged chunks, one window/token at a time
+
+
+# 56 px: maps of 14x14 and 7x7, exact multiples of the 7x7 windows (no padding), like 224 but 16x cheaper;
+# at 224 one-token-at-a-time chunks would take minutes, so 224 checks the full and the ragged chunking
+@pytest.mark.parametrize("config,size,chunks", [("paper-cls", 224, (10**9, 37)), ("paper-cls", 56, EVERY_CHUNKING),
+                                                ("paper-cls", 100, EVERY_CHUNKING), ("paper-det", 96, EVERY_CHUNKING),
+                                                ("fast-cls", 72, EVERY_CHUNKING), ("lite-cls", 64, EVERY_CHUNKING)])
+def test_fast_inference_matches_per_block_forward(vit_tiny_sd, config, size, chunks):
     """The stage runner (partition once, chunks, in-place residuals) equals the plain per-block forward."""
     m = _model(vit_tiny_sd, config).eval()
-    x = torch.randn(2, 3, size, size)
+    x = torch.randn(1 if size == 224 else 2, 3, size, size)  # batches of 2 at the smaller sizes
     naive = NaiveHPViT(m)
     with torch.no_grad():
         for p in m.parameters():
             p.requires_grad_(False)
         ref = naive(x) if m.head_type != "none" else None
         feats_ref = None
-        for chunk in (10**9, 37, 1):  # no chunking, ragged chunks, one window/token at a time
+        for chunk in chunks:
             m.chunk_tokens = chunk
             if ref is not None:
                 out = m(x)

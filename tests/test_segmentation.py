@@ -168,12 +168,16 @@ def _cli(*args, env=None, check=True):
 
 
 @pytest.mark.slow
-def test_cli_train_eval_and_exact_resume(tmp_path, camvid_crops, deit_tiny_path):
-    common = ["train", "seg", "--init", deit_tiny_path, "--data", camvid_crops, "--layout", "camvid",
+def test_cli_train_eval_and_exact_resume(tmp_path, camvid_crops, small_vit_init, capsys):
+    """Train, kill (a subprocess: the fault seam), resume, evaluate: in-process `main` except for the kill."""
+    from hpvit.cli import main
+
+    common = ["train", "seg", "--model", small_vit_init, "--data", camvid_crops, "--layout", "camvid",
               "--base-size", "80", "--img-size", "64", "--batch-size", "2", "--epochs", "2", "--workers", "0",
               "--threads", "1", "--head-channels", "32", "--ckpt-every-steps", "1", "--seed", "3", "--eval-every", "2"]
+    common = [str(c) for c in common]
     a = tmp_path / "a"
-    _cli(*common, "--out", a)
+    assert main(common + ["--out", str(a)]) == 0
     res = json.loads((a / "results.json").read_text())
     for k in ("mIoU", "mAcc", "aAcc", "IoU.Road", "Acc.Road", "IoU.Sky", "eval_images"):
         assert k in res, k
@@ -182,7 +186,7 @@ def test_cli_train_eval_and_exact_resume(tmp_path, camvid_crops, deit_tiny_path)
     b = tmp_path / "b"
     r = _cli(*common, "--out", b, env=fault_env(3), check=False)
     assert r.returncode != 0 and not (b / "results.json").exists()
-    _cli(*common, "--out", b, "--resume")
+    assert main(common + ["--out", str(b), "--resume"]) == 0
     rb = json.loads((b / "results.json").read_text())
     assert rb["steps"] == 4
     assert rb["rank_param_digests"] == res["rank_param_digests"]
@@ -190,16 +194,17 @@ def test_cli_train_eval_and_exact_resume(tmp_path, camvid_crops, deit_tiny_path)
     # eval: whole and sliding-window inference, results.json + palette PNG
     for mode in ("whole", "slide"):
         out = tmp_path / f"eval_{mode}"
-        _cli("eval", "seg", "--model", a, "--data", camvid_crops, "--mode", mode, "--crop", "48", "--out", out,
-             "--threads", "1")
+        assert main(["eval", "seg", "--model", str(a), "--data", str(camvid_crops), "--mode", mode, "--crop", "48",
+                     "--out", str(out), "--threads", "1"]) == 0
         ev = json.loads((out / "results.json").read_text())
         assert {"mIoU", "mAcc", "aAcc", "IoU.Car", "Acc.Car"} <= set(ev) and ev["inference"] == mode
         assert (out / "predictions.png").is_file()
     whole = json.loads((tmp_path / "eval_whole" / "results.json").read_text())
     assert whole["mIoU"] == pytest.approx(res["mIoU"], abs=1e-6)  # the same evaluation as during training
     # a model of another task is refused with a clear message
-    r = _cli("eval", "det", "--model", a, "--ann", a / "x.json", "--images", a, check=False)
-    assert r.returncode == 2 and "holds a 'seg' model" in r.stderr
+    capsys.readouterr()
+    assert main(["eval", "det", "--model", str(a), "--ann", str(a / "x.json"), "--data", str(a)]) == 2
+    assert "holds a 'seg' model" in capsys.readouterr().err
 
 
 def test_recipe_sets_inference_base_size_and_jitter(camvid_crops, tmp_path):
@@ -220,14 +225,17 @@ def test_recipe_sets_inference_base_size_and_jitter(camvid_crops, tmp_path):
 
 
 @pytest.mark.slow
-def test_paper_recipe_runs_end_to_end_scaled_down(tmp_path, camvid_crops, deit_tiny_path):
+def test_paper_recipe_runs_end_to_end_scaled_down(tmp_path, camvid_crops, small_vit_init):
     """`--recipe ade20k-upernet-80k`, scaled down with --set: an iteration budget rounded up to whole epochs,
     the poly schedule after warmup, and sliding-window evaluation, in a real run."""
+    from hpvit.cli import main
+
     out = tmp_path / "r"
-    _cli("train", "seg", "--recipe", "ade20k-upernet-80k", "--init", deit_tiny_path, "--data", camvid_crops,
-         "--layout", "camvid", "--img-size", "64", "--batch-size", "2", "--workers", "0", "--threads", "1",
-         "--head-channels", "32", "--amp", "none", "--set", "iterations=3", "--set", "warmup_iters=1",
-         "--set", "base_size=96", "--set", "slide_stride=40", "--set", "eval_every_epochs=2", "--out", out)
+    args = ["train", "seg", "--recipe", "ade20k-upernet-80k", "--model", small_vit_init, "--data", camvid_crops,
+            "--layout", "camvid", "--img-size", "64", "--batch-size", "2", "--workers", "0", "--threads", "1",
+            "--head-channels", "32", "--amp", "none", "--set", "iterations=3", "--set", "warmup_iters=1",
+            "--set", "base_size=96", "--set", "slide_stride=40", "--set", "eval_every_epochs=2", "--out", out]
+    assert main([str(a) for a in args]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["steps"] == 4 and res["epochs"] == 2  # 3 iterations of 2 updates per epoch -> 2 epochs
     assert res["inference"] == "slide" and res["eval_images"] == 2 and "mIoU" in res

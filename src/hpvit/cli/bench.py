@@ -12,13 +12,13 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="base",
                    help="comma-separated model names or groups (base, small, tiny, all); default: base. "
                         "hpvit models are hpvit-{T,S,B}/VARIANT (--list shows them all)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to time the models (default cpu)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and inputs dtype (default fp32)")
     p.add_argument("--batch", default="8", help="comma-separated batch sizes, e.g. 1,8 (default 8)")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, default=224, help="input side in pixels (default 224)")
     p.add_argument("--warmup", type=int, default=2, help="discarded round-robin rounds")
     p.add_argument("--iters", type=int, default=7, help="measured round-robin rounds (median reported)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
     p.add_argument("--quick", action="store_true",

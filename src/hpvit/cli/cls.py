@@ -1,6 +1,6 @@
 """``hpvit train cls`` and ``hpvit eval cls``: arguments, the recipe the flags resolve to, and running.
 
-``hpvit train cls --init SRC --config paper-cls --data PATH --out DIR [--recipe NAME|FILE] ...``
+``hpvit train cls --model SRC --config paper-cls --data PATH --out DIR [--recipe NAME|FILE] ...``
 ``hpvit eval cls --model DIR_OR_FILE --data PATH``
 """
 
@@ -11,17 +11,20 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import ConfigError
-from .common import AUTO_RECIPE, add_run_args, add_subset_args, evaluate_saved, recipe_from_flags, run_training
+from ..errors import ConfigError, HPViTError
+from .common import (AUTO_RECIPE, add_device_args, add_format_arg, add_model_arg, add_run_args, add_subset_args,
+                     evaluate_saved, fit_batch, recipe_from_flags, run_training, schedule_flags)
 
 TRAIN_HELP = "fine-tune a classifier on an ImageFolder directory or zip (train/ + val/ or test/)"
 EVAL_HELP = "evaluate a fine-tuned classifier (top-1 / top-5)"
 
 
 def add_cls_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--init", required=True, help="plain ViT checkpoint (file, HF folder, timm:<name>) or an hpvit .safetensors")
-    p.add_argument("--config", default="paper-cls", help="paper-cls (default), identity (the plain baseline), ... or a JSON file")
-    p.add_argument("--format", default=None, help="force the checkpoint format instead of auto-detecting it")
+    add_model_arg(p, "the model to start from: a plain ViT checkpoint (file, HF folder, timm:<name>) or a file "
+                     "hpvit wrote", old="--init")
+    p.add_argument("--config", default="paper-cls",
+                   help="paper-cls (default), identity (the plain baseline), ... or a JSON file (docs/cli.md)")
+    add_format_arg(p)
     p.add_argument("--num-classes", type=int, default=None, help="must match the dataset's classes (default: from the data)")
     p.add_argument("--head", choices=("avg", "token"), default=None,
                    help="classifier head: avg = global average pooling, token = class token (identity only)")
@@ -31,35 +34,22 @@ def add_cls_train_args(p: argparse.ArgumentParser) -> None:
                    help="recipe name (imagenet-paper, cifar-mini), a JSON file, or auto (default): imagenet-paper on a "
                         "GPU with >= 100,000 training images, else cifar-mini; the choice is printed and written to "
                         "OUT/recipe.json")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="per-process batch size")
-    p.add_argument("--accum-steps", type=int, default=None, help="gradient accumulation steps")
     add_subset_args(p, slices=False, aliases={"--max-train-samples": "--train-images",
                                               "--max-eval-samples": "--eval-images"})
-    p.add_argument("--blr", type=float, default=None, help="base lr (lr = blr * global batch / 256)")
-    p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None)
-    p.add_argument("--ema", action="store_true", default=None, help="keep an EMA of the weights (evaluated too)")
-    p.add_argument("--grad-checkpointing", action="store_true", default=None)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (at most the usable cores)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms only")
     add_run_args(p)
 
 
 def add_cls_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a training output directory or an hpvit .safetensors file")
+    add_model_arg(p, "a training output directory or an hpvit .safetensors file")
     p.add_argument("--data", required=True, help="ImageFolder directory or .zip with val/ or test/")
     p.add_argument("--split", default=None, help="split to evaluate (default: val, else test)")
-    p.add_argument("--img-size", type=int, default=None, help="default: the training image size (model.json)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the training image size, model.json)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     add_subset_args(p, slices=False, train=False, aliases={"--max-eval-samples": "--eval-images"})
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (at most the usable cores)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a training directory")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default=None)
+    add_device_args(p)
 
 
 AUTO_GPU_MIN_IMAGES = 100_000  # below this (or without a GPU) `--recipe auto` picks the short cifar-mini recipe
@@ -86,30 +76,36 @@ def _device_type(device: "str | None") -> str:
 
 def resolve_recipe_name(args) -> str:
     """``--recipe`` as given, or for ``auto`` the recipe :func:`choose_recipe` picks for ``--data`` (printed)."""
-    from ..data import ImageFolderSource
-    from ..data.subset import subset_count
     from ..engine.logging import log
 
     if args.recipe != AUTO_RECIPE:
         return args.recipe
-    n_train = len(ImageFolderSource(args.data).samples("train"))
-    wanted = subset_count(args.train_images, "--train-images")
-    n = min(n_train, wanted) if wanted else n_train
-    name, why = choose_recipe(n, _device_type(args.device))
+    name, why = choose_recipe(train_count(args), _device_type(args.device))
     log(f"--recipe auto -> {name} ({why}); pass --recipe imagenet-paper|cifar-mini|FILE.json to choose")
     return name
+
+
+def train_count(args) -> int:
+    """Training images the run will use (the train split's file list, no image decoded; --train-images applied)."""
+    from ..data import ImageFolderSource
+    from ..data.subset import subset_count
+
+    n_train = len(ImageFolderSource(args.data).samples("train"))
+    wanted = subset_count(args.train_images, "--train-images")
+    return min(n_train, wanted) if wanted else n_train
 
 
 def build_recipe(args):
     from ..data.subset import subset_count
 
-    flags = {"epochs": args.epochs, "img_size": args.img_size, "batch_size": args.batch_size,
-             "accum_steps": args.accum_steps, "max_train_samples": subset_count(args.train_images, "--train-images"),
-             "max_eval_samples": subset_count(args.eval_images, "--eval-images"), "blr": args.blr, "lr": args.lr,
-             "amp": args.amp,
-             "ema": args.ema, "grad_checkpointing": args.grad_checkpointing, "num_workers": args.workers,
-             "seed": args.seed, "deterministic": args.deterministic}
-    return recipe_from_flags(resolve_recipe_name(args), flags, args.set)
+    flags = {**schedule_flags(args), "max_train_samples": subset_count(args.train_images, "--train-images"),
+             "max_eval_samples": subset_count(args.eval_images, "--eval-images")}
+    recipe = recipe_from_flags(resolve_recipe_name(args), flags, args.set)
+    try:
+        n_train = train_count(args)
+    except HPViTError:  # unreadable data: the task names it, after the output folder is claimed
+        return recipe
+    return fit_batch(recipe, n_train, args)
 
 
 def run_train(args) -> int:
@@ -120,7 +116,7 @@ def run_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = build_recipe(args)
-    task = ClassificationTask(args.init, args.data, recipe, config=args.config, num_classes=args.num_classes,
+    task = ClassificationTask(args.model, args.data, recipe, config=args.config, num_classes=args.num_classes,
                               head=args.head, fmt=args.format)
     return run_training(task, recipe, args)
 
@@ -169,4 +165,4 @@ def run_eval(args) -> int:
                                                                  device=dev)) / 1e9, 4)}
     return evaluate_saved(model, ds, ClassificationEvaluator(), device=args.device, batch_size=args.batch_size,
                           desc=f"evaluating {split}", workers=usable_workers(args.workers, int(os.environ.get("WORLD_SIZE", "1"))),
-                          report=rep, results_json=args.json)
+                          headline=("top1", "top5"), report=rep, results_json=args.json)

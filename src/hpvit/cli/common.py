@@ -6,6 +6,7 @@ Nothing heavy is imported at module level: building any parser (``--help``) must
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import json
 import re
@@ -49,10 +50,46 @@ def add_common_model_args(p: argparse.ArgumentParser, config_default: "str | Non
     p.add_argument("--config", default=config_default,
                    help=PRESET_HELP + (f" (default {config_default})" if config_default else
                                        " (default paper-cls; an hpvit file uses its own stored config)"))
-    p.add_argument("--format", default=None, help="force the checkpoint format instead of auto-detecting it")
+    add_format_arg(p)
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the source's)")
+    add_spec_arg(p)
+
+
+def add_format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", default=None,
+                   help="force the checkpoint format (timm, deit, mae, hf, dinov2, clip...) instead of auto-detecting it")
+
+
+def add_spec_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", action="append", default=[], metavar="KEY=VALUE",
                    help="override what weights cannot show, e.g. --spec act=gelu --spec num_heads=16 (repeatable)")
+
+
+def add_model_arg(p: argparse.ArgumentParser, help: str, required: bool = True, old: "str | None" = None) -> None:
+    """``--model``: the model a command reads (``old``: the flag's old name, still accepted)."""
+    p.add_argument("--model", required=required, default=None, metavar="MODEL", help=help)
+    if old:
+        add_old_names(p, {old: "--model"})
+
+
+def add_model_positional(p: argparse.ArgumentParser, help: str) -> None:
+    """``MODEL`` as the first argument, or ``--model MODEL`` as in every other command (merged by
+    :func:`merge_model_args`)."""
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=help)
+    p.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
+                   help="the same as the MODEL argument (the flag every command uses for the model to read)")
+
+
+def merge_model_args(args, parser: argparse.ArgumentParser) -> None:
+    """``MODEL`` or ``--model MODEL`` (exactly one) into ``args.model``."""
+    if not hasattr(args, "model_flag"):
+        return
+    flag = args.__dict__.pop("model_flag")
+    if args.model and flag and args.model != flag:
+        parser.error(f"the model is given twice ({args.model} and --model {flag}); give one")
+    args.model = args.model or flag
+    if not args.model:
+        parser.error("the following arguments are required: MODEL (or --model MODEL)")
 
 
 # ---------------------------------------------------------------------------------- subsets
@@ -66,10 +103,33 @@ def subset_spec(value: str) -> str:
     return value.strip()
 
 
-def _alias(p: argparse.ArgumentParser, old: str, new: str, dest: str, metavar: str) -> None:
-    """``old`` as a second spelling of ``new`` (same destination), marked as the old name in ``--help``."""
-    p.add_argument(old, dest=dest, type=subset_spec, default=None, metavar=metavar,
-                   help=f"old name of {new} (kept as an alias)")
+class _OldName(argparse.Action):
+    """An old spelling of a flag: hidden from ``--help``, still works (it runs the new flag's action) and says
+    the new name once on stderr."""
+
+    def __init__(self, option_strings, dest, target: argparse.Action, **kw):
+        super().__init__(option_strings, dest, **kw)
+        self.target = target
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = self.target.option_strings[-1]
+        if not getattr(self, "_noted", False):
+            self._noted = True
+            print(f"hpvit: note: {option_string} is the old name of {new}; it still works (see docs/cli.md)",
+                  file=sys.stderr)
+        self.target(parser, namespace, values, new)
+
+
+def add_old_names(p: argparse.ArgumentParser, names: "dict[str, str]") -> None:
+    """Old flag -> its new flag (already added to ``p``): the old one keeps working, hidden from ``--help``."""
+    for old, new in names.items():
+        t = p._option_string_actions[new]
+        if t.required:  # argparse would not count the old spelling as giving it: main() checks it instead
+            t.required = False
+            t.help = f"{t.help} (required)"
+            p.set_defaults(required_flags=tuple(p.get_default("required_flags") or ()) + (new,))
+        p.add_argument(old, action=_OldName, target=t, dest=t.dest, nargs=t.nargs, type=t.type, choices=t.choices,
+                       metavar=t.metavar, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def add_subset_args(p: argparse.ArgumentParser, slices: bool, train: bool = True,
@@ -87,21 +147,90 @@ def add_subset_args(p: argparse.ArgumentParser, slices: bool, train: bool = True
                        help=f"train on a subset: {what} (default: all)")
     p.add_argument("--eval-images", type=subset_spec, default=None, metavar=metavar,
                    help=f"evaluate on a subset: {what} (default: all)")
-    for old, new in (aliases or {}).items():
-        _alias(p, old, new, new.lstrip("-").replace("-", "_"), metavar)
+    add_old_names(p, aliases or {})
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """``--threads`` and ``--device``, worded the same in every command that runs a model."""
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's choice)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+
+
+def add_overwrite_arg(p: argparse.ArgumentParser, what: str = "OUT") -> None:
+    """The one overwrite flag (``--overwrite``; ``--force`` is its old name)."""
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace {what} if it exists; without it nothing already there is ever replaced")
+    add_old_names(p, {"--force": "--overwrite"})
+
+
+def add_schedule_args(p: argparse.ArgumentParser) -> None:
+    """The training schedule flags every training command (train cls|det|seg, adapt) accepts; each one, when
+    given, replaces the recipe key of the same meaning (``--set KEY=VALUE`` reaches every other key)."""
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (recipe key epochs)")
+    p.add_argument("--img-size", type=int, default=None, help="training input side in pixels (recipe key img_size)")
+    p.add_argument("--batch-size", type=int, default=None, help="per-process batch size (recipe key batch_size)")
+    p.add_argument("--accum-steps", type=int, default=None, help="gradient accumulation steps (recipe key accum_steps)")
+    p.add_argument("--blr", type=float, default=None, help="base learning rate: lr = blr * global batch / 256")
+    p.add_argument("--lr", type=float, default=None, help="absolute learning rate (overrides --blr)")
+    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up length in epochs (may be fractional)")
+    p.add_argument("--layer-decay", type=float, default=None,
+                   help="layer-wise lr decay in (0, 1]: the deeper a block, the closer its lr to the full lr")
+    p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate of the deepest block")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None, help="mixed precision (default: the recipe's)")
+    p.add_argument("--ema", action="store_true", default=None, help="keep an EMA of the weights (evaluated too)")
+    p.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute activations in the backward pass (less memory, slower)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (at most the usable cores)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (recipe key seed)")
+    p.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms only")
+    p.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="evaluate every N epochs (and after the last one)")
+    p.add_argument("--ckpt-every-steps", type=int, default=None, metavar="N",
+                   help="also save a resumable checkpoint every N optimizer steps (default: at each epoch's end)")
+
+
+def schedule_flags(args) -> dict:
+    """Recipe keys of :func:`add_schedule_args`'s flags (None: not given, the recipe's value stays)."""
+    return {"epochs": args.epochs, "img_size": args.img_size, "batch_size": args.batch_size,
+            "accum_steps": args.accum_steps, "blr": args.blr, "lr": args.lr, "warmup_epochs": args.warmup_epochs,
+            "layer_decay": args.layer_decay, "drop_path": args.drop_path, "amp": args.amp, "ema": args.ema,
+            "grad_checkpointing": args.grad_checkpointing, "num_workers": args.workers, "seed": args.seed,
+            "deterministic": args.deterministic, "eval_every_epochs": args.eval_every,
+            "ckpt_every_steps": args.ckpt_every_steps}
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
-    """Flags every training command shares (threads, device, resume/overwrite, bad images)."""
+    """Flags every training command shares (schedule, threads, device, resume/overwrite, bad images)."""
+    add_schedule_args(p)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key (repeatable)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_device_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out (finished or not); without it such a run is never replaced")
+    add_overwrite_arg(p, "the run already in --out (finished or not)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="leave out training images that cannot be decoded and list them in OUT/skipped-images.txt "
                         "(default: such an image is an error naming the file)")
+
+
+def check_names(args) -> None:
+    """``--config`` / ``--recipe`` checked before anything is read: an unknown name is an error at once, with
+    the closest known name."""
+    for flag, kind in (("config", "config preset"), ("recipe", "recipe")):
+        value = getattr(args, flag, None)
+        if not isinstance(value, str) or value == AUTO_RECIPE or value.endswith(".json") or Path(value).exists():
+            continue
+        if flag == "config":
+            from ..config import list_presets
+
+            names = list_presets()
+        else:
+            from ..engine.recipe import list_recipes
+
+            names = list_recipes()
+        if value not in names:
+            close = difflib.get_close_matches(value, names, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"--{flag} {value!r}: unknown {kind}; {hint}choose from {', '.join(names)} "
+                              "or pass a JSON file path")
 
 
 # ---------------------------------------------------------------------------------- running
@@ -114,6 +243,33 @@ def recipe_from_flags(name: str, flags: dict, set_items: "list[str] | None"):
     changes.update(parse_key_values(set_items, "--set"))
     r = load_recipe(name)
     return r.replace(**changes) if changes else r
+
+
+def fit_batch(recipe, n_train: int, args):
+    """Check, before any image is decoded, that ``n_train`` training images fill one optimizer step.
+
+    When they do not and the batch size came from the recipe, the largest batch that fits is used (with a
+    note); a batch size the user chose is an error that names the batch that would fit."""
+    import os
+
+    from ..engine.logging import log
+
+    world = max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    per_rank, b, acc = n_train // world, recipe.batch_size, recipe.accum_steps
+    if per_rank // b // acc >= 1:
+        return recipe
+    fits = per_rank // acc
+    chosen = args.batch_size is not None or "batch_size" in parse_key_values(args.set, "--set")
+    where = f"{n_train} training image{'s' if n_train != 1 else ''}" + (f" over {world} processes" if world > 1 else "")
+    if fits < 1:
+        raise ConfigError(f"{where} cannot fill one optimizer step even at batch size 1 with accum_steps {acc}; "
+                          f"use more images (at least {acc * world})" + (" or lower --accum-steps" if acc > 1 else ""))
+    if chosen:
+        raise ConfigError(f"{where} do not fill one optimizer step of batch_size {b} x accum_steps {acc}; "
+                          f"--batch-size {fits} (or less) would fit, or use more images")
+    log(f"note: {where} do not fill one optimizer step of the recipe's batch_size {b} x accum_steps {acc}; "
+        f"using batch_size {fits}, the largest that fits (pass --batch-size to choose)")
+    return recipe.replace(batch_size=fits)
 
 
 def run_training(task, recipe, args) -> int:
@@ -129,12 +285,7 @@ def run_training(task, recipe, args) -> int:
 
 def dense_recipe(args):
     """The recipe ``train det|seg`` runs: ``--recipe`` (name or JSON), then the flags given, then ``--set``."""
-    flags = {"epochs": args.epochs, "img_size": args.img_size, "batch_size": args.batch_size,
-             "accum_steps": args.accum_steps, "lr": args.lr, "warmup_epochs": args.warmup_epochs,
-             "layer_decay": args.layer_decay, "drop_path": args.drop_path, "amp": args.amp,
-             "grad_checkpointing": args.grad_checkpointing, "num_workers": args.workers, "seed": args.seed,
-             "eval_every_epochs": args.eval_every, "ckpt_every_steps": args.ckpt_every_steps}
-    return recipe_from_flags(args.recipe, flags, args.set)
+    return recipe_from_flags(args.recipe, schedule_flags(args), args.set)
 
 
 def run_dry_run(args) -> int:
@@ -152,11 +303,11 @@ def run_dry_run(args) -> int:
 
 
 def evaluate_saved(model, ds, evaluator, *, device, batch_size: int, desc: str, workers: int = 0, collate_fn=None,
-                   prepare=None, report=None, results_json=None, shown=None) -> int:
+                   prepare=None, report=None, results_json=None, shown=None, headline: "tuple[str, ...]" = ()) -> int:
     """``hpvit eval cls|det|seg``: run ``evaluator`` over ``ds`` with the saved ``model`` on every process of
     the run (single or torchrun), then, on the main process, add ``eval_time_s`` and ``report(metrics, device)``
-    (the command's extra entries, pictures...), write ``results_json`` (when given) and print ``shown(metrics)``
-    (default: all of them)."""
+    (the command's extra entries, pictures...), write ``results_json`` (when given), print ``shown(metrics)``
+    (default: all of them) as JSON on stdout and a one-line summary of the ``headline`` metrics on stderr."""
     from ..engine import distributed as D
     from ..engine.loop import evaluate
     from ..utils import write_text_atomic
@@ -173,9 +324,20 @@ def evaluate_saved(model, ds, evaluator, *, device, batch_size: int, desc: str, 
             if results_json is not None:
                 write_text_atomic(results_json, json.dumps(m, indent=2))
             print(json.dumps(shown(m) if shown else m, indent=2))
+            print(eval_summary(m, headline, desc, len(ds), results_json), file=sys.stderr, flush=True)
     finally:
         D.cleanup(dist)
     return 0
+
+
+def eval_summary(m: dict, headline: "tuple[str, ...]", desc: str, n: int, results_json=None) -> str:
+    """``eval: top1 75.0%, top5 92.1% (evaluating val, 500 images, 12.3s; all metrics above [and in FILE])``."""
+    units = m.get("metric_units") or {}
+    parts = [f"{k} {m[k]:.4g}{'%' if str(units.get(k, '')).startswith('%') else ''}" for k in headline
+             if isinstance(m.get(k), (int, float))]
+    where = f"; also in {results_json}" if results_json else ""
+    return (f"hpvit eval: {', '.join(parts) or 'done'} ({desc}, {n} images, {m.get('eval_time_s', 0):.1f}s; "
+            f"all metrics in the JSON above{where})")
 
 
 def eval_out_dir(model: str, out: "str | None") -> Path:

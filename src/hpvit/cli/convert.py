@@ -13,49 +13,58 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import Steps, add_common_model_args, parse_key_values
+from .common import (Steps, add_common_model_args, add_model_arg, add_model_positional, add_old_names, add_overwrite_arg,
+                     parse_key_values)
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("demo", help="transform a plain ViT, print the reuse report and stage table, save a feature-map PNG")
-    p.add_argument("--checkpoint", default=None,
-                   help="plain ViT checkpoint or a file hpvit wrote (default: a randomly initialised ViT-Tiny)")
-    p.add_argument("--image", default=None, help="input image (default: a built-in synthetic scene)")
+    p = sub.add_parser("demo", help="transform a ViT, print the reuse report and stage table, save a PNG of the pyramid "
+                                    "and the plain vs transformed top-5 classes")
+    add_model_arg(p, "plain ViT checkpoint or a file hpvit wrote (default: timm's pretrained DeiT-Tiny when it can "
+                     "be downloaded, else a randomly initialised ViT-Tiny, said loudly)", required=False, old="--checkpoint")
+    p.add_argument("--image", default=None, help="input image (default: a photo shipped with an installed package)")
     p.add_argument("--config", default="paper-cls", help="preset for a plain checkpoint (default paper-cls)")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--out", default="hpvit_demo.png", help="PNG to write")
+    p.add_argument("--img-size", type=int, default=224, help="input side in pixels (default 224)")
+    p.add_argument("--offline", action="store_true", help="do not try to download the pretrained DeiT-Tiny")
+    p.add_argument("--out", default="hpvit_demo.png", help="PNG to write (default hpvit_demo.png)")
     p.set_defaults(func="hpvit.cli.convert:cmd_demo")
 
     p = sub.add_parser("convert", help="convert a plain ViT checkpoint into an hpvit .safetensors file")
-    p.add_argument("src", help="checkpoint path, Hugging Face folder, or timm:<model name>")
+    add_model_positional(p, "checkpoint path, Hugging Face folder, or timm:<model name>")
     p.add_argument("-o", "--out", required=True, help="output .safetensors path")
     add_common_model_args(p)
-    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    add_overwrite_arg(p)
     p.add_argument("--validate", action="store_true", help="check the identity config against the source's own library")
     p.add_argument("--reparameterize", action="store_true", help="merge avg-pool + conv pairs before saving")
     p.set_defaults(func="hpvit.cli.convert:cmd_convert")
 
     p = sub.add_parser("info", help="per-stage table: blocks, tokens, window, dim, params, GFLOPs")
-    p.add_argument("src", help="plain checkpoint, a file hpvit wrote (classifier, detector, segmenter), or timm:<model name>")
+    add_model_positional(p, "plain checkpoint, a file hpvit wrote (classifier, detector, segmenter), or timm:<model name>")
     add_common_model_args(p, config_default=None)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--similarity", default=None, metavar="IMAGES",
-                   help="folder or zip of images: per stage, cosine similarity of the transformed model's output to "
-                        "the plain model's output after the same block (and top-1 agreement when both classify)")
-    p.add_argument("--max-images", type=int, default=32, help="images used by --similarity (default 32)")
-    p.add_argument("--plain", default=None, help="with --similarity: the plain checkpoint to compare with (default: SRC)")
+    p.add_argument("--img-size", type=int, default=224, help="input side the table is computed for (default 224)")
+    p.add_argument("--data", default=None, metavar="DIR_OR_ZIP",
+                   help="also measure, on these images, per stage the cosine similarity of the transformed model's "
+                        "output to the plain model's output after the same block (and top-1 agreement when both classify)")
+    p.add_argument("--eval-images", type=int, default=32, metavar="N", help="images used from --data (default 32)")
+    p.add_argument("--plain", default=None, help="with --data: the plain checkpoint to compare with (default: MODEL)")
+    add_old_names(p, {"--similarity": "--data", "--max-images": "--eval-images"})
     p.set_defaults(func="hpvit.cli.convert:cmd_info")
 
     p = sub.add_parser("export", help="write an ONNX file of a model: classifier logits or the 4-level pyramid")
-    p.add_argument("model", help="a file hpvit wrote (.safetensors) or a plain ViT checkpoint (converted with --config)")
+    add_model_positional(p, "a file or run folder hpvit wrote (classifier, detector, segmenter, adapt) or a plain ViT "
+                            "checkpoint (converted with --config)")
     p.add_argument("-o", "--out", required=True, help="output .onnx path")
     p.add_argument("--config", default=None, help="preset for a plain checkpoint (default paper-cls)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size for a plain checkpoint")
-    p.add_argument("--pyramid", action="store_true", help="export the backbone's pyramid (p1..p4, NCHW) instead of logits")
-    p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic")
-    p.add_argument("--img-size", type=int, default=224, help="input side the graph is exported for (default 224)")
+    p.add_argument("--pyramid", action="store_true",
+                   help="export the backbone's pyramid (p1..p4, NCHW) instead of logits (always, for a detector or "
+                        "segmenter: its backbone is what is exported)")
+    p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic (default: fixed at 1)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input side the graph is exported for (default: the training size recorded in the file or run, "
+                        "else 224)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    add_overwrite_arg(p)
     p.add_argument("--check", action="store_true", help="run the file with onnxruntime and print the max abs diff to PyTorch")
     p.set_defaults(func="hpvit.cli.convert:cmd_export")
 
@@ -106,21 +115,21 @@ def _saved_backbone(model, src: str, config: "str | None"):
 def cmd_info(args) -> int:
     from ..analysis import format_table, stage_table
 
-    model, plain = _build(args.src, args.config, args.num_classes, args.format, args.spec)
+    model, plain = _build(args.model, args.config, args.num_classes, args.format, args.spec)
     if plain is not None:
         print(plain.summary())
     else:
-        model = _saved_backbone(model, args.src, args.config)
+        model = _saved_backbone(model, args.model, args.config)
     print(f"config: {model.config.name}  depths={model.layout.depths}  patch stride={model.stride}  head={model.head_type}")
     print(format_table(*stage_table(model, args.img_size)))
     print(model.reuse_report().summary())
-    if getattr(args, "similarity", None):
+    if getattr(args, "data", None):
         _print_similarity(model, plain, args)
     return 0
 
 
 def _print_similarity(model, plain, args) -> None:
-    """``hpvit info --similarity IMAGES``: distance of ``model`` to its plain source, stage by stage."""
+    """``hpvit info MODEL --data IMAGES``: distance of ``model`` to its plain source, stage by stage."""
     import torch
 
     from ..analysis import format_similarity, similarity_to_plain
@@ -130,19 +139,27 @@ def _print_similarity(model, plain, args) -> None:
     from ..models.build import from_plain
 
     if model.keep_prefix:
-        raise ConfigError("--similarity compares a hierarchical config with the plain model; pick e.g. --config paper-cls")
-    if not args.max_images or args.max_images < 1:
-        raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
+        raise ConfigError("--data (the similarity measurement) compares a hierarchical config with the plain model; pick e.g. --config paper-cls")
+    if not args.eval_images or args.eval_images < 1:
+        raise ConfigError(f"--eval-images must be >= 1, got {args.eval_images}")
     if args.plain:
         plain = args.plain
     elif plain is None:
-        raise ConfigError(f"{args.src} is an hpvit file: name the plain checkpoint to compare it with, --plain PLAIN")
-    plain = from_plain(plain, "identity", format=args.format, spec_overrides=parse_key_values(args.spec, "--spec"))
-    tf = build_transform(Recipe(img_size=args.img_size), False)
-    ds = UnlabeledImages([args.similarity], tf, args.max_images, 0)
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
-    print(f"\nsimilarity to the plain model on {len(ds)} image(s) from {args.similarity} at {args.img_size} px:")
-    print(format_similarity(*similarity_to_plain(model, plain, images)))
+        raise ConfigError(f"{args.model} is an hpvit file: name the plain checkpoint to compare it with, --plain PLAIN")
+    steps = Steps(3, "info --data")
+    try:
+        steps.step(f"building the plain model from {plain if isinstance(plain, str) else args.model}")
+        plain = from_plain(plain, "identity", format=args.format, spec_overrides=parse_key_values(args.spec, "--spec"))
+        tf = build_transform(Recipe(img_size=args.img_size), False)
+        ds = UnlabeledImages([args.data], tf, args.eval_images, 0)
+        steps.step(f"decoding {len(ds)} image(s) from {args.data}")
+        images = torch.stack([ds[i][0] for i in range(len(ds))])
+        steps.step(f"running both models on {len(ds)} image(s) at {args.img_size} px")
+        result = similarity_to_plain(model, plain, images)
+    finally:
+        steps.close()
+    print(f"\nsimilarity to the plain model on {len(ds)} image(s) from {args.data} at {args.img_size} px:")
+    print(format_similarity(*result))
 
 
 def _warn_non_finite(state_dict: dict, src: str) -> list[str]:
@@ -162,15 +179,15 @@ def cmd_convert(args) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"output {out} must end in .safetensors (hpvit writes safetensors + JSON metadata)")
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; refusing to overwrite it (add --force to replace it)")
-    src_path = Path(args.src)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; refusing to overwrite it (add --overwrite to replace it)")
+    src_path = Path(args.model)
     before = src_path.stat().st_mtime_ns if src_path.is_file() else None
     steps = Steps(4 if args.validate else 3, "convert")
     try:
-        model, plain = _build(args.src, args.config, args.num_classes, args.format, args.spec, steps)
+        model, plain = _build(args.model, args.config, args.num_classes, args.format, args.spec, steps)
         if plain is None:
-            raise ConfigError(f"{args.src} is already an hpvit file; nothing to convert")
+            raise ConfigError(f"{args.model} is already an hpvit file; nothing to convert")
         return _finish_convert(args, out, model, plain, steps, src_path, before)
     finally:
         steps.close()
@@ -181,13 +198,12 @@ def _finish_convert(args, out: Path, model, plain, steps: Steps, src_path: Path,
     from ..export import save
     from ..verify import validate_identity
 
-    print(f"detected format: {plain.format}")
-    print(plain.summary())
-    _warn_non_finite(plain.state_dict, args.src)
+    print(plain.summary())  # names the detected format once
+    _warn_non_finite(plain.state_dict, args.model)
     print(model.reuse_report().summary())
     if args.validate:
         steps.step("validating the identity config against the source's own library")
-        res = validate_identity(args.src, plain=plain)
+        res = validate_identity(args.model, plain=plain)
         print(f"validate: identity config vs {res['library']}: max |diff| {res['max_abs_diff']:.3g}, "
               f"max rel diff {res['max_rel_diff']:.3g} -> {'OK' if res['ok'] else 'MISMATCH'}")
         if not res["ok"]:
@@ -196,7 +212,7 @@ def _finish_convert(args, out: Path, model, plain, steps: Steps, src_path: Path,
     if args.reparameterize:
         model.reparameterize()
     steps.step(f"writing {out}")
-    save(model, out, force=args.force)
+    save(model, out, force=args.overwrite)
     if before is not None:
         assert src_path.stat().st_mtime_ns == before
     print(f"wrote {out} (config {model.config.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
@@ -245,47 +261,131 @@ def _pca_rgb(fmap):
     return y.reshape(h, w, 3).numpy()
 
 
+DEMO_HUB_MODEL = "deit_tiny_patch16_224.fb_in1k"  # timm's pretrained DeiT-Tiny (5.7M parameters, ImageNet-1k)
+DEMO_PHOTO = "grace_hopper.jpg"  # a public-domain photo shipped with matplotlib (a dependency): mpl-data/sample_data
+
+
+def demo_photo() -> "str | None":
+    """The path of the real photo the demo uses by default, or None when this matplotlib does not ship it."""
+    try:
+        import matplotlib
+
+        p = Path(matplotlib.get_data_path()) / "sample_data" / DEMO_PHOTO
+    except Exception:  # noqa: BLE001 - an unusual matplotlib install: the demo falls back to its drawn scene
+        return None
+    return str(p) if p.is_file() else None
+
+
+def _banner(lines: "list[str]") -> None:
+    bar = "!" * 78
+    print("\n".join([bar] + [f"!! {ln}" for ln in lines] + [bar]))
+
+
+def _demo_plain(args):
+    """``(PlainViT, pretrained)`` for the demo: ``--model``, else timm's pretrained DeiT-Tiny from the hub,
+    else (offline, or ``--offline``) a randomly initialised ViT-Tiny, said loudly."""
+    import timm
+    import torch
+
+    from ..checkpoints import load_plain
+    from ..errors import CheckpointError, OfflineError
+
+    if args.model:
+        return load_plain(args.model), True
+    why = "--offline given"
+    if not args.offline:
+        try:
+            plain = load_plain(f"timm:{DEMO_HUB_MODEL}")
+            plain.source = f"timm's pretrained DeiT-Tiny ({DEMO_HUB_MODEL}, from the Hugging Face Hub)"
+            return plain, True
+        except (OfflineError, CheckpointError) as e:
+            why = f"the pretrained DeiT-Tiny could not be had: {str(e).split('. ')[0]}"
+    _banner([f"NO PRETRAINED WEIGHTS ({why}):",
+             "using a RANDOMLY INITIALISED ViT-Tiny/16 (timm architecture).",
+             "Its features and classes are meaningless; this only shows the transform working end to end.",
+             "For real features: hpvit demo --model path/to/plain_vit.pth (or run it online)"])
+    torch.manual_seed(0)
+    plain = load_plain(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict())
+    plain.source = "random ViT-Tiny/16 (no pretrained weights)"
+    return plain, False
+
+
+def _demo_input(args, size: int):
+    """``(PIL image size x size, name)``: ``--image``, else the photo shipped with matplotlib (shorter side
+    resized to size * 256 / 224, centre crop), else the drawn scene."""
+    from PIL import Image
+
+    from ..data.images import decode_image  # the guarded decoder: a bomb or a non-image is a clear error
+
+    path = args.image or demo_photo()
+    if path is None:
+        print("note: no photo found in matplotlib's sample data; using a drawn scene (pass --image PHOTO)")
+        return synthetic_scene(size), "built-in drawn scene"
+    img = decode_image(path)
+    short = round(size * 256 / 224)
+    w, h = img.size
+    img = img.resize((max(short, round(w * short / h)), max(short, round(h * short / w))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    name = path if args.image else f"{DEMO_PHOTO} (a photo shipped with matplotlib)"
+    return img.crop((left, top, left + size, top + size)), name
+
+
+def demo_tensor(img):
+    """``(H, W, 3) array in [0, 1], (1, 3, H, W) ImageNet-normalised tensor)`` of a PIL image."""
+    import numpy as np
+    import torch
+
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    return arr, torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1)).float().unsqueeze(0)
+
+
+def class_names(n: int) -> "list[str]":
+    """ImageNet-1k class names (timm's) for a 1000-class head, else ``class i``."""
+    if n == 1000:
+        try:
+            from timm.data import ImageNetInfo
+
+            info = ImageNetInfo()
+            return [info.index_to_description(i).split(",")[0] for i in range(n)]
+        except Exception:  # noqa: BLE001 - an older timm without the class list: indices still tell the classes apart
+            pass
+    return [f"class {i}" for i in range(n)]
+
+
+def top5(logits, names: "list[str]") -> "list[tuple[str, float]]":
+    p = logits.softmax(-1)[0]
+    v, i = p.topk(min(5, p.numel()))
+    return [(names[k], float(x)) for k, x in zip(i.tolist(), v.tolist())]
+
+
 def cmd_demo(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    import timm
     import torch
-    from PIL import Image
 
     from ..analysis import format_table, stage_table
-    from ..checkpoints import load_plain
     from ..checkpoints.native import is_hpvit_model_file
     from ..export import load
     from ..models.build import from_plain
     from ..utils import atomic_write
 
     t0 = time.time()
-    model, plain = None, None
-    if args.checkpoint and is_hpvit_model_file(args.checkpoint):
-        model = _saved_backbone(load(args.checkpoint), args.checkpoint, None).eval()
+    plain, pretrained = None, True
+    if args.model and is_hpvit_model_file(args.model):
+        model = _saved_backbone(load(args.model), args.model, None).eval()
         source = model.reuse_report().source
-    elif args.checkpoint:
-        plain = load_plain(args.checkpoint)
     else:
-        banner = "!" * 78
-        print(banner)
-        print("!! NO --checkpoint GIVEN: using a RANDOMLY INITIALISED ViT-Tiny/16 (timm architecture).")
-        print("!! Its features are meaningless; this only shows the transform working end to end.")
-        print("!! For real features: hpvit demo --checkpoint path/to/plain_vit.pth")
-        print(banner)
-        torch.manual_seed(0)
-        sd = timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict()
-        plain = load_plain(sd)
-        plain.source = "random ViT-Tiny/16 (no checkpoint)"
-    if model is None:
+        plain, pretrained = _demo_plain(args)
         model = from_plain(plain, config=args.config).eval()
         source = plain.source
         print(plain.summary())
     if model.keep_prefix or len(model.feature_info) != 4:
-        where = f"{args.checkpoint} holds a {model.config.name} model" if plain is None else f"--config {args.config}"
+        where = f"{args.model} holds a {model.config.name} model" if plain is None else f"--config {args.config}"
         raise ConfigError(f"the demo shows a 4-level feature pyramid, but {where}; use a hierarchical config "
                           "(paper-cls, paper-det, paper-seg) or a file converted with one")
     print()
@@ -294,60 +394,124 @@ def cmd_demo(args) -> int:
     print(format_table(*stage_table(model, args.img_size)))
 
     size = args.img_size
-    if args.image:
-        from ..data.images import decode_image  # the guarded decoder: a bomb or a non-image is a clear error
-
-        img = decode_image(args.image).resize((size, size), Image.BICUBIC)
-        img_name = args.image
-    else:
-        img = synthetic_scene(size)
-        img_name = "built-in synthetic scene"
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    x = torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1)).float().unsqueeze(0)
+    img, img_name = _demo_input(args, size)
+    arr, x = demo_tensor(img)
+    ranked = []  # (title, top-5)
     with torch.no_grad():
         maps = model.forward_pyramid(x)
+        if model.num_classes > 0:
+            names = class_names(model.num_classes)
+            if plain is not None and plain.spec.num_classes == model.num_classes:
+                ranked.append(("plain ViT (identity config: the source exactly)",
+                               top5(from_plain(plain, "identity").eval()(x), names)))
+            ranked.append((f"transformed ({model.config.name}, before any fine-tuning)", top5(model(x), names)))
+    for title, rows in ranked:
+        print(f"\ntop-5 classes, {title}:")
+        for name, pr in rows:
+            print(f"  {pr * 100:5.1f}%  {name}")
 
-    fig, axes = plt.subplots(1, 5, figsize=(17, 3.8))
+    fig = plt.figure(figsize=(17, 6.6 if ranked else 3.8))
+    grid = fig.add_gridspec(2 if ranked else 1, 5, height_ratios=(1, 0.8) if ranked else None)
+    axes = [fig.add_subplot(grid[0, i]) for i in range(5)]
     axes[0].imshow(arr)
     axes[0].set_title(f"input {size}x{size}")
-    for ax, fm, s in zip(axes[1:], maps, model.strides):
+    for ax, fm, st in zip(axes[1:], maps, model.strides):
         ax.imshow(_pca_rgb(fm[0]), interpolation="nearest")
-        ax.set_title(f"1/{s}: {fm.shape[-2]}x{fm.shape[-1]}x{fm.shape[1]}")
+        ax.set_title(f"1/{st}: {fm.shape[-2]}x{fm.shape[-1]}x{fm.shape[1]}")
     for ax in axes:
         ax.axis("off")
-    fig.suptitle(f"hpvit {model.config.name} from {source} — feature maps (first 3 principal components)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))  # room for the suptitle above the panel titles
+    spans = [slice(0, 2), slice(3, 5)] if len(ranked) == 2 else [slice(1, 4)]
+    top = max((r[1] for _, rows in ranked for r in rows), default=0.01) * 100
+    for (title, rows), span in zip(ranked, spans):  # one probability scale for both, so they compare honestly
+        ax = fig.add_subplot(grid[1, span])
+        labels, probs = [r[0] for r in rows][::-1], [r[1] * 100 for r in rows][::-1]
+        ax.barh(range(len(rows)), probs, color="tab:blue" if title.startswith("plain") else "tab:orange")
+        ax.set_yticks(range(len(rows)), labels, fontsize=9)
+        for i, v in enumerate(probs):
+            ax.text(v, i, f" {v:.1f}%" if v >= 1 else f" {v:.2f}%", va="center", fontsize=8)
+        ax.set_xlim(0, min(100.0, top * 1.3))
+        ax.set_title(f"top-5, {title}", fontsize=10)
+        ax.set_xlabel("probability (%)" + ("" if title.startswith("plain") else
+                                           " (fine-tune with train cls, or align with adapt, before trusting it)"))
+    what = "" if pretrained else " — RANDOM WEIGHTS: features and classes are meaningless"
+    fig.suptitle(f"hpvit {model.config.name} from {source}{what}\nfeature maps: first 3 principal components; "
+                 f"input: {img_name}", fontsize=10, color="black" if pretrained else "darkred")
+    fig.tight_layout(rect=(0, 0, 1, 0.94 if ranked else 0.88))  # room for the suptitle above the panel titles
     out = Path(args.out)
     try:
         atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), force=True)
     finally:
         plt.close(fig)
     print()
-    print(f"input: {img_name}; pyramid: " + ", ".join(f"1/{s} {tuple(m.shape)}" for s, m in zip(model.strides, maps)))
+    print(f"input: {img_name}; pyramid: " + ", ".join(f"1/{st} {tuple(m.shape)}" for st, m in zip(model.strides, maps)))
     print(f"wrote {out} in {time.time() - t0:.1f}s")
     return 0
+
+
+def _export_source(args):
+    """``(HierarchicalViT, pyramid, img_size, why)`` for ``hpvit export``: from any file or run folder hpvit wrote
+    (a detector or segmenter gives its backbone's pyramid) or a plain checkpoint, at the size the model was
+    trained at unless ``--img-size`` says otherwise."""
+    import json
+
+    from ..checkpoints.native import is_hpvit_model_file, model_file
+    from ..errors import OutputError
+    from ..export import load
+    from ..models.build import from_plain
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise OutputError(f"{out} exists; refusing to overwrite it (add --overwrite to replace it, or choose another path)")
+    pyramid, size, why = args.pyramid, None, "no training size recorded"
+    if is_hpvit_model_file(args.model):
+        f = Path(model_file(args.model))
+        model = load(f)
+        meta = getattr(model, "hpvit_meta", None)
+        if meta is not None:  # a detector / segmenter: its heads (torchvision's Mask R-CNN, UperNet) stay in PyTorch
+            vit = model.body.vit
+            what = {"det": "Mask R-CNN detector", "seg": "UperNet segmenter"}.get(meta.get("task"), meta.get("task"))
+            if vit.keep_prefix or len(vit.feature_info) < 2:
+                raise ConfigError(f"{args.model} is a {what} on the plain {meta.get('config_name')} backbone, whose "
+                                  "single-scale ViT has no hierarchical pyramid to export (its simple feature pyramid "
+                                  "lives in the detection/segmentation wrapper, which is not exported); export works "
+                                  "for transformed backbones (paper-det, paper-seg)")
+            if not pyramid:
+                print(f"note: {args.model} is a {what}: exporting its backbone's {len(vit.feature_info)}-level pyramid "
+                      "(the task head is not exported; run it in PyTorch with hpvit.load)")
+            model, pyramid = vit, True
+            size, why = meta.get("img_size") or meta.get("crop"), "its training size"
+        pre = f.parent / "model.json"  # classifier / adapt runs: the preprocessing record next to the model
+        if size is None and pre.is_file():
+            try:
+                size, why = json.loads(pre.read_text()).get("img_size"), f"its training size ({pre.name})"
+            except (OSError, json.JSONDecodeError):
+                size = None
+    else:
+        model = from_plain(args.model, config=args.config or "paper-cls", num_classes=args.num_classes)
+    if args.img_size:
+        size, why = args.img_size, "--img-size"
+    elif not size:
+        size = 224
+    return model, pyramid, int(size), why
 
 
 def cmd_export(args) -> int:
     """``hpvit export MODEL -o OUT.onnx [--pyramid] [--dynamic-batch] [--img-size N] [--check]``."""
     import torch
 
-    from ..checkpoints.native import is_hpvit_file
-    from ..export import compare_onnx, export_onnx, load, output_names
-    from ..models.build import from_plain
+    from ..export import compare_onnx, export_onnx, output_names
 
-    if is_hpvit_file(args.model):
-        model = load(args.model)
-    else:
-        model = from_plain(args.model, config=args.config or "paper-cls", num_classes=args.num_classes)
-    path = export_onnx(model, args.out, img_size=args.img_size, pyramid=args.pyramid,
-                       dynamic_batch=args.dynamic_batch, opset=args.opset, force=args.force)
-    outs = output_names(model, args.pyramid)
-    print(f"wrote {path}: images (B, {model.spec.in_chans}, {args.img_size}, {args.img_size}) -> {', '.join(outs)}"
-          f"{' (dynamic batch)' if args.dynamic_batch else ''}")
+    model, pyramid, size, why = _export_source(args)
+    path = export_onnx(model, args.out, img_size=size, pyramid=pyramid, dynamic_batch=args.dynamic_batch,
+                       opset=args.opset, force=args.overwrite)
+    outs = output_names(model, pyramid)
+    batch = "B" if args.dynamic_batch else "1"
+    print(f"wrote {path}: input images ({batch}, {model.spec.in_chans}, {size}, {size}) float32 at {size} px ({why}) -> "
+          f"{', '.join(outs)}; " + ("batch dimension dynamic" if args.dynamic_batch else
+                                     "batch fixed at 1 (add --dynamic-batch for any batch)")
+          + "; height and width are fixed")
     if args.check:
-        x = torch.randn(2 if args.dynamic_batch else 1, model.spec.in_chans, args.img_size, args.img_size)
-        diff = compare_onnx(model, path, x, args.pyramid)
+        x = torch.randn(2 if args.dynamic_batch else 1, model.spec.in_chans, size, size)
+        diff = compare_onnx(model, path, x, pyramid)
         print(f"onnxruntime vs PyTorch: max abs diff {diff:.2e}")
     return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_run_args, add_subset_args, dense_recipe, eval_out_dir, evaluate_saved, parse_key_values, run_training
+from .common import (add_device_args, add_format_arg, add_model_arg, add_old_names, add_run_args, add_subset_args,
+                     dense_recipe, eval_out_dir, evaluate_saved, parse_key_values, run_training)
 
 TRAIN_HELP = "train Mask R-CNN (FPN) on a transformed or plain ViT backbone with COCO-format data"
 EVAL_HELP = "COCO box / mask AP of a trained Mask R-CNN, predictions json and a PNG of predictions"
@@ -12,13 +13,13 @@ EVAL_HELP = "COCO box / mask AP of a trained Mask R-CNN, predictions json and a 
 
 def add_dense_train_args(p: argparse.ArgumentParser, default_config: str, configs: str) -> None:
     """Flags shared by ``train det`` and ``train seg``."""
-    p.add_argument("--init", help="plain ViT checkpoint (file, HF folder, timm:<name>) or an hpvit file (e.g. "
-                                  "`hpvit adapt`'s output); required unless --dry-run")
+    add_model_arg(p, "the model to start from: a plain ViT checkpoint (file, HF folder, timm:<name>) or a file "
+                     "hpvit wrote (e.g. `hpvit adapt`'s output); required unless --dry-run", required=False, old="--init")
     p.add_argument("--config", default=default_config, help=configs)
-    p.add_argument("--format", default=None, help="force the checkpoint format instead of auto-detecting it")
+    add_format_arg(p)
     p.add_argument("--out", help="output directory (checkpoint, recipe.json, metrics.jsonl, results.json, PNGs); "
                                  "required unless --dry-run")
-    p.set_defaults(required_unless_dry_run=("--init", "--out"))
+    p.set_defaults(required_unless_dry_run=("--model", "--out"))
     task = "det" if "det" in default_config else "seg"
     p.add_argument("--recipe", default=f"{task}-default",
                    help=f"recipe name or JSON file (default {task}-default, sized for small runs); the paper's rows: "
@@ -31,40 +32,28 @@ def add_dense_train_args(p: argparse.ArgumentParser, default_config: str, config
                    help="with --dry-run: processes to plan for (default: WORLD_SIZE, else 1)")
     p.add_argument("--dry-run-images", type=int, default=None, metavar="N",
                    help="with --dry-run: training images to plan for (default: the recipe's dataset_images)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="per-process batch size")
-    p.add_argument("--accum-steps", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="absolute learning rate")
-    p.add_argument("--warmup-epochs", type=float, default=None)
-    p.add_argument("--layer-decay", type=float, default=None)
-    p.add_argument("--drop-path", type=float, default=None)
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None)
-    p.add_argument("--grad-checkpointing", action="store_true", default=None)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (at most the usable cores)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs (and at the end)")
-    p.add_argument("--ckpt-every-steps", type=int, default=None)
     add_run_args(p)
 
 
 def add_det_train_args(p: argparse.ArgumentParser) -> None:
     add_dense_train_args(p, "paper-det", "paper-det (transformed backbone, default) or plain-det (the ViTDet-style plain baseline)")
     p.add_argument("--ann", help="COCO instances json (polygon or RLE masks); required unless --dry-run")
-    p.add_argument("--images", help="folder holding the json's file_name images; required unless --dry-run")
-    p.set_defaults(required_unless_dry_run=("--init", "--out", "--ann", "--images"))
+    p.add_argument("--data", help="image folder holding the json's file_name images; required unless --dry-run")
+    p.set_defaults(required_unless_dry_run=("--model", "--out", "--ann", "--data"))
     add_subset_args(p, slices=True, aliases={"--val-images": "--eval-images"})
-    p.add_argument("--val-ann", default=None, help="validation json (default: --ann restricted to --eval-images)")
-    p.add_argument("--val-images-dir", default=None, help="image folder of --val-ann (default: --images)")
+    p.add_argument("--eval-ann", default=None, help="evaluation json (default: --ann restricted to --eval-images)")
+    p.add_argument("--eval-data", default=None, help="image folder of --eval-ann (default: --data)")
+    add_old_names(p, {"--images": "--data", "--val-ann": "--eval-ann", "--val-images-dir": "--eval-data"})
     p.add_argument("--lsj", action="store_true", help="large-scale jitter (scale 0.1-2.0, crop/pad to img-size square)")
     p.add_argument("--rcnn", action="append", metavar="KEY=VALUE",
                    help="torchvision MaskRCNN argument (repeatable), e.g. box_batch_size_per_image=128")
 
 
 def add_det_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a `hpvit train det` output directory or its model.safetensors")
+    add_model_arg(p, "a `hpvit train det` output directory or its model.safetensors")
     p.add_argument("--ann", required=True, help="COCO instances json to evaluate on")
-    p.add_argument("--images", required=True, help="image folder of --ann")
+    p.add_argument("--data", required=True, help="image folder of --ann")
+    add_old_names(p, {"--images": "--data"})
     add_subset_args(p, slices=True, train=False, aliases={"--val-images": "--eval-images"})
     p.add_argument("--out", default=None, help="output directory (default: MODEL_DIR/eval)")
     p.add_argument("--img-size", type=int, default=None, help="longer side (default: the training size)")
@@ -72,10 +61,9 @@ def add_det_eval_args(p: argparse.ArgumentParser) -> None:
                    help="resize the shorter side to this instead (the 1x protocol's 800), longer side capped by "
                         "--max-long-side")
     p.add_argument("--max-long-side", type=int, default=None, help="with --short-side: longer side at most this (1333)")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--vis-images", type=int, default=4, help="images drawn into predictions.png")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default 2)")
+    p.add_argument("--vis-images", type=int, default=4, metavar="N", help="images drawn into predictions.png (default 4)")
+    add_device_args(p)
 
 
 def as_range(spec: "str | None") -> "str | None":
@@ -91,8 +79,8 @@ def run_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = dense_recipe(args)
-    task = DetectionTask(args.init, recipe, config=args.config, ann=args.ann, images=args.images, out=args.out,
-                         train_range=as_range(args.train_images), val_ann=args.val_ann, val_images=args.val_images_dir,
+    task = DetectionTask(args.model, recipe, config=args.config, ann=args.ann, images=args.data, out=args.out,
+                         train_range=as_range(args.train_images), val_ann=args.eval_ann, val_images=args.eval_data,
                          val_range=as_range(args.eval_images), lsj=args.lsj, fmt=args.format,
                          rcnn=parse_key_values(args.rcnn, "--rcnn"))
     return run_training(task, recipe, args)
@@ -114,7 +102,7 @@ def run_eval(args) -> int:
     model = load_dense(args.model, "det")
     meta = model.hpvit_meta
     out = eval_out_dir(args.model, args.out)
-    src = CocoSource(args.ann, args.images)
+    src = CocoSource(args.ann, args.data)
     if src.cat_ids != meta["cat_ids"]:
         raise ConfigError(f"{args.ann}: its categories differ from the model's ({len(src.cat_ids)} vs "
                           f"{len(meta['cat_ids'])}); evaluate on data with the training category list")
@@ -131,4 +119,4 @@ def run_eval(args) -> int:
                                          out / "predictions.png"))}
     return evaluate_saved(model, ds, DetectionEvaluator(src, idx, out), device=args.device, batch_size=args.batch_size,
                           desc=f"evaluating {split}", collate_fn=collate_detection, prepare=prepare_detection,
-                          report=rep, results_json=out / "results.json")
+                          headline=("bbox_AP", "segm_AP", "bbox_AP50"), report=rep, results_json=out / "results.json")

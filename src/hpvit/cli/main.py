@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from ..errors import HPViTError
 from . import adapt, bench, cls, convert, det, seg
-from .common import OS_ERRNOS, os_error_message
+from .common import OS_ERRNOS, check_names, merge_model_args, os_error_message
 
 TASKS = (("cls", cls), ("det", det), ("seg", seg))
 
@@ -51,6 +51,10 @@ def main(argv: "list[str] | None" = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    merge_model_args(args, parser)
+    missing = [f for f in getattr(args, "required_flags", ()) if getattr(args, f[2:].replace("-", "_")) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     if not getattr(args, "dry_run", False):
         missing = [f for f in getattr(args, "required_unless_dry_run", ()) if getattr(args, f[2:].replace("-", "_")) is None]
         if missing:
@@ -58,6 +62,7 @@ def main(argv: "list[str] | None" = None) -> int:
     elif hasattr(args, "required_unless_dry_run"):
         args.func = "hpvit.cli.common:run_dry_run"
     try:
+        check_names(args)  # a wrong --config / --recipe is an error before any file is read
         importlib.import_module("hpvit.models.registry")  # what `import hpvit` does outside the CLI (timm names)
         rc = resolve_func(args.func)(args)
     except (HPViTError, FileExistsError, FileNotFoundError) as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_subset_args, dense_recipe, eval_out_dir, evaluate_saved, run_training
+from .common import add_device_args, add_model_arg, add_old_names, add_subset_args, dense_recipe, eval_out_dir, evaluate_saved, run_training
 from .det import add_dense_train_args
 
 TRAIN_HELP = "train UperNet on a transformed or plain ViT backbone (CamVid / ADE20K / Cityscapes layouts)"
@@ -29,23 +29,23 @@ def _add_seg_data_args(p: argparse.ArgumentParser, train: bool = False) -> None:
 def add_seg_train_args(p: argparse.ArgumentParser) -> None:
     add_dense_train_args(p, "paper-seg", "paper-seg (transformed backbone, default) or plain-seg (the BEiT-style plain baseline)")
     _add_seg_data_args(p, train=True)
-    p.set_defaults(required_unless_dry_run=("--init", "--out", "--data"))
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--val-split", default="val", help="evaluation split ('' for none)")
+    p.set_defaults(required_unless_dry_run=("--model", "--out", "--data"))
+    p.add_argument("--train-split", default="train", help="training split folder (default train)")
+    p.add_argument("--eval-split", default="val", help="evaluation split folder (default val; '' for none)")
+    add_old_names(p, {"--val-split": "--eval-split"})
     add_subset_args(p, slices=True, aliases={"--max-train-images": "--train-images", "--max-val-images": "--eval-images"})
     p.add_argument("--head-channels", type=int, default=128, help="UperNet width (512 in mmseg's ViT-B configs)")
 
 
 def add_seg_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a `hpvit train seg` output directory or its model.safetensors")
+    add_model_arg(p, "a `hpvit train seg` output directory or its model.safetensors")
     _add_seg_data_args(p)
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="split folder to evaluate (default val)")
     add_subset_args(p, slices=True, train=False, aliases={"--max-val-images": "--eval-images"})
     p.add_argument("--crop", type=int, default=None, help="sliding-window size (default: the training crop)")
     p.add_argument("--out", default=None, help="output directory (default: MODEL_DIR/eval)")
-    p.add_argument("--vis-images", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--vis-images", type=int, default=3, metavar="N", help="images drawn into predictions.png (default 3)")
+    add_device_args(p)
 
 
 def run_train(args) -> int:
@@ -56,9 +56,9 @@ def run_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = dense_recipe(args)
-    data = SegData(args.data, args.layout, args.train_split, args.val_split or None, args.train_images,
+    data = SegData(args.data, args.layout, args.train_split, args.eval_split or None, args.train_images,
                    args.eval_images, args.base_size, args.ignore_value)
-    task = SegmentationTask(args.init, recipe, data, config=args.config, out=args.out, mode=args.mode,
+    task = SegmentationTask(args.model, recipe, data, config=args.config, out=args.out, mode=args.mode,
                             head_channels=args.head_channels, fmt=args.format)
     return run_training(task, recipe, args)
 
@@ -95,5 +95,5 @@ def run_eval(args) -> int:
                                          out / "predictions.png"))}
     return evaluate_saved(model, ds, SegmentationEvaluator(layout.classes, args.mode, crop), device=args.device,
                           batch_size=1, desc=f"evaluating {args.split}", collate_fn=collate_seg,
-                          prepare=prepare_segmentation, report=rep, results_json=out / "results.json",
+                          prepare=prepare_segmentation, headline=("mIoU", "mAcc", "aAcc"), report=rep, results_json=out / "results.json",
                           shown=lambda m: {k: v for k, v in m.items() if not k.startswith(("IoU.", "Acc."))})

@@ -87,11 +87,11 @@ class CurvesHook(Hook):
 
     def after_epoch(self, t: "Trainer") -> None:
         if t.dist.is_main:
-            plot_curves(t.metrics.read(), t.out / "curves.png", t.task.primary_metric)
+            plot_curves(t.metrics.read(), t.out / "curves.png", t.task.primary_metric, units=t._units())
 
     def after_train(self, t: "Trainer") -> None:
         plot_curves(t.metrics.read(), t.out / "curves.png", t.task.primary_metric,
-                    "no evaluation set in this run" if t.eval_ds is None else "no evaluation yet")
+                    "no evaluation set in this run" if t.eval_ds is None else "no evaluation yet", units=t._units())
 
 
 class UpdateHooks(Hook):

@@ -175,10 +175,10 @@ class MetricsFile:
 
 
 def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "top1",
-                empty_note: str = "no evaluation yet") -> None:
+                empty_note: str = "no evaluation yet", units: "dict[str, str] | None" = None) -> None:
     """Training loss per logged step and evaluation ``metric`` per epoch, side by side; every logged point
     is drawn with a marker, so a run with a single record still shows it. ``empty_note`` fills the evaluation
-    panel when there is no evaluation record."""
+    panel when there is no evaluation record; ``units`` (the task's metric_units) names the metric's unit."""
     recs = list(records)
     tr = [r for r in recs if r.get("kind") == "train"]
     ev = [r for r in recs if r.get("kind") == "eval"]
@@ -189,10 +189,19 @@ def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "to
     else:
         a.text(0.5, 0.5, "no training loss logged yet", ha="center", va="center", transform=a.transAxes)
     a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    steps = sorted({r["step"] for r in tr})
+    if 0 < len(steps) <= 12:  # few points: one tick per logged step (no fractional steps), each value written
+        a.set_xticks(steps)
+        a.margins(x=0.15, y=0.2)
+        if len(steps) <= 3:
+            for r in tr:
+                a.annotate(f"{r['loss']:.3g}", (r["step"], r["loss"]), textcoords="offset points", xytext=(0, 6),
+                           ha="center", fontsize=8)
     a.set_xlabel("optimizer step")
     a.set_ylabel("training loss")
     a.set_title(f"training loss ({len(tr)} logged point{'s' if len(tr) != 1 else ''})")
     a.grid(alpha=0.3)
+    unit = (units or {}).get(metric, "%" if metric in PERCENT_METRICS else "")
     if ev:
         xs = [r["epoch"] for r in ev]
         b.plot(xs, [r.get(metric, float("nan")) for r in ev], "o-", ms=6, label=metric)
@@ -200,16 +209,25 @@ def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "to
             b.plot(xs, [r.get("ema_" + metric, float("nan")) for r in ev], "s--", ms=6, label="EMA " + metric)
         for x, r in zip(xs, ev):
             if isinstance(r.get(metric), (int, float)):
-                b.annotate(f"{r[metric]:.3g}", (x, r[metric]), textcoords="offset points", xytext=(0, 6), ha="center",
-                           fontsize=8)
+                b.annotate(f"{r[metric]:.3g}{'%' if unit.startswith('%') else ''}", (x, r[metric]),
+                           textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
         b.set_xticks(sorted(set(xs)))
         b.margins(x=0.1, y=0.15)
+        vals = [r[metric] for r in ev if isinstance(r.get(metric), (int, float))]
+        if vals and max(vals) - min(vals) < (5.0 if unit.startswith("%") else 0.02):  # flat / one point: a readable span
+            mid, half = (max(vals) + min(vals)) / 2, (5.0 if unit.startswith("%") else max(0.02, 0.2 * abs(max(vals))))
+            lo, hi = mid - half, mid + half
+            if unit.startswith("%"):
+                lo, hi = max(lo, -1.0), min(hi, 101.0)
+            b.set_ylim(lo, hi)
         b.legend()
     else:
         b.text(0.5, 0.5, empty_note, ha="center", va="center", transform=b.transAxes)
     split = ev[-1].get("split") if ev else None
     b.set_xlabel("epoch")
-    b.set_ylabel(metric + (" (%)" if metric in PERCENT_METRICS else ""))
+    b.set_ylabel(metric + (f" ({_short_unit(unit)})" if unit else ""), fontsize=9)
+    if unit and len(unit) > 20:  # the unit in words under the panel
+        b.text(0.5, -0.2, f"{metric}: {unit}", transform=b.transAxes, ha="center", va="top", fontsize=8, wrap=True)
     b.set_title(f"evaluation{' on ' + str(split) if split and split != 'eval' else ''}")
     b.grid(alpha=0.3)
     fig.tight_layout()
@@ -217,6 +235,11 @@ def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "to
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), force=True)
     finally:
         plt.close(fig)
+
+
+def _short_unit(unit: str) -> str:
+    """The axis label's part of a unit in words: "%" for a percentage, else the words before the first comma."""
+    return "%" if unit.startswith("%") else unit.split(",")[0].split(" (")[0][:40]
 
 
 PERCENT_METRICS = {"top1", "top5", "mIoU", "mAcc", "aAcc", "bbox_AP", "segm_AP", "bbox_AP50", "agreement_top1"}

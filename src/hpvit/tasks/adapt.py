@@ -33,6 +33,7 @@ from ..checkpoints import load_plain
 from ..config import get_config
 from ..data import build_transform
 from ..data.unlabeled import UnlabeledImages
+from ..engine.logging import log
 from ..engine.recipe import Recipe
 from ..engine.task import Task
 from ..errors import ConfigError
@@ -47,6 +48,15 @@ TARGETS = ("features", "logits")  # also in tasks/_args.py (the --targets help)
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "model_ema.safetensors"
 PREPROC_FILE = "model.json"
+# What adapt measures on the held-out images (--eval-data), in words and units: results.json's metric_units,
+# the epoch log line and curves.png use these.
+METRIC_UNITS = {
+    "agree1": "% of held-out images whose top-1 class is the plain model's top-1 class (100 = same predictions)",
+    "kl": "KL divergence of the model's class distribution from the plain model's, nats per image (0 = identical)",
+    "feat_dist": "cosine distance of the last stage's map to the plain model's tokens after the same block, mean over "
+                 "images (0 = same direction, 1 = unrelated, 2 = opposite)",
+    "eval_count": "held-out images measured",
+}
 
 
 def map_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -76,6 +86,8 @@ class AdaptTask(Task):
     """Distil a transformed model toward its plain source on unlabeled images (see the module docstring)."""
 
     name = "adapt"
+    metric_units = METRIC_UNITS
+    summary_metrics = ("agree1", "kl", "feat_dist")
 
     def __init__(self, init: str, images: list[str], recipe: Recipe, *, config: Any = "paper-cls", fmt: str | None = None,
                  eval_images: list[str] | None = None, targets: tuple[str, ...] = TARGETS, temperature: float = 1.0,
@@ -130,6 +142,9 @@ class AdaptTask(Task):
         ev = None
         if self.eval_images:
             ev = UnlabeledImages(self.eval_images, build_transform(r, False), self.max_eval_samples, r.seed)
+            log("adapt measures, on the held-out images, how close the model is to its plain source: "
+                + "; ".join(f"{k} = {METRIC_UNITS[k]}" for k in self.summary_metrics)
+                + " (agree1 and kl only when the source has a classifier)")
         return train, ev
 
     def prepare_batch(self, batch, device, train):

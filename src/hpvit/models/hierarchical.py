@@ -21,6 +21,7 @@ from ..config import HPViTConfig, get_config
 from ..errors import ConfigError, InputError
 from ..layers import Block, Downsample, PatchEmbed, pad_partition, resample_abs_pos_embed, unpartition_crop
 from ..layers.attention import Attention, DropPath, Mlp
+from ..layers.capture import is_graph_capture
 from .reuse import ReuseReport
 
 # Inference on CPU works through large stages this many bytes of MLP hidden activations at a time
@@ -239,7 +240,16 @@ class HierarchicalViT(nn.Module):
         if self.pos_embed is None:
             return None
         gh, gw = self.pos_grid
-        return _pos_embed_at(self.pos_embed, self.pos_embed_prefix, gh, gw, h, w)
+        if is_graph_capture() or self.training or torch.is_grad_enabled():
+            return _pos_embed_at(self.pos_embed, self.pos_embed_prefix, gh, gw, h, w)
+        # inference: the resampled grid depends only on the stored tensor and (h, w); reuse it while the
+        # tensor is unchanged (any in-place update bumps _version; a new tensor has another data_ptr)
+        p = self.pos_embed
+        key = (h, w, p.data_ptr(), p._version, p.dtype, p.device)
+        hit = getattr(self, "_pos_cache", None)
+        if hit is None or hit[0] != key:
+            hit = self._pos_cache = (key, _pos_embed_at(p, self.pos_embed_prefix, gh, gw, h, w).contiguous())
+        return hit[1]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` -> the first stage's input: a map ``(B, H0, W0, D)`` with the (resampled)

@@ -24,10 +24,9 @@ def _deployment():
     return mod
 
 
-@pytest.mark.parametrize("name", ["hpvit-T/paper-det", "hpvit-T/plain-det"])
-def test_dense_rows_are_pyramid_backbones(name):
+def test_dense_rows_are_pyramid_backbones():
     torch.manual_seed(0)
-    m = build_model(name).eval()
+    m = build_model("hpvit-T/paper-det").eval()
     with torch.no_grad():
         feats = m(torch.randn(1, 3, 64, 96))
     assert [tuple(f.shape[-2:]) for f in feats] == [(64 // s, 96 // s) for s in (4, 8, 16, 32)]

@@ -3,7 +3,7 @@
 1. ``table``: latency at batch 1, throughput at batch 8 and 32, peak inference memory, for timm's ViT /
    Hiera / Swin and the hpvit presets (random init, no download), all timed round-robin in ONE
    ``hpvit.bench.benchmark`` run (medians; peak memory in fresh processes).
-2. ``sizes``: how the cost of the dense backbones (``paper-det``, ``plain-det``: forward -> the 4 maps
+2. ``sizes``: how the cost of the dense backbones (``paper-det``, ``grid-det``, ``plain-det``: forward -> the 4 maps
    Mask R-CNN / UperNet read) grows with the image side (224, 384, 512, 1024 px): GFLOPs, batch-1 latency,
    peak inference memory; one benchmark run per size (the backbones round-robin within it), and a plot.
 
@@ -29,8 +29,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from hpvit.bench import SIZES, TIMM_FAMILY, benchmark  # noqa: E402
 from hpvit.utils import atomic_write, write_text_atomic  # noqa: E402
 
-TABLE_VARIANTS = ("paper-cls", "fast-cls", "lite-cls")
-SWEEP_VARIANTS = ("paper-det", "plain-det")
+TABLE_VARIANTS = ("paper-cls", "fast-cls", "lite-cls", "grid-cls", "grid-lite-cls")
+SWEEP_VARIANTS = ("paper-det", "grid-det", "plain-det")
 
 
 def table_models(size: str) -> list[str]:

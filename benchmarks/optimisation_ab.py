@@ -39,7 +39,7 @@ def unoptimised():
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", default="lite-cls,paper-cls")
+    ap.add_argument("--configs", default="lite-cls,grid-lite-cls,paper-cls")
     ap.add_argument("--model", default="vit_base_patch16_224")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--img-size", type=int, default=224)

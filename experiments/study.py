@@ -48,6 +48,14 @@ CLS_ROWS: dict[str, list[str]] = {
     "paper-cls-fixes": ["--init", str(DEIT), "--config", str(CFG / "paper-cls-fixes.json")],
     "adapted": ["--init", str(ADAPTED)],
     "fast-cls-fixes": ["--init", str(DEIT), "--config", str(CFG / "fast-cls-fixes.json")],
+    # issue 19: the grid-* presets (phase attention, subsample + conv pools, class token from block 1)
+    "grid-cls": ["--init", str(DEIT), "--config", "grid-cls"],
+    "grid-fast-cls": ["--init", str(DEIT), "--config", "grid-fast-cls"],
+    "grid-lite-cls": ["--init", str(DEIT), "--config", "grid-lite-cls"],
+    # diagnostics: grid-cls without the pool convs (pure subsample), and with the class-token copies averaged
+    "grid-cls-sub": ["--init", str(DEIT), "--config", str(CFG / "grid-cls-sub.json")],
+    "grid-cls-mean": ["--init", str(DEIT), "--config", str(CFG / "grid-cls-mean.json")],
+    "grid-lite-cls-p0": ["--init", str(DEIT), "--config", str(CFG / "grid-lite-cls-p0.json")],  # sub_phase=0
 }
 
 SEG_COMMON = ["train", "seg", "--data", str(DATA / "camvid"), "--layout", "camvid", "--base-size", "240",
@@ -58,8 +66,22 @@ SEG_ROWS: dict[str, list[str]] = {
     "paper-seg": ["--init", str(DEIT), "--config", "paper-seg", *OLD_LR],
     "paper-seg-fixes": ["--init", str(DEIT), "--config", str(CFG / "paper-seg-fixes.json")],
     "adapted": ["--init", str(ADAPTED)],
+    "grid-seg": ["--init", str(DEIT), "--config", "grid-seg"],
 }
-TASKS = {"cls": (CLS_COMMON, CLS_ROWS, "top1"), "seg": (SEG_COMMON, SEG_ROWS, "mIoU")}
+
+# coco128: train on images 1-100, evaluate on 101-128 (box and mask AP); sized so that plain-det reaches
+# clearly non-zero box AP on the 2-core CPU (see docs/dense.md)
+COCO = DATA / "coco" / "coco128-seg"
+DET_COMMON = ["train", "det", "--ann", str(COCO / "instances_coco128seg_train2017.json"), "--images", str(COCO / "images"),
+              "--train-images", "0:100", "--eval-images", "100:128", "--img-size", "320", "--epochs", "12",
+              "--batch-size", "2", "--lr", "2e-4", "--warmup-epochs", "1", "--workers", "1", "--threads", "1"]
+DET_ROWS: dict[str, list[str]] = {
+    "plain-det": ["--init", str(DEIT), "--config", "plain-det"],
+    "paper-det": ["--init", str(DEIT), "--config", "paper-det"],
+    "grid-det": ["--init", str(DEIT), "--config", "grid-det"],
+}
+TASKS = {"cls": (CLS_COMMON, CLS_ROWS, "top1"), "seg": (SEG_COMMON, SEG_ROWS, "mIoU"),
+         "det": (DET_COMMON, DET_ROWS, "bbox_AP")}
 
 
 def hpvit_cmd(args: list[str]) -> list[str]:
@@ -99,6 +121,10 @@ def summarise(task: str) -> dict:
                           "command": " ".join(["hpvit", *TASKS[task][0], *rows[row], "--seed", "K"]).replace(str(DATA), "$DATA").replace(str(ROOT) + "/", "")}
     out = ROOT / "experiments" / "results" / f"study_{task}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_file():  # rows not re-run here keep their earlier results (and say so)
+        for row, old in json.loads(out.read_text()).items():
+            if row not in table:
+                table[row] = dict(old, reused="earlier study run (not re-run this time)") if "reused" not in old else old
     out.write_text(json.dumps(table, indent=2))
     print(f"\n{task}: {metric} (mean +- std over seeds)\n| row | {metric} | seeds | per-seed | steps | wall s/run |\n|---|---|---|---|---|---|")
     for row, t in table.items():

@@ -97,7 +97,7 @@ def _unoptimised(monkeypatch):
     monkeypatch.setattr(hierarchical, "is_graph_capture", lambda: True)
 
 
-@pytest.mark.parametrize("config,size", [("lite-cls", 64), ("paper-cls", 64), ("paper-det", 64)])
+@pytest.mark.parametrize("config,size", [("lite-cls", 64), ("paper-cls", 64), ("paper-det", 64), ("grid-lite-cls", 64), ("grid-det", 96)])
 def test_model_matches_unoptimised_path(monkeypatch, vit_tiny_sd, config, size):
     m = hpvit.from_plain(vit_tiny_sd, config)
     randomize_new_params(m, scale=0.3)

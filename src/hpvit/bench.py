@@ -23,7 +23,9 @@ and the tiny/small counterparts) and ``hpvit-{T,S,B}/<variant>`` for the transfo
 size; variants: ``paper-cls`` (avg+conv pools merged by ``reparameterize()``, the deployed form),
 ``paper-cls-avg`` (parameter-free average pools only), ``paper-cls-naive`` (the straightforward
 implementation this library started from: window partition per block, no chunking, out-of-place
-activations), ``fast-cls`` and ``lite-cls`` (efficiency presets, merged). ``--models`` also takes the
+activations), ``fast-cls`` and ``lite-cls`` (efficiency presets, merged), ``grid-cls``, ``grid-fast-cls``,
+``grid-lite-cls`` (phase attention, subsample + conv pools, merged), and the dense backbones
+``paper-det``, ``grid-det``, ``plain-det`` (forward -> the 4 maps; inference memory only). ``--models`` also takes the
 groups ``base`` (default), ``small``, ``tiny`` and ``all``. See docs/performance.md.
 """
 
@@ -59,12 +61,13 @@ TIMM_FAMILY = {
     "hiera": "hiera_{size}_224",
     "swin": "swin_{size}_patch4_window7_224",
 }
-HPVIT_VARIANTS = ("paper-cls", "paper-cls-avg", "paper-cls-naive", "fast-cls", "lite-cls")
+HPVIT_VARIANTS = ("paper-cls", "paper-cls-avg", "paper-cls-naive", "fast-cls", "lite-cls",
+                  "grid-cls", "grid-fast-cls", "grid-lite-cls")
 # dense backbones (forward -> the 4 maps at strides 4..32, as Mask R-CNN / UperNet get them), for the
 # image-size sweep (benchmarks/deployment.py); timed and counted like the classifiers, inference memory only
-DENSE_VARIANTS = ("paper-det", "plain-det")
+DENSE_VARIANTS = ("paper-det", "grid-det", "plain-det")
 MEMORY_MODES = ("infer", "train", "train_ckpt")
-GROUP_VARIANTS = ("paper-cls", "paper-cls-avg", "paper-cls-naive", "fast-cls", "lite-cls")
+GROUP_VARIANTS = ("paper-cls", "paper-cls-avg", "paper-cls-naive", "fast-cls", "lite-cls", "grid-cls", "grid-lite-cls")
 JSON_KEYS = ("name", "params_m", "gflops", "batch", "img_per_s", "latency_ms", "achieved_gflops_per_s",
              "peak_mem_infer_mb", "peak_mem_train_mb")
 

@@ -16,7 +16,10 @@ from typing import Any
 from .errors import ConfigError
 from .utils import DictIO, name_or_json
 
-POOL_KINDS = ("avgconv", "avg", "conv", "max", "gap")
+POOL_KINDS = ("avgconv", "avg", "conv", "max", "gap", "subconv", "sub")
+ATTENTION_KINDS = ("window", "phase")
+POS_SAMPLINGS = ("interpolate", "phase")
+PREFIX_MERGES = ("keep", "mean")
 POOL_PADDINGS = ("zeros", "replicate")
 CLASS_TOKEN_MODES = ("drop", "join", "auto")
 HEAD_KINDS = ("avg", "token", "auto", "none")
@@ -93,7 +96,11 @@ class HPViTConfig(DictIO):
             pool + parallel 3x3/2 conv initialised to zero), ``avg``, ``conv``, ``max`` (2x2/2) or ``gap``
             (global average pooling: the next stage runs on a single token; the paper's literal reading
             of "the last pooling layer is modified to a simple global average pooling").
-        pool_conv: ``depthwise`` or ``full`` parallel conv of ``avgconv``/``conv``.
+            ``subconv`` (phase-aligned: the stride-2 subsample ``x[::2, ::2]``, i.e. the centre tap of a 3x3/2
+            window, + the parallel zero-initialised 3x3/2 conv; merged exactly into one conv by
+            ``reparameterize()``) or ``sub`` (the subsample alone). A subsample keeps whole phases (see
+            ``attention``), so a ``grid-*`` model starts at the plain model's function.
+        pool_conv: ``depthwise`` or ``full`` parallel conv of ``avgconv``/``subconv``/``conv``.
         pool_padding: border handling of the 3x3/2 pools: ``zeros`` (zero padding counted in the average,
             which shrinks the top row and left column) or ``replicate`` (edge tokens repeated, so a
             constant map stays constant); both re-parameterize exactly.
@@ -103,6 +110,26 @@ class HPViTConfig(DictIO):
             after the join must be global. Needs a source with a class token. ``auto``: ``join`` when
             the source has a class token and the layout allows it (no windowed block after the first
             global one), else ``drop``.
+        attention: ``window`` (the paper: windowed stages attend inside local ``ws x ws`` windows) or
+            ``phase``: in every stage whose stride is below the patch size, a block attends among the tokens
+            of one *phase* (positions equal modulo ``r = patch / stage stride``: 4 at 1/4, 2 at 1/8 for a
+            16-px patch), and each phase is the plain token grid of a shifted image. Inside a phase grid the
+            stage keeps its own layout: ``window_sizes`` / ``global_blocks`` apply to the phase grid (``None``
+            = global among the phase's tokens). Needs a patch size that is the stride times a power of two.
+        pos_embed_sampling: ``interpolate`` (bicubic resampling of the source grid to the token map) or
+            ``phase``: the source grid (resampled to the phase grid's size, which is the source grid itself
+            at the source resolution) is repeated ``r x r`` times, so every phase carries exactly the
+            position embedding the plain model gives its tokens.
+        prefix_merge: with ``attention='phase'`` the joined class token has one copy per phase group; at a
+            pooling layer the copies of the merging phases become one: ``keep`` (the surviving phase's copy,
+            the one the subsample keeps, so the plain model's chain of class tokens is preserved) or
+            ``mean`` (their average).
+        sub_phase: which phase of the finest stage the subsample pools (``sub``/``subconv``) keep, 0 .. r-1
+            per side (``r = patch / stride``): pool ``k`` takes tap ``1 + bit k of sub_phase`` of its 3x3/2
+            window (the centre, or the one after it). With a 16-px kernel at stride 4 and padding 6, phase
+            ``p`` is the plain grid of the image shifted by ``6 - 4p`` pixels: 0 -> 6 px right/down (zeros
+            enter at the top-left and the last 6 px are never seen by the surviving chain), 1 -> 2 px,
+            2 -> -2 px, 3 -> -6 px.
         head: ``avg`` (global average pooling), ``token`` (class token), ``auto`` (as the source
             model: token if it has a class token and no fc_norm) or ``none``.
         keep_prefix_tokens: keep class/register tokens in the sequence (only for all-global layouts).
@@ -127,6 +154,10 @@ class HPViTConfig(DictIO):
     pool_conv: str = "depthwise"
     pool_padding: str = "zeros"
     class_token: str = "drop"
+    attention: str = "window"
+    pos_embed_sampling: str = "interpolate"
+    prefix_merge: str = "keep"
+    sub_phase: int = 0
     head: str = "avg"
     keep_prefix_tokens: bool = False
     img_size: int | tuple[int, int] = 224
@@ -172,6 +203,14 @@ class HPViTConfig(DictIO):
             raise ConfigError(f"class_token must be one of {CLASS_TOKEN_MODES}, got {self.class_token!r}")
         if "gap" in self.pools[:-1]:
             raise ConfigError("pool kind 'gap' (global average pooling) can only be the last pooling layer")
+        if self.attention not in ATTENTION_KINDS:
+            raise ConfigError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.pos_embed_sampling not in POS_SAMPLINGS:
+            raise ConfigError(f"pos_embed_sampling must be one of {POS_SAMPLINGS}, got {self.pos_embed_sampling!r}")
+        if self.prefix_merge not in PREFIX_MERGES:
+            raise ConfigError(f"prefix_merge must be one of {PREFIX_MERGES}, got {self.prefix_merge!r}")
+        if not isinstance(self.sub_phase, int) or self.sub_phase < 0:
+            raise ConfigError(f"sub_phase must be a non-negative int (a phase index), got {self.sub_phase!r}")
         if self.pool_conv not in ("depthwise", "full"):
             raise ConfigError(f"pool_conv must be 'depthwise' or 'full', got {self.pool_conv!r}")
         if self.head not in HEAD_KINDS:
@@ -222,6 +261,31 @@ class HPViTConfig(DictIO):
                               joinable=joinable)
 
 
+def phase_dilations(patch: int, stride: int, num_stages: int) -> tuple[int, ...]:
+    """Dilation of phase attention per stage: ``r_s = patch / (stride * 2**s)`` while above 1, then 1.
+
+    With a ``patch``-pixel kernel at stride ``stride`` the tokens whose positions are equal modulo
+    ``r_0 = patch / stride`` form the plain model's token grid of a shifted image (a *phase*); each 2x
+    pooling halves the dilation. The phases tile the map only when ``r_0`` is a power of two; otherwise
+    a ConfigError names the strides that work.
+    """
+    if patch % stride:
+        ok = [s for s in range(1, patch + 1) if patch % s == 0 and (patch // s) & (patch // s - 1) == 0]
+        raise ConfigError(
+            f"attention='phase' needs the patch stride to divide the patch size: stride {stride} does not divide "
+            f"the {patch}-px patch; use patch_stride in {ok}, or attention='window'"
+        )
+    r = patch // stride
+    if r & (r - 1):
+        ok = [s for s in range(1, patch + 1) if patch % s == 0 and (patch // s) & (patch // s - 1) == 0]
+        raise ConfigError(
+            f"attention='phase' with a {patch}-px patch at stride {stride} gives {r} phases per side, which 2x "
+            f"pooling cannot halve down to 1 (the phases would not tile the next map); use patch_stride in {ok}, "
+            "or attention='window'"
+        )
+    return tuple(max(1, r >> s) for s in range(num_stages))
+
+
 @dataclass(frozen=True)
 class ResolvedLayout:
     depths: tuple[int, ...]
@@ -259,6 +323,17 @@ def baseline_global_blocks(depth: int) -> tuple[int, ...]:
 # head="avg", pool_padding="zeros".
 _CLS_START = dict(class_token="auto", head="auto", pool_padding="replicate")
 
+# hpvit's own grid-* presets (not the paper's): phase attention in the stages finer than the patch, phase-
+# aligned subsample + conv pools, the position embedding sampled onto every phase and, for classification,
+# the source's class token from block 1 with a copy per phase group. At initialisation the 1/16 stage
+# computes exactly the plain model's blocks on the image shifted by the embedding's padding (tested against
+# timm). Dense variants keep their plain baseline's layout inside each phase grid. See docs/design.md.
+# sub_phase=1: the surviving phase sees the image shifted by 2 px instead of 6 (measured at initialisation on
+# the ImageNet sample: 36% vs 24% top-1 at 112 px, plain 37%; 81% vs 80% at 224 px, plain 81%)
+_GRID = dict(attention="phase", pools=("subconv", "subconv", "subconv"), pos_embed_sampling="phase",
+             window_sizes=(None, None, None, None), sub_phase=1)
+_GRID_CLS = dict(_GRID, class_token="auto", head="auto")
+
 PRESETS: dict[str, HPViTConfig] = {
     "paper-cls": HPViTConfig(name="paper-cls", **_CLS_START),
     "paper-det": HPViTConfig(
@@ -276,6 +351,14 @@ PRESETS: dict[str, HPViTConfig] = {
     # (measured in docs/performance.md); all four levels 1/4..1/32 and every pre-trained block kept
     "fast-cls": HPViTConfig(name="fast-cls", depth_split="fast", **_CLS_START),
     "lite-cls": HPViTConfig(name="lite-cls", depth_split="lite", **_CLS_START),
+    "grid-cls": HPViTConfig(name="grid-cls", **_GRID_CLS),
+    "grid-fast-cls": HPViTConfig(name="grid-fast-cls", depth_split="fast", **_GRID_CLS),
+    "grid-lite-cls": HPViTConfig(name="grid-lite-cls", depth_split="lite", **_GRID_CLS),
+    # plain-det's layout (14x14 windows, four evenly spaced global blocks) inside every phase grid
+    "grid-det": HPViTConfig(name="grid-det", head="none", **dict(_GRID, window_sizes=(14, 14, 14, 14)),
+                            global_blocks="baseline"),
+    # plain-seg's layout (all global, BEiT) inside every phase grid
+    "grid-seg": HPViTConfig(name="grid-seg", head="none", **_GRID),
     "identity": HPViTConfig(
         name="identity",
         patch_stride=None,
@@ -297,7 +380,7 @@ PRESETS: dict[str, HPViTConfig] = {
         rel_pos=False,
     ),
 }
-DENSE_PRESETS = ("paper-det", "paper-seg", "plain-det", "plain-seg")
+DENSE_PRESETS = ("paper-det", "paper-seg", "grid-det", "grid-seg", "plain-det", "plain-seg")
 
 
 def get_config(config: "str | HPViTConfig | dict | None", **overrides: Any) -> HPViTConfig:

@@ -1,6 +1,7 @@
 """Building blocks shared by the hierarchical model and the plain baseline."""
 
-from .attention import Attention, Block, Mlp, pad_partition, unpartition_crop, window_partition, window_unpartition
+from .attention import (Attention, Block, Mlp, pad_partition, phase_partition, phase_unpartition, unpartition_crop,
+                        valid_partition, window_partition, window_unpartition)
 from .patch_embed import PatchEmbed
 from .pooling import Downsample
 from .pos_embed import resample_abs_pos_embed
@@ -16,4 +17,7 @@ __all__ = [
     "window_unpartition",
     "pad_partition",
     "unpartition_crop",
+    "phase_partition",
+    "phase_unpartition",
+    "valid_partition",
 ]

@@ -61,6 +61,44 @@ def unpartition_crop(xw: torch.Tensor, ws: int, b: int, h: int, w: int) -> torch
     return x
 
 
+def phase_partition(x: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Space to batch: a map ``(B, H, W, D)`` -> its ``r x r`` phases ``(B * r * r, Hp, Wp, D)`` and ``valid``.
+
+    Phase ``(a, c)`` holds the tokens at rows ``a, a + r, ...`` and columns ``c, c + r, ...``; row
+    ``b * r * r + a * r + c`` of the result is phase ``(a, c)`` of image ``b``, its own row-major map of
+    ``Hp = ceil(H / r)`` rows. H and W are zero-padded up to multiples of ``r`` first; ``valid`` is
+    ``(r * r, Hp, Wp)`` bool, True for real tokens (``None`` when nothing was padded). One copy.
+    """
+    b, h, w, d = x.shape
+    ph, pw = (-h) % r, (-w) % r
+    valid = None
+    if ph or pw:
+        x = F.pad(x, (0, 0, 0, pw, 0, ph))
+        m = torch.zeros(h + ph, w + pw, dtype=torch.bool, device=x.device)
+        m[:h, :w] = True
+        valid = m.view((h + ph) // r, r, (w + pw) // r, r).permute(1, 3, 0, 2).reshape(r * r, (h + ph) // r, (w + pw) // r)
+    hp, wp = (h + ph) // r, (w + pw) // r
+    x = x.view(b, hp, r, wp, r, d).permute(0, 2, 4, 1, 3, 5).reshape(b * r * r, hp, wp, d)
+    return x, valid
+
+
+def phase_unpartition(x: torch.Tensor, r: int, b: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`phase_partition`: ``(B * r * r, Hp, Wp, D)`` -> the map ``(B, H, W, D)`` (padding cropped)."""
+    _, hp, wp, d = x.shape
+    x = x.view(b, r, r, hp, wp, d).permute(0, 3, 1, 4, 2, 5).reshape(b, hp * r, wp * r, d)
+    if hp * r != h or wp * r != w:
+        x = x[:, :h, :w]
+    return x.contiguous()
+
+
+def valid_partition(valid: torch.Tensor, ws: int) -> torch.Tensor:
+    """Phase validity ``(G, H, W)`` bool -> per-window key validity ``(G * nW, ws * ws)`` after the same
+    zero padding to multiples of ``ws`` that :func:`pad_partition` applies (padding is invalid)."""
+    g, h, w = valid.shape
+    v = F.pad(valid.view(g, h, w, 1), (0, 0, 0, (-w) % ws, 0, (-h) % ws))
+    return window_partition(v, ws).view(-1, ws * ws)
+
+
 def relative_position_index(ws: int) -> torch.Tensor:
     """``(ws*ws, ws*ws)`` index into a ``((2ws-1)^2, heads)`` table, Swin's convention."""
     coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
@@ -87,6 +125,7 @@ class Attention(nn.Module):
         proj_drop: float = 0.0,
         norm_eps: float = 1e-6,
         fused: bool = True,
+        rel_pos_grid: int | None = None,
     ):
         super().__init__()
         if dim % num_heads:
@@ -106,13 +145,35 @@ class Attention(nn.Module):
         if window_size is not None and rel_pos:
             self.rel_pos_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
             self.register_buffer("rel_pos_index", relative_position_index(window_size), persistent=False)
+        self.rel_pos_grid = None
+        if window_size is None and rel_pos and rel_pos_grid:
+            # global attention on a phase grid: a zero-initialised bias over relative offsets up to the grid
+            # of the config's image size; larger grids (bigger inputs) clamp the offsets to the table's edge
+            self.rel_pos_grid = int(rel_pos_grid)
+            self.rel_pos_table = nn.Parameter(torch.zeros((2 * self.rel_pos_grid - 1) ** 2, num_heads))
 
     def rel_pos_bias(self) -> torch.Tensor | None:
         """``(heads, N, N)`` additive bias for one window, or None."""
-        if self.rel_pos_table is None:
+        if self.rel_pos_table is None or self.window_size is None:
             return None
         n = self.window_size * self.window_size
         return self.rel_pos_table[self.rel_pos_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+
+    def grid_bias(self, h: int, w: int, prefix: int = 0) -> torch.Tensor | None:
+        """``(1, heads, P + h*w, P + h*w)`` bias of global attention on an ``h x w`` phase grid whose sequence
+        starts with ``prefix`` tokens (class/register: no bias to or from them); None without a grid table."""
+        if self.rel_pos_grid is None:
+            return None
+        g = self.rel_pos_grid
+        dev = self.rel_pos_table.device
+        yy, xx = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
+        yy, xx = yy.flatten(), xx.flatten()
+        dy = (yy[:, None] - yy[None, :]).clamp(-(g - 1), g - 1) + g - 1
+        dx = (xx[:, None] - xx[None, :]).clamp(-(g - 1), g - 1) + g - 1
+        bias = self.rel_pos_table[(dy * (2 * g - 1) + dx).view(-1)].view(h * w, h * w, -1).permute(2, 0, 1)
+        if prefix:
+            bias = F.pad(bias, (prefix, 0, prefix, 0))
+        return bias.unsqueeze(0)
 
     def map_bias(self, h: int, w: int) -> torch.Tensor | None:
         """``(1, heads, h*w, h*w)`` bias for a map that fits in one window (``h, w <= window_size``): the
@@ -168,7 +229,7 @@ class Attention(nn.Module):
         if self.window_size is None:
             if x.ndim == 4:
                 b, h, w, d = x.shape
-                return self._attend(x.reshape(b, h * w, d), None).view(b, h, w, d)
+                return self._attend(x.reshape(b, h * w, d), self.grid_bias(h, w)).view(b, h, w, d)
             return self._attend(x, None)
         if x.ndim != 4:
             raise ValueError("window attention needs a (B, H, W, D) map, got a sequence")
@@ -185,7 +246,8 @@ class Attention(nn.Module):
         return unpartition_crop(self._attend(xw, mask, groups=groups), ws, b, h, w)
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, window={self.window_size}, rel_pos={self.rel_pos_table is not None}"
+        grid = f", rel_pos_grid={self.rel_pos_grid}" if self.rel_pos_grid else ""
+        return f"heads={self.num_heads}, window={self.window_size}, rel_pos={self.rel_pos_table is not None}{grid}"
 
 
 class Mlp(nn.Module):
@@ -263,13 +325,14 @@ class Block(nn.Module):
         norm_eps: float = 1e-6,
         fused_attn: bool = True,
         downsample: nn.Module | None = None,
+        rel_pos_grid: int | None = None,
     ):
         super().__init__()
         self.downsample = downsample
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(
             dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
-            window_size=window_size, rel_pos=rel_pos, norm_eps=norm_eps, fused=fused_attn,
+            window_size=window_size, rel_pos=rel_pos, norm_eps=norm_eps, fused=fused_attn, rel_pos_grid=rel_pos_grid,
         )
         self.ls1 = LayerScale(dim) if layerscale else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
@@ -277,11 +340,29 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, mlp_hidden, act=act, bias=mlp_bias)
         self.ls2 = LayerScale(dim) if layerscale else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
+        # phase attention (set by the hierarchical model): on a map, attend among the tokens of each of the
+        # phase x phase phases (positions equal modulo ``phase``) as separate maps; 1 = attend on the map
+        self.phase = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
             x = self.downsample(x)
+        if self.phase > 1 and x.ndim == 4:
+            return self.forward_phases(x)
         return self.forward_map(x)
+
+    def forward_phases(self, x: torch.Tensor) -> torch.Tensor:
+        """The block (without ``downsample``) on a map ``(B, H, W, D)`` with phase attention: one permutation
+        to the phase batch (:func:`phase_partition`), the block on each phase's map, one permutation back.
+        H and W must be multiples of ``phase`` (the model's own runner also handles the padded case)."""
+        b, h, w, _ = x.shape
+        if h % self.phase or w % self.phase:
+            raise ValueError(
+                f"phase attention with {self.phase} phases per side needs a map whose sides are multiples of "
+                f"{self.phase}, got {h}x{w}; use image sides that are multiples of the patch size"
+            )
+        xp, _ = phase_partition(x, self.phase)
+        return phase_unpartition(self.forward_map(xp), self.phase, b, h, w)
 
     def forward_map(self, x: torch.Tensor) -> torch.Tensor:
         """The block without ``downsample`` on a map ``(B, H, W, D)`` (or a sequence): window attention
@@ -321,17 +402,19 @@ class Block(nn.Module):
         return out[0], out[1]
 
     @torch.no_grad()
-    def forward_tokens_(self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
+    def forward_tokens_(self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk: int = 0,
+                        groups: int = 1) -> torch.Tensor:
         """Inference version of :meth:`forward_tokens` that works ``chunk`` sequences (windowed) or tokens
         (global, MLP half only) at a time (0 = all at once), so that no intermediate is larger than a
         chunk's, and adds the residuals in place.
 
         Windowed blocks update ``x`` (windows ``(B * nW, N, D)`` from :func:`pad_partition`, which the
         caller owns) in place; ``mask`` is ``(nW|1, heads|1, N, N)``. Global blocks leave ``x`` untouched
-        and return a new tensor. Returns the output.
+        and return a new tensor; their ``mask`` is ``(groups|1, heads|1, N, N)`` as in :meth:`Attention._attend`
+        (phase groups with padded keys). Returns the output.
         """
         if self.attn.window_size is None:
-            x = (x + self.drop_path1(self.ls1(self.attn._attend(self.norm1(x), mask, 1)))).contiguous()
+            x = (x + self.drop_path1(self.ls1(self.attn._attend(self.norm1(x), mask, groups)))).contiguous()
             flat = x.view(-1, x.shape[-1])
             step = chunk if chunk > 0 else flat.shape[0]
             for i in range(0, flat.shape[0], step):

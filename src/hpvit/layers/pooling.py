@@ -68,6 +68,14 @@ class Downsample(nn.Module):
       * ``conv``: a 3x3/2 conv alone (e.g. a merged ``avgconv``).
       * ``max``: 2x2/2 max pool (``ceil_mode=True`` so odd sizes keep their last row/column).
       * ``gap``: global average pooling to a single token (parameter-free).
+      * ``subconv``: the stride-2 subsample ``x[:, ::2, ::2]`` (the centre tap of a 3x3/2 window with
+        1-pixel padding, so it lines up with the conv) + a parallel 3x3/2 conv initialised to zero: a fresh
+        model keeps exactly the tokens at even positions, i.e. whole phases of a phase-attention stage.
+        :meth:`reparameterize` merges it into one conv (centre weight + 1), exact at every border because
+        the centre tap never reads the padding.
+        ``tap=1`` keeps inputs ``2j + 1`` instead (the window's tap after the centre; the last one of an odd
+        side reads the padding), which is how ``sub_phase`` picks the phase that survives.
+      * ``sub``: the subsample alone (parameter-free).
 
     ``padding`` (3x3 kinds): ``zeros`` pads with zeros, which the average counts, so the first row and
     column of the output (which read one padded row/column) shrink by up to 4/9 at a corner while the
@@ -75,14 +83,15 @@ class Downsample(nn.Module):
     pool is a fixed 1/9 conv over the padded map, so :meth:`reparameterize` stays exact.
     """
 
-    def __init__(self, kind: str, dim: int, conv: str = "depthwise", padding: str = "zeros"):
+    def __init__(self, kind: str, dim: int, conv: str = "depthwise", padding: str = "zeros", tap: int = 0):
         super().__init__()
         self.kind = kind
+        self.tap = tap  # sub/subconv: 0 keeps input 2j (the window's centre), 1 keeps 2j + 1
         self.conv_kind = conv
         self.padding = padding
         self.dim = dim
         self.conv: nn.Conv2d | None = None
-        if kind in ("avgconv", "conv"):
+        if kind in ("avgconv", "conv", "subconv"):
             groups = dim if conv == "depthwise" else 1
             self.conv = nn.Conv2d(dim, dim, kernel_size=3, stride=2, padding=0, groups=groups, bias=True)
             nn.init.zeros_(self.conv.weight)
@@ -94,16 +103,12 @@ class Downsample(nn.Module):
             out = F.max_pool2d(y, 2, 2, ceil_mode=True)
         elif self.kind == "gap":
             out = y.mean(dim=(2, 3), keepdim=True)
-        elif is_graph_capture():
-            # graph export / compile: one explicit 1-pixel pad serves the pool and the conv (3x3/2, padding 0)
-            y = F.pad(y, (1, 1, 1, 1), mode="replicate" if self.padding == "replicate" else "constant")
-            if self.kind == "avg":
-                out = F.avg_pool2d(y, 3, 2, 0)
-            elif self.kind == "conv":
-                out = self.conv(y)
-            else:
-                out = F.avg_pool2d(y, 3, 2, 0) + self.conv(y)
-        else:
+        elif self.kind == "sub":
+            if self.tap:
+                y = F.pad(y, (0, 1, 0, 1), mode="replicate" if self.padding == "replicate" else "constant")
+            out = y[:, :, self.tap::2, self.tap::2][:, :, : (x.shape[1] + 1) // 2, : (x.shape[2] + 1) // 2]
+        elif self.kind in ("avg", "conv", "avgconv") and not is_graph_capture():
+            # eager: no padded copy of the map (see pool3x3s2)
             rep = self.padding == "replicate"
             out = None
             if self.kind in ("avg", "avgconv"):
@@ -111,20 +116,36 @@ class Downsample(nn.Module):
             if self.kind in ("conv", "avgconv"):
                 c = pool3x3s2(y, self.conv.weight, self.conv.bias, replicate=rep)
                 out = c if out is None else out.add_(c)
+        else:
+            # graph capture, subconv: one explicit 1-pixel pad serves the pool and the conv (3x3/2, padding 0)
+            y = F.pad(y, (1, 1, 1, 1), mode="replicate" if self.padding == "replicate" else "constant")
+            if self.kind == "avg":
+                out = F.avg_pool2d(y, 3, 2, 0)
+            elif self.kind == "conv":
+                out = self.conv(y)
+            elif self.kind == "subconv":
+                o, h, w = 1 + self.tap, (x.shape[1] + 1) // 2, (x.shape[2] + 1) // 2
+                out = y[:, :, o : o + 2 * h - 1 : 2, o : o + 2 * w - 1 : 2] + self.conv(y)
+            else:
+                out = F.avg_pool2d(y, 3, 2, 0) + self.conv(y)
         return out.permute(0, 2, 3, 1)
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Fold the average pool into the conv: ``avgconv`` becomes ``conv`` with identical output."""
-        if self.kind != "avgconv":
+        """Fold the fixed branch into the conv: ``avgconv`` (the pool is a constant 1/9 kernel) and ``subconv``
+        (the subsample is a centre-tap kernel of 1) become ``conv`` with identical output."""
+        if self.kind not in ("avgconv", "subconv"):
             return
         w = self.conv.weight
-        if self.conv_kind == "depthwise":
-            w.add_(1.0 / 9.0)
+        idx = torch.arange(self.dim, device=w.device)
+        rows = slice(None) if self.conv_kind == "depthwise" else idx
+        cols = 0 if self.conv_kind == "depthwise" else idx
+        if self.kind == "avgconv":
+            w[rows, cols] += 1.0 / 9.0
         else:
-            idx = torch.arange(self.dim, device=w.device)
-            w[idx, idx] += 1.0 / 9.0
+            w[rows, cols, 1 + self.tap, 1 + self.tap] += 1.0
         self.kind = "conv"
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, conv={self.conv_kind if self.conv is not None else None}, padding={self.padding}"
+        tap = f", tap={self.tap}" if self.kind in ("sub", "subconv") and self.tap else ""
+        return f"kind={self.kind}, conv={self.conv_kind if self.conv is not None else None}, padding={self.padding}{tap}"

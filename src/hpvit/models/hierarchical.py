@@ -17,9 +17,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoints.spec import PlainSpec
-from ..config import HPViTConfig, get_config
+from ..config import HPViTConfig, get_config, phase_dilations
 from ..errors import ConfigError, InputError
-from ..layers import Block, Downsample, PatchEmbed, pad_partition, resample_abs_pos_embed, unpartition_crop
+from ..layers import (Block, Downsample, PatchEmbed, pad_partition, phase_partition, phase_unpartition,
+                      resample_abs_pos_embed, unpartition_crop, valid_partition)
 from ..layers.attention import Attention, DropPath, Mlp
 from ..layers.capture import is_graph_capture
 from .reuse import ReuseReport
@@ -33,6 +34,13 @@ CHUNK_BYTES = 24 * 2**20
 # add more than this factor of tokens; then each block pads inside its attention only (see _run_segment).
 PAD_FALLBACK = 1.10
 
+
+
+def _add_masks(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """Sum of two broadcastable additive attention masks, either of which may be None."""
+    if a is None:
+        return b
+    return a if b is None else a + b
 
 
 class StagePool(nn.Module):
@@ -70,6 +78,18 @@ def _pos_embed_at(pos_embed: torch.Tensor, prefix: int, gh: int, gw: int, h: int
 
 
 torch.fx.wrap("_pos_embed_at")
+
+
+def _pos_embed_phases(pos_embed: torch.Tensor, prefix: int, gh: int, gw: int, h: int, w: int, r: int) -> torch.Tensor:
+    """The stored position embedding sampled onto every phase of an ``h x w`` stride-``patch / r`` map:
+    the source grid resampled to the phase grid ``(ceil(h / r), ceil(w / r))`` (the source grid itself at the
+    source resolution), each entry repeated ``r x r`` times -> ``(1, h, w, D)``. Token ``(r*i + a, r*j + c)``
+    then carries exactly the embedding the plain model gives token ``(i, j)``. A leaf for torch.fx."""
+    g = resample_abs_pos_embed(pos_embed[:, prefix:].reshape(1, gh, gw, -1), (-(-h // r), -(-w // r)))
+    return g.repeat_interleave(r, dim=1).repeat_interleave(r, dim=2)[:, :h, :w]
+
+
+torch.fx.wrap("_pos_embed_phases")
 
 
 class HierarchicalViT(nn.Module):
@@ -121,6 +141,19 @@ class HierarchicalViT(nn.Module):
         pad = cfg.patch_padding if cfg.patch_padding is not None else (k - stride) // 2
         self.patch_embed = PatchEmbed(spec.in_chans, d, k, stride, pad, bias=spec.patch_bias)
         self.stride = stride
+        # phase attention: per stage, the number of phases per side (1 = the stage attends as configured)
+        self.dilations = (phase_dilations(k, stride, layout.num_stages) if cfg.attention == "phase"
+                          else (1,) * layout.num_stages)
+        if cfg.pos_embed_sampling == "phase" and k % stride:
+            raise ConfigError(f"pos_embed_sampling='phase' needs the stride ({stride}) to divide the patch ({k})")
+        self.pos_phases = k // stride if cfg.pos_embed_sampling == "phase" else 1
+        if cfg.sub_phase >= max(1, k // stride):
+            raise ConfigError(
+                f"sub_phase={cfg.sub_phase} is not a phase of this layout: a {k}-px patch at stride {stride} has "
+                f"{max(1, k // stride)} phases per side (0..{max(1, k // stride) - 1})"
+            )
+        ih, iw = _as_hw(cfg.img_size)
+        phase_grid = max(1, min(ih, iw) // k)  # a phase grid at the config's image size: the source's token grid
 
         # prefix tokens: kept from the start in all-global layouts (identity), joined at the first global
         # block with class_token='join', otherwise dropped
@@ -158,8 +191,10 @@ class HierarchicalViT(nn.Module):
                     proj_bias=spec.proj_bias, mlp_bias=spec.mlp_bias, layerscale=spec.layerscale,
                     window_size=layout.windows[i], rel_pos=cfg.rel_pos, drop_path=dpr[i], act=act,
                     norm_eps=spec.norm_eps, fused_attn=cfg.fused_attn, downsample=down,
+                    rel_pos_grid=phase_grid if self.dilations[layout.stage_of[i]] > 1 else None,
                 )
             )
+            blocks[-1].phase = self.dilations[layout.stage_of[i]]
         self.empty_stages = nn.ModuleDict(empty) if empty else None
         # per stage: runs of consecutive blocks sharing a window size, as (start, stop, window)
         self._segments: list[list[tuple[int, int, int | None]]] = []
@@ -207,9 +242,9 @@ class HierarchicalViT(nn.Module):
     @staticmethod
     def _make_pool(cfg: HPViTConfig, k: int, d: int) -> Downsample:
         kind = cfg.pools[k]
-        if cfg.reparameterized and kind == "avgconv":
+        if cfg.reparameterized and kind in ("avgconv", "subconv"):
             kind = "conv"
-        return Downsample(kind, d, cfg.pool_conv, cfg.pool_padding)
+        return Downsample(kind, d, cfg.pool_conv, cfg.pool_padding, tap=(cfg.sub_phase >> k) & 1)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -239,17 +274,22 @@ class HierarchicalViT(nn.Module):
     def _pos_grid(self, h: int, w: int) -> torch.Tensor | None:
         if self.pos_embed is None:
             return None
-        gh, gw = self.pos_grid
         if is_graph_capture() or self.training or torch.is_grad_enabled():
-            return _pos_embed_at(self.pos_embed, self.pos_embed_prefix, gh, gw, h, w)
+            return self._pos_fresh(h, w)
         # inference: the resampled grid depends only on the stored tensor and (h, w); reuse it while the
         # tensor is unchanged (any in-place update bumps _version; a new tensor has another data_ptr)
         p = self.pos_embed
         key = (h, w, p.data_ptr(), p._version, p.dtype, p.device)
         hit = getattr(self, "_pos_cache", None)
         if hit is None or hit[0] != key:
-            hit = self._pos_cache = (key, _pos_embed_at(p, self.pos_embed_prefix, gh, gw, h, w).contiguous())
+            hit = self._pos_cache = (key, self._pos_fresh(h, w).contiguous())
         return hit[1]
+
+    def _pos_fresh(self, h: int, w: int) -> torch.Tensor:
+        gh, gw = self.pos_grid
+        if self.pos_phases > 1:
+            return _pos_embed_phases(self.pos_embed, self.pos_embed_prefix, gh, gw, h, w, self.pos_phases)
+        return _pos_embed_at(self.pos_embed, self.pos_embed_prefix, gh, gw, h, w)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` -> the first stage's input: a map ``(B, H0, W0, D)`` with the (resampled)
@@ -309,7 +349,7 @@ class HierarchicalViT(nn.Module):
             chunk = 0
             if t.device.type == "cpu":
                 chunk = max(1, self.chunk_tokens // n_seq) if windowed else self.chunk_tokens
-            return blk.forward_tokens_(t, mask, chunk)
+            return blk.forward_tokens_(t, mask, chunk, groups)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             per_image = t.shape[0] // images
             step = max(1, self.chunk_tokens // (2 * n_seq))  # any run of windows
@@ -330,11 +370,16 @@ class HierarchicalViT(nn.Module):
         return blk.forward_tokens(t, mask, groups, images)
 
     def _run_segment(self, x: torch.Tensor, start: int, stop: int, ws: int | None,
-                     pre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     pre: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                     images: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Blocks ``start..stop-1`` sharing window ``ws``. Windowed runs partition the map once, keep the
         tokens in window order through all their blocks, and restore the map once at the end. ``pre``:
         joined prefix tokens ``(B, P, D)`` (class_token='join'), attended with the map by global blocks.
-        Returns the map (or identity's sequence) and the prefix tokens."""
+        In a phase stage ``x`` is the phase batch ``(B * r * r, Hp, Wp, D)`` of :func:`phase_partition` (each
+        phase attends as a map of its own, ``pre`` holds one copy per phase), ``valid`` its ``(r * r, Hp, Wp)``
+        mask of real tokens (None: none padded) and ``images`` the real batch B (stochastic depth drops whole
+        images). Returns the map (or identity's sequence) and the prefix tokens."""
+        images = x.shape[0] if images is None else images
         if ws is None:
             if x.ndim == 3:  # identity: the plain token sequence with prefix tokens
                 for blk in self.blocks[start:stop]:
@@ -344,20 +389,22 @@ class HierarchicalViT(nn.Module):
             t = x.reshape(b, h * w, d)
             if self.join and pre is None and start <= self.join_block < stop:
                 if start != self.join_block:  # split so the tokens join exactly at join_block
-                    x, pre = self._run_segment(x, start, self.join_block, ws)
-                    return self._run_segment(x, self.join_block, stop, ws)
-                pre = self.prefix_tokens(b)
+                    x, pre = self._run_segment(x, start, self.join_block, ws, None, valid, images)
+                    return self._run_segment(x, self.join_block, stop, ws, None, valid, images)
+                pre = self.prefix_tokens(b)  # in a phase stage: one copy per phase
+            p = 0 if pre is None else pre.shape[1]
             if pre is not None:
                 t = torch.cat([pre, t], dim=1)
+            keys = self._key_mask(valid, p, t)
             for blk in self.blocks[start:stop]:
-                t = self._run_block(blk, t, None, 1, b)
+                mask = _add_masks(keys, blk.attn.grid_bias(h, w, p))
+                t = self._run_block(blk, t, mask, 1 if keys is None else keys.shape[0], images)
             if pre is not None:
-                p = pre.shape[1]
                 return t[:, p:].reshape(b, h, w, d), t[:, :p]
             return t.view(b, h, w, d), None
         b, h, w, d = x.shape
         hp, wp = h + (-h) % ws, w + (-w) % ws
-        if (h <= ws and w <= ws) or hp * wp > PAD_FALLBACK * h * w:
+        if valid is None and ((h <= ws and w <= ws) or hp * wp > PAD_FALLBACK * h * w):
             # the map fits in one window (attention then runs at the map's size, see Attention.forward), or
             # padding would be a large share of the windows (small or odd maps): keeping the map in window
             # order would run the MLPs on the padding too, so pad only inside each block's attention
@@ -368,22 +415,66 @@ class HierarchicalViT(nn.Module):
                     x = blk.forward_map(x)
             return x, pre
         xw, key_ok = pad_partition(x, ws)
+        if valid is not None:  # phase padding and window padding, per (phase, window)
+            key_ok = valid_partition(valid, ws)
         groups = 1 if key_ok is None else key_ok.shape[0]
         for blk in self.blocks[start:stop]:
-            xw = self._run_block(blk, xw, blk.attn.window_mask(key_ok), groups, b)
+            xw = self._run_block(blk, xw, blk.attn.window_mask(key_ok), groups, images)
         return unpartition_crop(xw, ws, b, h, w), pre
+
+    @staticmethod
+    def _key_mask(valid: torch.Tensor | None, prefix: int, like: torch.Tensor) -> torch.Tensor | None:
+        """``(G, 1, 1, P + N)`` additive mask, ``-inf`` on the padded tokens of each phase group (``valid``:
+        ``(G, Hp, Wp)``), none on the ``prefix`` tokens; None when nothing is padded."""
+        if valid is None:
+            return None
+        ok = valid.flatten(1)
+        if prefix:
+            ok = torch.cat([ok.new_ones(ok.shape[0], prefix), ok], dim=1)
+        m = torch.zeros(ok.shape, dtype=like.dtype, device=like.device).masked_fill(~ok, float("-inf"))
+        return m[:, None, None, :]
+
+    def _merge_prefix(self, pre: torch.Tensor | None, b: int, r: int) -> torch.Tensor | None:
+        """Joined prefix tokens with one copy per phase of a stage with ``r0 x r0`` phases, ``(B * r0 * r0, P, D)``,
+        -> one copy per phase of an ``r x r`` stage (``r <= r0``). Phase ``p`` of the finer stage survives a
+        stride-2 subsample as phase ``p / 2`` of the next, so ``prefix_merge='keep'`` takes copy ``f * q`` for
+        new phase ``q`` (``f = r0 / r``) and ``'mean'`` averages copies ``f * q .. f * q + f - 1`` per side."""
+        if pre is None or self.dilations[0] == 1 or pre.shape[0] == b * r * r:  # (no shape read without phases)
+            return pre
+        r0 = int(round((pre.shape[0] // b) ** 0.5))
+        f = r0 // r
+        _, p, d = pre.shape
+        if self.config.prefix_merge == "mean":
+            out = pre.view(b, r, f, r, f, p, d).mean(dim=(2, 4))
+        else:  # the copy of the phase the subsample pools keep (sub_phase, at this stage's resolution)
+            o = (self.config.sub_phase // (self.dilations[0] // r0)) % f
+            out = pre.view(b, r0, r0, p, d)[:, o::f, o::f]
+        return out.reshape(b * r * r, p, d)
 
     def _run_stage(self, x: torch.Tensor, s: int, pre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stage ``s``: its pooling layer (none for stage 0), then its blocks. Returns the stage output
-        and the joined prefix tokens (which pooling leaves unchanged)."""
+        and the joined prefix tokens (which pooling leaves unchanged). A phase stage (``r > 1`` phases per
+        side) permutes the map into its phase batch once, runs every block there, and permutes back once."""
         if self.layout.depths[s] == 0:
             return (self.empty_stages[str(s)](x) if s > 0 else x), pre
+        r = self.dilations[s]
+        if r == 1:
+            pre = self._merge_prefix(pre, x.shape[0], 1)
+            for start, stop, ws in self._segments[s]:
+                down = self.blocks[start].downsample
+                if down is not None:
+                    x = down(x)
+                x, pre = self._run_segment(x, start, stop, ws, pre)
+            return x, pre
+        down = self.blocks[self._segments[s][0][0]].downsample
+        if down is not None:
+            x = down(x)
+        b, h, w, _ = x.shape
+        xp, valid = phase_partition(x, r)
+        pre = self._merge_prefix(pre, b, r)
         for start, stop, ws in self._segments[s]:
-            down = self.blocks[start].downsample
-            if down is not None:
-                x = down(x)
-            x, pre = self._run_segment(x, start, stop, ws, pre)
-        return x, pre
+            xp, pre = self._run_segment(xp, start, stop, ws, pre, valid, b)
+        return phase_unpartition(xp, r, b, h, w), pre
 
     def _plain_calls(self) -> bool:
         """Whether to run every block as ``blk(x)`` on maps instead of the fast runner (window-order runs,
@@ -398,19 +489,23 @@ class HierarchicalViT(nn.Module):
         """Stage ``s`` as plain module calls, no branch on tensor shapes (torch.fx-traceable with
         ``FX_LEAF_MODULES`` as leaves). ``x``: map ``(B, H, W, D)`` (identity: sequence); returns as
         :meth:`_run_stage`. With class_token='join' a joined block gets ``(B, P + H * W, D)``, and a block
-        that also pools runs its ``downsample`` and ``forward_map`` separately (its hooks do not fire)."""
+        that also pools runs its ``downsample`` and ``forward_map`` separately (its hooks do not fire). A
+        block of a phase stage permutes to its phases and back itself (``Block.forward``), so hooks see maps;
+        joined phase blocks run ``forward_tokens`` on the phase batch with one prefix copy per phase."""
         if self.layout.depths[s] == 0:
             return (self.empty_stages[str(s)](x) if s > 0 else x), pre
         start = sum(self.layout.depths[:s])
+        r = self.dilations[s]
+        if r > 1 and self.join:
+            return self._run_phase_stage_calls(x, s, pre)
         for i in range(start, start + self.layout.depths[s]):
             blk = self.blocks[i]
             if not self.join or (pre is None and i != self.join_block):
                 x = blk(x)
                 continue
-            if pre is None:
-                pre = self.prefix_tokens(x.shape[0])
             if blk.downsample is not None:
                 x = blk.downsample(x)
+            pre = self.prefix_tokens(x.shape[0]) if pre is None else self._merge_prefix(pre, x.shape[0], 1)
             b, h, w, d = x.shape
             t = torch.cat([pre, x.reshape(b, h * w, d)], dim=1)
             t = blk(t) if blk.downsample is None else blk.forward_map(t)
@@ -418,10 +513,39 @@ class HierarchicalViT(nn.Module):
             pre, x = t[:, :p], t[:, p:].reshape(b, h, w, d)
         return x, pre
 
+    def _run_phase_stage_calls(self, x: torch.Tensor, s: int, pre: torch.Tensor | None):
+        """A phase stage with joined prefix tokens (every block attends globally inside its phase, the class
+        token copies with it), as explicit calls for graph capture; maps must tile into whole phases."""
+        r = self.dilations[s]
+        start = sum(self.layout.depths[:s])
+        down = self.blocks[start].downsample
+        if down is not None:
+            x = down(x)
+        b, h, w, d = x.shape
+        xp, valid = phase_partition(x, r)
+        if valid is not None:
+            raise InputError(
+                f"graph capture (export, torch.fx, forward hooks) of a phase stage needs maps that tile into whole "
+                f"phases: the {h}x{w} map of stage {s} is not a multiple of {r}; use image sides that are multiples "
+                f"of the {self.spec.patch_size}-px patch"
+            )
+        bp, hp, wp, _ = xp.shape
+        for i in range(start, start + self.layout.depths[s]):
+            blk = self.blocks[i]
+            if pre is None and i < self.join_block:
+                xp = blk.forward_map(xp).reshape(bp, hp, wp, d)
+                continue
+            pre = self.prefix_tokens(bp) if pre is None else self._merge_prefix(pre, b, r)
+            p = pre.shape[1]
+            t = blk.forward_tokens(torch.cat([pre, xp.reshape(bp, hp * wp, d)], dim=1), blk.attn.grid_bias(hp, wp, p))
+            pre, xp = t[:, :p], t[:, p:].reshape(bp, hp, wp, d)
+        return phase_unpartition(xp, r, b, h, w), pre
+
     def _final(self, x: torch.Tensor, pre: torch.Tensor | None) -> torch.Tensor:
         """The normalised output: the map ``(B, H, W, D)``, or with joined prefix tokens the sequence
         ``(B, P + H * W, D)`` (prefix first, as in timm's ViT)."""
         if pre is not None:
+            pre = self._merge_prefix(pre, x.shape[0], 1)
             x = torch.cat([pre, x.flatten(1, 2)], dim=1)
         return self.norm(x)
 

@@ -10,7 +10,9 @@ time eager / compiled / ORT for every batch size in the same rounds (medians).
         --models hpvit-B/paper-cls,hpvit-B/lite-cls,vit_base_patch16_224 \
         --json benchmarks/results/onnx_bench.json
 
-``ort / eager`` < 1 means ONNX Runtime is faster. ``max_abs_diff``: ORT against eager on the timed batch.
+``ort / eager`` < 1 means ONNX Runtime is faster (wall-clock medians; ``CPU time``: ratio of the per-call
+process CPU-time minima, steadier on a loaded machine, meaningful with ``--threads 1``). ``max_abs_diff``:
+ORT against eager on the timed batch.
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ def main() -> None:
                   + ("" if cdiff is None else f"; compiled in {t_compile:.0f} s, vs eager {cdiff:.2e}"), flush=True)
             prep[(name, b)] = dict(x=x, xn=xn, sess=sess, compiled=compiled, diff=diff, cdiff=cdiff)
     times: dict[tuple[str, int, str], list[float]] = {}
+    cpu: dict[tuple[str, int, str], list[float]] = {}  # process CPU time: steadier than wall time on a loaded machine
     for b in batches:
         work = {}
         for name in names:
@@ -118,33 +121,36 @@ def main() -> None:
             work[(name, b, "ort")] = (lambda s=p["sess"], xn=p["xn"]: s.run(None, {"images": xn}))
         for k in work:
             times[k] = []
+            cpu[k] = []
         with torch.no_grad():
             for r in range(args.warmup + args.rounds):
                 line = []
                 for k, fn in work.items():
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     fn()
-                    t = time.perf_counter() - t0
+                    t, c = time.perf_counter() - t0, time.process_time() - c0
                     if r >= args.warmup:
                         times[k].append(t)
+                        cpu[k].append(c)
                     line.append(f"{k[0]}/{k[2]}={t * 1e3:.0f}ms")
                 print(f"batch {b} {'warm-up' if r < args.warmup else 'round'} {r + 1}: " + ", ".join(line), flush=True)
-    print(f"\n| model | batch | eager (ms) | compiled (ms) | ORT (ms) | ORT / eager | compiled / eager | ORT max abs diff |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| model | batch | eager (ms) | compiled (ms) | ORT (ms) | ORT / eager | compiled / eager | ORT / eager, CPU time | ORT max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
         for b in batches:
             e = statistics.median(times[(name, b, "eager")])
             o = statistics.median(times[(name, b, "ort")])
             c = statistics.median(times[(name, b, "compiled")]) if (name, b, "compiled") in times else None
             p = prep[(name, b)]
-            rows.append(dict(name=name, batch=b, eager_ms=e * 1e3, compiled_ms=None if c is None else c * 1e3,
+            ce, co = min(cpu[(name, b, "eager")]), min(cpu[(name, b, "ort")])
+            rows.append(dict(eager_cpu_ms_min=ce * 1e3, ort_cpu_ms_min=co * 1e3, ort_over_eager_cpu=co / ce,name=name, batch=b, eager_ms=e * 1e3, compiled_ms=None if c is None else c * 1e3,
                              ort_ms=o * 1e3, ort_over_eager=o / e, compiled_over_eager=None if c is None else c / e,
                              ort_max_abs_diff=p["diff"], compiled_max_abs_diff=p["cdiff"],
                              eager_ms_all=[t * 1e3 for t in times[(name, b, "eager")]],
                              ort_ms_all=[t * 1e3 for t in times[(name, b, "ort")]]))
             cs = "-" if c is None else f"{c * 1e3:.0f}"
             cr = "-" if c is None else f"{c / e:.2f}"
-            print(f"| {name} | {b} | {e * 1e3:.0f} | {cs} | {o * 1e3:.0f} | {o / e:.2f} | {cr} | {p['diff']:.1e} |")
+            print(f"| {name} | {b} | {e * 1e3:.0f} | {cs} | {o * 1e3:.0f} | {o / e:.2f} | {cr} | {co / ce:.2f} | {p['diff']:.1e} |")
     if args.json:
         import onnxruntime as ort
 

@@ -7,7 +7,7 @@ CPU session with as many intra-op threads as torch uses, check its outputs again
 time eager / compiled / ORT for every batch size in the same rounds (medians).
 
     PYTHONPATH=src python benchmarks/onnx_bench.py --threads 2 --batch 1,8 \
-        --models hpvit-B/paper-cls,hpvit-B/lite-cls,vit_base_patch16_224 \
+        --models hpvit-B/paper-cls,hpvit-B/lite-cls,hpvit-B/grid-lite-cls,vit_base_patch16_224 \
         --json benchmarks/results/onnx_bench.json
 
 ``ort / eager`` < 1 means ONNX Runtime is faster (wall-clock medians; ``CPU time``: ratio of the per-call
@@ -64,7 +64,7 @@ def session(path: str, threads: int, level: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="hpvit-B/paper-cls,hpvit-B/lite-cls,vit_base_patch16_224")
+    ap.add_argument("--models", default="hpvit-B/paper-cls,hpvit-B/lite-cls,hpvit-B/grid-lite-cls,vit_base_patch16_224")
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=2)

@@ -1,7 +1,7 @@
 """Where the time goes: per-stage wall time and FLOP share of a transformed ViT, and the top aten
 ops, next to timm's ViT-B.
 
-    /root/venv/bin/python benchmarks/profile_stages.py --config paper-cls --batch 8
+    PYTHONPATH=src python benchmarks/profile_stages.py --config lite-cls --batch 8 --ops
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ def main() -> None:
 
     def run(rec):
         t = time.perf_counter()
-        y = m._embed(x)
+        y, pre = m.embed(x), None
         rec("embed", t)
         for s in range(m.layout.num_stages):
             t = time.perf_counter()
-            y, _ = m._run_stage(y, s)
+            y, pre = m._run_stage(y, s, pre)
             rec(f"stage{s + 1}", t)
         t = time.perf_counter()
-        m.forward_head(m.norm(y))
+        m.forward_head(m._final(y, pre))
         rec("head", t)
 
     times = {p: [] for p in parts}
@@ -57,9 +57,9 @@ def main() -> None:
         t = statistics.median(times[p][1:])
         print(f"{p:<8}{t * 1e3:>9.0f}{100 * t / total_t:>8.1f}{flops[p] / 1e9:>9.1f}{100 * flops[p] / total_f:>8.1f}{flops[p] / 1e9 / t:>9.0f}")
     if args.ops:
-        with torch.no_grad(), torch.profiler.profile() as prof:
+        with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
             m(x)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ and the tiny/small counterparts) and ``hpvit-{T,S,B}/<variant>`` for the transfo
 size; variants: ``paper-cls`` (avg+conv pools merged by ``reparameterize()``, the deployed form),
 ``paper-cls-avg`` (parameter-free average pools only), ``paper-cls-naive`` (the straightforward
 implementation this library started from: window partition per block, no chunking, out-of-place
-activations), ``fast-cls`` and ``lite-cls`` (efficiency presets, merged). ``--models`` also takes the
+activations), ``fast-cls`` and ``lite-cls`` (efficiency presets, merged), ``grid-cls``, ``grid-fast-cls``,
+``grid-lite-cls`` (phase attention, subsample + conv pools, merged), and the dense backbones
+``paper-det``, ``grid-det``, ``plain-det`` (forward -> the 4 maps; inference memory only). ``--models`` also takes the
 groups ``base`` (default), ``small``, ``tiny`` and ``all``. See docs/performance.md.
 """
 
@@ -48,7 +50,9 @@ from torch import nn
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .config import get_config  # noqa: E402
 from .models.build import from_plain  # noqa: E402
+from .models.dense import build_dense_backbone  # noqa: E402
 from .utils import atomic_write, count_flops  # noqa: E402
 
 SIZES = {"T": "tiny", "S": "small", "B": "base"}
@@ -57,8 +61,13 @@ TIMM_FAMILY = {
     "hiera": "hiera_{size}_224",
     "swin": "swin_{size}_patch4_window7_224",
 }
-HPVIT_VARIANTS = ("paper-cls", "paper-cls-avg", "paper-cls-naive", "fast-cls", "lite-cls")
-GROUP_VARIANTS = ("paper-cls", "paper-cls-avg", "paper-cls-naive", "fast-cls", "lite-cls")
+HPVIT_VARIANTS = ("paper-cls", "paper-cls-avg", "paper-cls-naive", "fast-cls", "lite-cls",
+                  "grid-cls", "grid-fast-cls", "grid-lite-cls")
+# dense backbones (forward -> the 4 maps at strides 4..32, as Mask R-CNN / UperNet get them), for the
+# image-size sweep (benchmarks/deployment.py); timed and counted like the classifiers, inference memory only
+DENSE_VARIANTS = ("paper-det", "grid-det", "plain-det")
+MEMORY_MODES = ("infer", "train", "train_ckpt")
+GROUP_VARIANTS = ("paper-cls", "paper-cls-avg", "paper-cls-naive", "fast-cls", "lite-cls", "grid-cls", "grid-lite-cls")
 JSON_KEYS = ("name", "params_m", "gflops", "batch", "img_per_s", "latency_ms", "achieved_gflops_per_s",
              "peak_mem_infer_mb", "peak_mem_train_mb")
 
@@ -130,9 +139,15 @@ def build_model(name: str) -> nn.Module:
     """A randomly initialised model by benchmark name (no downloads)."""
     if name.startswith("hpvit-"):
         size, _, variant = name[len("hpvit-"):].partition("/")
-        if size not in SIZES or variant not in HPVIT_VARIANTS:
-            raise ValueError(f"unknown hpvit model {name!r}: use hpvit-{{T,S,B}}/{{{','.join(HPVIT_VARIANTS)}}}")
+        if size not in SIZES or variant not in HPVIT_VARIANTS + DENSE_VARIANTS:
+            raise ValueError(f"unknown hpvit model {name!r}: use hpvit-{{T,S,B}}/"
+                             f"{{{','.join(HPVIT_VARIANTS + DENSE_VARIANTS)}}}")
         sd = timm.create_model(TIMM_FAMILY["vit"].format(size=SIZES[size])).state_dict()
+        if variant in DENSE_VARIANTS:
+            cfg = get_config(variant)
+            if cfg.num_stages == 1:  # the plain baseline with its simple feature pyramid
+                return build_dense_backbone(sd, cfg)
+            return build_dense_backbone(from_plain(sd, cfg).reparameterize())
         if variant == "paper-cls-avg":
             model = from_plain(sd, "paper-cls", pools=("avg", "avg", "avg"))
         elif variant == "paper-cls-naive":
@@ -332,9 +347,14 @@ def plot(result: dict[str, Any], path: str) -> None:
 def benchmark(
     models: list[str], device: str = "cpu", dtype: str = "fp32", batches: list[int] = (8,), img: int = 224,
     warmup: int = 2, iters: int = 7, threads: int = 0, memory: bool = True, compile: bool = False,
-    log: Callable[[str], None] = lambda s: None,
+    log: Callable[[str], None] = lambda s: None, memory_modes: tuple[str, ...] = MEMORY_MODES,
 ) -> dict[str, Any]:
-    """Run the benchmark; returns the JSON-able result (see the module docstring for the keys)."""
+    """Run the benchmark; returns the JSON-able result (see the module docstring for the keys).
+    ``memory_modes``: which peak memories to measure (``infer``, ``train``, ``train_ckpt``; dense backbones:
+    ``infer`` only)."""
+    bad = [m for m in memory_modes if m not in MEMORY_MODES]
+    if bad:
+        raise ValueError(f"unknown memory mode(s) {bad}: choose from {MEMORY_MODES}")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but CUDA is not available")
     if threads:
@@ -390,7 +410,10 @@ def benchmark(
     compiled.clear()
     if memory:
         for row in rows:
-            for mode in ("infer", "train", "train_ckpt"):
+            dense = row["name"].startswith("hpvit-") and row["name"].partition("/")[2] in DENSE_VARIANTS
+            for mode in memory_modes:
+                if dense and mode != "infer":
+                    continue
                 log(f"memory: {row['name']} batch {row['batch']} {mode} (fresh process)")
                 row[f"peak_mem_{mode}_mb"] = memory_in_subprocess(row["name"], mode, row["batch"], img, device, dtype, threads)
     return dict(

@@ -22,6 +22,7 @@ from ..errors import ConfigError, InputError
 from ..layers import (Block, Downsample, PatchEmbed, pad_partition, phase_partition, phase_unpartition,
                       resample_abs_pos_embed, unpartition_crop, valid_partition)
 from ..layers.attention import Attention, DropPath, Mlp
+from ..layers.capture import is_graph_capture
 from .reuse import ReuseReport
 
 # Inference on CPU works through large stages this many bytes of MLP hidden activations at a time
@@ -277,6 +278,18 @@ class HierarchicalViT(nn.Module):
     def _pos_grid(self, h: int, w: int) -> torch.Tensor | None:
         if self.pos_embed is None:
             return None
+        if is_graph_capture() or self.training or torch.is_grad_enabled():
+            return self._pos_fresh(h, w)
+        # inference: the resampled grid depends only on the stored tensor and (h, w); reuse it while the
+        # tensor is unchanged (any in-place update bumps _version; a new tensor has another data_ptr)
+        p = self.pos_embed
+        key = (h, w, p.data_ptr(), p._version, p.dtype, p.device)
+        hit = getattr(self, "_pos_cache", None)
+        if hit is None or hit[0] != key:
+            hit = self._pos_cache = (key, self._pos_fresh(h, w).contiguous())
+        return hit[1]
+
+    def _pos_fresh(self, h: int, w: int) -> torch.Tensor:
         gh, gw = self.pos_grid
         if self.pos_phases > 1:
             return _pos_embed_phases(self.pos_embed, self.pos_embed_prefix, gh, gw, h, w, self.pos_phases)

@@ -364,7 +364,9 @@ def test_seg_two_processes_train_like_one(tmp_path, seg_ddp, small_vit, camvid):
     _assert_is_start_of(m0, m1.state_dict(), SEG_LR, 2)
     _assert_is_start_of(m0, m2.state_dict(), SEG_LR, 2)
     l0, l1, l2 = (_seg_val_loss(m, camvid) for m in (m0, m1, m2))
-    assert l2 == pytest.approx(_results(seg_ddp)["eval_loss"], rel=1e-9)  # the same measure as the run's
+    # the same measure as the run's (float32 sums in another order: a few 1e-8 apart on some CPUs; another
+    # measure, e.g. a mean over images instead of pixels, is percents away)
+    assert l2 == pytest.approx(_results(seg_ddp)["eval_loss"], rel=1e-6)
     assert l0 - l1 > 0.01 * l0, f"training barely moved the held-out loss ({l0:.4f} -> {l1:.4f})"
     assert abs(l2 - l1) <= TRAIN_TOL * (l0 - l1), \
         f"held-out loss: start {l0:.4f}, 1 process {l1:.4f}, 2 processes {l2:.4f}"

@@ -200,7 +200,7 @@ def test_save_load_roundtrip(tmp_path, sd4):
     m3 = hpvit.load(tmp_path / "r.safetensors").eval()
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(m3(x), m(x)))
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(FileExistsError, match="--overwrite"):
         hpvit.save(m, tmp_path / "r.safetensors", force=False)
 
 

@@ -515,7 +515,7 @@ def test_unlabeled_zip_with_members_outside_the_archive(tmp_path):
     with zipfile.ZipFile(z, "w") as zf:
         zf.writestr("ok/1.jpg", _rgb(tmp_path / "1.jpg").read_bytes())
         zf.writestr(zipfile.ZipInfo("../../evil.jpg"), b"x")
-    with pytest.raises(ConfigError, match=r"--images .*u\.zip: 1 member name\(s\) .* outside .*\['\.\./\.\./evil\.jpg'\]"):
+    with pytest.raises(ConfigError, match=r"--data .*u\.zip: 1 member name\(s\) .* outside .*\['\.\./\.\./evil\.jpg'\]"):
         UnlabeledImages([z], None, None, 0)
 
 

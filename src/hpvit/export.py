@@ -333,7 +333,7 @@ def export_onnx(model: HierarchicalViT, path: "str | os.PathLike", img_size: "in
     (``pip install "hpvit[export]"``). ``force=False`` refuses to replace an existing file."""
     path = os.fspath(path)
     if os.path.exists(path) and not force:
-        raise OutputError(f"{path} exists; pass force=True (--force) to replace it, or choose another path")
+        raise OutputError(f"{path} exists; pass force=True (--overwrite) to replace it, or choose another path")
     _require("onnx", "onnxscript")
     wrapped = prepare(model, pyramid)
     x = _example(model, img_size, 2 if dynamic_batch else 1)

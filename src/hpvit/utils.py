@@ -120,7 +120,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], force: b
         raise OutputError(f"cannot write {dst}: it is a folder; give a file path (e.g. {dst / 'model.safetensors'}) "
                           "or remove the folder")
     if dst.exists() and not force:
-        raise FileExistsError(f"{dst} exists; refusing to overwrite it (use --force / force=True to replace it)")
+        raise FileExistsError(f"{dst} exists; refusing to overwrite it (use --overwrite / force=True to replace it)")
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

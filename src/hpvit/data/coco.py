@@ -76,7 +76,7 @@ class CocoSource:
         if not self.ann_file.is_file():
             raise CocoFormatError(f"annotation file {where} does not exist; pass --ann PATH/TO/instances.json")
         if not self.images_dir.is_dir():
-            raise CocoFormatError(f"image folder {self.images_dir} does not exist; pass --images DIR holding the files "
+            raise CocoFormatError(f"image folder {self.images_dir} does not exist; pass --data DIR holding the files "
                                   f"named by the json's file_name fields")
         try:
             d = json.loads(self.ann_file.read_text())
@@ -126,7 +126,7 @@ class CocoSource:
                 raise CocoFormatError(f"{where}: duplicate image id {im['id']}")
             if unsafe_path_name(im["file_name"]):
                 raise CocoFormatError(f"{where}: image id {im['id']} has file_name {im['file_name']!r}, which points "
-                                      f"outside --images {self.images_dir} (an absolute path or '..' parts); give "
+                                      f"outside --data {self.images_dir} (an absolute path or '..' parts); give "
                                       "file names relative to the image folder")
             by_id[im["id"]] = im
             if not (self.images_dir / im["file_name"]).is_file():
@@ -134,7 +134,7 @@ class CocoSource:
         if missing:
             raise CocoFormatError(
                 f"{where}: {len(missing)} of {len(imgs)} image file(s) are missing from {self.images_dir}, e.g. "
-                f"{missing[:3]}; point --images at the folder that holds them (or remove those images from the json)"
+                f"{missing[:3]}; point --data at the folder that holds them (or remove those images from the json)"
             )
         self.images = sorted(by_id.values(), key=lambda im: im["id"])
         self.image_by_id = by_id

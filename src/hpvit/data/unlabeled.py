@@ -30,36 +30,36 @@ class UnlabeledImages(torch.utils.data.Dataset):
     def __init__(self, roots: "Sequence[str | os.PathLike]", transform=None, max_samples: int | None = None,
                  seed: int = 0):
         if not roots:
-            raise ConfigError("no image folder given: pass --images DIR_OR_ZIP (repeatable)")
+            raise ConfigError("no image folder given: pass --data DIR_OR_ZIP (repeatable)")
         self.items: list[tuple[int, str]] = []  # (root index, member path or file path)
         self.roots: list[Path] = []
         self.zips: list[_ZipReader | None] = []
         for r in roots:
             root = Path(r)
             if not root.exists():
-                raise ConfigError(f"--images {root}: no such folder or zip archive")
+                raise ConfigError(f"--data {root}: no such folder or zip archive")
             k = len(self.roots)
             self.roots.append(root)
             if root.is_file():
                 if not _looks_like_zip(root):
-                    raise ConfigError(f"--images {root}: a file that is not a zip archive; give a folder of images or a .zip")
+                    raise ConfigError(f"--data {root}: a file that is not a zip archive; give a folder of images or a .zip")
                 z = _ZipReader(root)
                 try:
                     names = z.names()
                 except Exception as e:  # BadZipFile, truncated archive
-                    raise ConfigError(f"--images {root}: the zip archive cannot be read ({e}); copy it again") from e
+                    raise ConfigError(f"--data {root}: the zip archive cannot be read ({e}); copy it again") from e
                 self.zips.append(z)
                 found = sorted(n for n in names if _is_image(n) and not n.endswith("/"))
                 unsafe = [n for n in found if unsafe_path_name(n)]
                 if unsafe:
-                    raise ConfigError(f"--images {root}: {len(unsafe)} member name(s) of the zip point outside the "
+                    raise ConfigError(f"--data {root}: {len(unsafe)} member name(s) of the zip point outside the "
                                       f"archive (absolute paths or '..' parts), e.g. {unsafe[:3]}; re-create the zip")
             else:
                 self.zips.append(None)
                 found = sorted(str(p) for p in root.rglob("*") if p.is_file() and _is_image(p.name))
             if not found:
                 raise ConfigError(
-                    f"--images {root}: no image files found (looked for {', '.join(IMG_EXTENSIONS)}"
+                    f"--data {root}: no image files found (looked for {', '.join(IMG_EXTENSIONS)}"
                     f"{' inside the archive' if root.is_file() else ' in the folder and its subfolders'})"
                 )
             self.items += [(k, f) for f in found]

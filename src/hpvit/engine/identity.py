@@ -77,7 +77,7 @@ def check_identity(ckpt: dict[str, Any], identity: dict[str, Any], out: "str | o
         raise ConfigError(
             f"cannot resume {out}: the run was started on something else ({len(diffs)} difference(s)): "
             + "; ".join(diffs[:8]) + ("; ..." if len(diffs) > 8 else "")
-            + ". Resume with the original --data, --init, --config and task flags, or start over with --overwrite "
+            + ". Resume with the original --data, --model, --config and task flags, or start over with --overwrite "
             "or in another --out")
 
 

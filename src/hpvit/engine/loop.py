@@ -443,7 +443,8 @@ class Trainer:
             for h in self.hooks:
                 h.after_train(self)
             score = self.task.primary_metric in results and results[self.task.primary_metric] is not None
-            log("done: " + (f"{self.task.primary_metric} {results[self.task.primary_metric]:.4g}, " if score else "")
+            pct = "%" if self._units().get(self.task.primary_metric, "").startswith("%") else ""
+            log("done: " + (f"{self.task.primary_metric} {results[self.task.primary_metric]:.4g}{pct}, " if score else "")
                 + f"wall {results['wall_time_s']:.0f}s, {results['images_per_s']:.1f} img/s; results in "
                 f"{self.out / 'results.json'}", True)
         D.barrier(dist)

@@ -14,7 +14,7 @@ under the ``identity`` config, frozen) on the user's unlabeled images:
   teacher's final class tokens.
 
 The result is a normal hpvit file (``OUT/model.safetensors``) that keeps the source's classifier in
-the source's class order; ``hpvit train cls --init OUT/model.safetensors`` fine-tunes it. Runs on the
+the source's class order; ``hpvit train cls --model OUT/model.safetensors`` fine-tunes it. Runs on the
 shared engine (progress, exact resume, AMP, DDP). See docs/classification.md.
 """
 

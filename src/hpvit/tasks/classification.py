@@ -1,6 +1,6 @@
 """Image classification: fine-tune a transformed model (or the plain baseline) and evaluate it.
 
-``hpvit train cls --init SRC --config paper-cls --data PATH --out DIR [--recipe NAME|FILE] ...``
+``hpvit train cls --model SRC --config paper-cls --data PATH --out DIR [--recipe NAME|FILE] ...``
 ``hpvit eval cls --model DIR_OR_FILE --data PATH``
 
 ``--config identity`` trains the plain ViT itself (class-token head; ``--head avg`` for a global

@@ -256,14 +256,16 @@ def test_safetensors_write_failures_are_one_hpvit_line(tmp_path, monkeypatch, ca
     assert not out.exists() and not list(tmp_path.glob("*.hpvit-tmp"))
 
 
-def test_export_of_a_detector_file_says_how_to_export_its_backbone(tmp_path, capsys):
+def test_export_of_a_detector_file_with_an_edited_description_is_a_clear_error(tmp_path, capsys):
+    """(Real detector files export their backbone's pyramid: tests/test_cli.py.) A description that lost its
+    keys names the file and what to do, instead of a KeyError."""
     from safetensors.torch import save_file as sf
 
     p = tmp_path / "det.safetensors"  # what `hpvit train det` writes: weights + an 'hpvit_dense' description
     sf({"x": torch.zeros(1)}, p, metadata={"hpvit_dense": json.dumps({"task": "det"})})
     assert main(["export", str(p), "-o", str(tmp_path / "d.onnx")]) == 2
     err = capsys.readouterr().err
-    assert "a Mask R-CNN detector file hpvit wrote" in err and "body.vit" in err and "pyramid=True" in err
+    assert str(p) in err and "'hpvit_dense' description is incomplete" in err and "hpvit train det" in err
 
 
 # ------------------------------------------------------------------ weak answers: model inputs
@@ -489,8 +491,8 @@ def test_pixel_limit_that_is_not_a_number(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("change, expect", [
-    ({"file_name": "../x.jpg"}, r"image id 1 has file_name '\.\./x\.jpg', which points outside --images"),
-    ({"file_name": "/etc/x.jpg"}, r"image id 1 has file_name '/etc/x\.jpg', which points outside --images"),
+    ({"file_name": "../x.jpg"}, r"image id 1 has file_name '\.\./x\.jpg', which points outside --data"),
+    ({"file_name": "/etc/x.jpg"}, r"image id 1 has file_name '/etc/x\.jpg', which points outside --data"),
     ({"iscrowd": "yes"}, r"annotation id 7 \(image a\.jpg\) has iscrowd 'yes'; it must be 0 or 1"),
     ({"dup": True}, r"duplicate annotation id 7"),
 ])

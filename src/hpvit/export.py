@@ -235,7 +235,13 @@ def load_dense(path: "str | os.PathLike", expect_task: "str | None" = None) -> n
     task = meta.get("task")
     if task not in DENSE_FROM_META:
         raise CheckpointError(f"{path}: holds a {task!r} model, which this version of hpvit cannot load; upgrade hpvit")
-    model = DENSE_FROM_META[task](meta)
+    try:
+        model = DENSE_FROM_META[task](meta)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: its 'hpvit_dense' description is incomplete or edited ({type(e).__name__}: {e}), so the "
+            f"{task} model cannot be rebuilt; use the file `hpvit train {task}` wrote, or train again"
+        ) from e
     vit = model.body.vit
     prefix = f"{model.wrapped}.vit."  # the task model wraps its dense backbone, which holds the ViT as .vit
     old = unused_dense_keys(sd, prefix)  # files saved while dense models still held the ViT's final norm / head

@@ -71,6 +71,7 @@ SEG_ROWS: dict[str, list[str]] = {
     "paper-seg-fixes": ["--init", str(DEIT), "--config", str(CFG / "paper-seg-fixes.json")],
     "adapted": ["--init", str(ADAPTED)],
     "grid-seg": ["--init", str(DEIT), "--config", "grid-seg"],
+    "grid-seg-conv": ["--init", str(DEIT), "--config", str(CFG / "grid-seg-conv.json")],  # pools with the zero conv
 }
 
 # coco128: train on images 1-100, evaluate on 101-128 (box and mask AP); sized so that plain-det reaches

@@ -325,20 +325,26 @@ def plot(result: dict[str, Any], path: str) -> None:
     """Cost (GFLOPs per image, and training memory) against throughput, one point per model."""
     batch = max(m["batch"] for m in result["models"])
     ms = [m for m in result["models"] if m["batch"] == batch]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, key, label in ((axes[0], "gflops", "GFLOPs / image"), (axes[1], "peak_mem_train_mb", "peak memory, training step (MB)")):
-        for m in ms:
-            if m.get(key) is None:
-                continue
+    panels = [("gflops", "GFLOPs / image", "cost vs throughput (red: hpvit, blue: timm)")]
+    if any(m.get("peak_mem_train_mb") is not None for m in ms):  # not with --no-memory: no empty panel
+        panels.append(("peak_mem_train_mb", "peak memory, training step (MB)", "training memory vs throughput"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), squeeze=False)
+    for ax, (key, label, title) in zip(axes[0], panels):
+        pts = sorted((m for m in ms if m.get(key) is not None), key=lambda m: (m[key], m["img_per_s"]))
+        last_y = None
+        for m in pts:
             ours = m["name"].startswith("hpvit")
             ax.scatter(m["img_per_s"], m[key], c="tab:red" if ours else "tab:blue", marker="o" if ours else "s", s=40)
+            # labels of points at almost the same height are stacked instead of printed over each other
+            span = max(p[key] for p in pts) - min(p[key] for p in pts) or 1.0
+            dy = 3 if last_y is None or (m[key] - last_y[0]) > 0.04 * span else last_y[1] + 9
+            last_y = (m[key], dy)
             ax.annotate(m["name"].replace("hpvit-", ""), (m["img_per_s"], m[key]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
+                        xytext=(4, dy), textcoords="offset points")
         ax.set_xlabel(f"images / s (batch {batch}, {result['device']}, {result['dtype']})")
         ax.set_ylabel(label)
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].set_title("cost vs throughput (red: hpvit, blue: timm)", fontsize=9)
-    axes[1].set_title("training memory vs throughput", fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), force=True)
     plt.close(fig)

@@ -32,20 +32,26 @@ def window_unpartition(x: torch.Tensor, ws: int, b: int, h: int, w: int) -> torc
     return x.reshape(b, h, w, d)
 
 
+def _pad_to_multiple(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A map ``(B, H, W, D)`` zero-padded at the bottom/right to multiples of ``m``, and its ``(H', W')`` bool
+    mask of real tokens (``None`` when nothing was padded)."""
+    h, w = x.shape[1], x.shape[2]
+    ph, pw = (-h) % m, (-w) % m
+    if not (ph or pw):
+        return x, None
+    valid = torch.zeros(h + ph, w + pw, dtype=torch.bool, device=x.device)
+    valid[:h, :w] = True
+    return F.pad(x, (0, 0, 0, pw, 0, ph)), valid
+
+
 def pad_partition(x: torch.Tensor, ws: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(B, H, W, D)`` -> windows ``(B * nW, ws * ws, D)`` (always a fresh tensor) and ``key_ok``.
 
     H and W are zero-padded up to multiples of ``ws`` first; ``key_ok`` is ``(nW, ws * ws)`` bool, True
     for real tokens (``None`` when nothing was padded). Window ``j`` of image ``b`` is row ``b * nW + j``.
     """
-    b, h, w, d = x.shape
-    ph, pw = (-h) % ws, (-w) % ws
-    key_ok = None
-    if ph or pw:
-        x = F.pad(x, (0, 0, 0, pw, 0, ph))
-        valid = torch.zeros(h + ph, w + pw, dtype=torch.bool, device=x.device)
-        valid[:h, :w] = True
-        key_ok = window_partition(valid.view(1, h + ph, w + pw, 1), ws).view(-1, ws * ws)
+    x, valid = _pad_to_multiple(x, ws)
+    key_ok = None if valid is None else window_partition(valid.view(1, *valid.shape, 1), ws).view(-1, ws * ws)
     xw = window_partition(x, ws)
     if xw._base is not None:  # a single window per image: reshape returned a view; callers may write in place
         xw = xw.clone()
@@ -69,15 +75,10 @@ def phase_partition(x: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor
     ``Hp = ceil(H / r)`` rows. H and W are zero-padded up to multiples of ``r`` first; ``valid`` is
     ``(r * r, Hp, Wp)`` bool, True for real tokens (``None`` when nothing was padded). One copy.
     """
-    b, h, w, d = x.shape
-    ph, pw = (-h) % r, (-w) % r
-    valid = None
-    if ph or pw:
-        x = F.pad(x, (0, 0, 0, pw, 0, ph))
-        m = torch.zeros(h + ph, w + pw, dtype=torch.bool, device=x.device)
-        m[:h, :w] = True
-        valid = m.view((h + ph) // r, r, (w + pw) // r, r).permute(1, 3, 0, 2).reshape(r * r, (h + ph) // r, (w + pw) // r)
-    hp, wp = (h + ph) // r, (w + pw) // r
+    b, d = x.shape[0], x.shape[3]
+    x, m = _pad_to_multiple(x, r)
+    hp, wp = x.shape[1] // r, x.shape[2] // r
+    valid = None if m is None else m.view(hp, r, wp, r).permute(1, 3, 0, 2).reshape(r * r, hp, wp)
     x = x.view(b, hp, r, wp, r, d).permute(0, 2, 4, 1, 3, 5).reshape(b * r * r, hp, wp, d)
     return x, valid
 

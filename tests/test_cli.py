@@ -22,7 +22,7 @@ def test_demo_offline_falls_back_to_a_random_vit_loudly(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "RANDOMLY INITIALISED" in text and "--offline given" in text
     assert "reuse report" in text and "stage4 (1/32)" in text
-    assert "top-5 classes, plain ViT" in text and "top-5 classes, transformed (paper-cls" in text
+    assert "top-5 classes, plain ViT" in text and "top-5 classes, transformed (grid-cls" in text
     from PIL import Image
 
     im = Image.open(out)

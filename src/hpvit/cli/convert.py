@@ -23,7 +23,8 @@ def add_parsers(sub) -> None:
     add_model_arg(p, "plain ViT checkpoint or a file hpvit wrote (default: timm's pretrained DeiT-Tiny when it can "
                      "be downloaded, else a randomly initialised ViT-Tiny, said loudly)", required=False, old="--checkpoint")
     p.add_argument("--image", default=None, help="input image (default: a photo shipped with an installed package)")
-    p.add_argument("--config", default="paper-cls", help="preset for a plain checkpoint (default paper-cls)")
+    p.add_argument("--config", default="grid-cls", help="preset for a plain checkpoint (default grid-cls, which starts "
+                                                         "at the plain model's function; paper-cls is the paper's)")
     p.add_argument("--img-size", type=int, default=224, help="input side in pixels (default 224)")
     p.add_argument("--offline", action="store_true", help="do not try to download the pretrained DeiT-Tiny")
     p.add_argument("--out", default="hpvit_demo.png", help="PNG to write (default hpvit_demo.png)")
@@ -387,7 +388,7 @@ def cmd_demo(args) -> int:
     if model.keep_prefix or len(model.feature_info) != 4:
         where = f"{args.model} holds a {model.config.name} model" if plain is None else f"--config {args.config}"
         raise ConfigError(f"the demo shows a 4-level feature pyramid, but {where}; use a hierarchical config "
-                          "(paper-cls, paper-det, paper-seg) or a file converted with one")
+                          "(grid-cls, paper-cls, grid-det, paper-seg...) or a file converted with one")
     print()
     print(model.reuse_report().summary())
     print()
@@ -431,8 +432,14 @@ def cmd_demo(args) -> int:
             ax.text(v, i, f" {v:.1f}%" if v >= 1 else f" {v:.2f}%", va="center", fontsize=8)
         ax.set_xlim(0, min(100.0, top * 1.3))
         ax.set_title(f"top-5, {title}", fontsize=10)
-        ax.set_xlabel("probability (%)" + ("" if title.startswith("plain") else
-                                           " (fine-tune with train cls, or align with adapt, before trusting it)"))
+        note = ""
+        if not title.startswith("plain"):
+            kept = len({r[0] for r in rows} & {r[0] for r in ranked[0][1]}) if len(ranked) == 2 else 0
+            same = len(ranked) == 2 and ranked[0][1][0][0] == rows[0][0]
+            note = (" (the plain model's top class: the transform kept the function)" if same else
+                    f" ({kept} of the plain top-5 kept; fine-tune with train cls before trusting it)" if kept >= 3 else
+                    " (fine-tune with train cls, or align with adapt, before trusting it)")
+        ax.set_xlabel("probability (%)" + note)
     what = "" if pretrained else " — RANDOM WEIGHTS: features and classes are meaningless"
     fig.suptitle(f"hpvit {model.config.name} from {source}{what}\nfeature maps: first 3 principal components; "
                  f"input: {img_name}", fontsize=10, color="black" if pretrained else "darkred")

@@ -13,6 +13,8 @@ relative-position bias, and copies back.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -100,11 +102,20 @@ def valid_partition(valid: torch.Tensor, ws: int) -> torch.Tensor:
     return window_partition(v, ws).view(-1, ws * ws)
 
 
+@functools.lru_cache(maxsize=32)
+def grid_position_index(h: int, w: int, g: int) -> torch.Tensor:
+    """``(h*w, h*w)`` index into a ``((2g-1)^2, heads)`` relative-position table for an ``h x w`` grid (Swin's
+    convention), offsets beyond the table's reach ``g - 1`` clamped to its edge. Cached (CPU); do not modify."""
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    yy, xx = yy.flatten(), xx.flatten()
+    dy = (yy[:, None] - yy[None, :]).clamp(-(g - 1), g - 1) + g - 1
+    dx = (xx[:, None] - xx[None, :]).clamp(-(g - 1), g - 1) + g - 1
+    return dy * (2 * g - 1) + dx
+
+
 def relative_position_index(ws: int) -> torch.Tensor:
     """``(ws*ws, ws*ws)`` index into a ``((2ws-1)^2, heads)`` table, Swin's convention."""
-    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
-    rel = coords[:, :, None] - coords[:, None, :] + (ws - 1)
-    return rel[0] * (2 * ws - 1) + rel[1]
+    return grid_position_index(ws, ws, ws).clone()
 
 
 class Attention(nn.Module):
@@ -165,13 +176,8 @@ class Attention(nn.Module):
         starts with ``prefix`` tokens (class/register: no bias to or from them); None without a grid table."""
         if self.rel_pos_grid is None:
             return None
-        g = self.rel_pos_grid
-        dev = self.rel_pos_table.device
-        yy, xx = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
-        yy, xx = yy.flatten(), xx.flatten()
-        dy = (yy[:, None] - yy[None, :]).clamp(-(g - 1), g - 1) + g - 1
-        dx = (xx[:, None] - xx[None, :]).clamp(-(g - 1), g - 1) + g - 1
-        bias = self.rel_pos_table[(dy * (2 * g - 1) + dx).view(-1)].view(h * w, h * w, -1).permute(2, 0, 1)
+        idx = grid_position_index(h, w, self.rel_pos_grid).to(self.rel_pos_table.device)
+        bias = self.rel_pos_table[idx.view(-1)].view(h * w, h * w, -1).permute(2, 0, 1)
         if prefix:
             bias = F.pad(bias, (prefix, 0, prefix, 0))
         return bias.unsqueeze(0)

@@ -1,15 +1,28 @@
-"""The controlled study of issue 10: plain vs transformed DeiT-Tiny at equal steps, several seeds.
+"""The decisive study (issue 26): plain vs transformed DeiT-Tiny at equal optimizer steps, paired seeds.
 
-    python experiments/study.py cls  [--seeds 0 1 2] [--parallel 2] [--rows plain paper-cls ...]
+    python experiments/study.py cls  [--seeds 0 1 2] [--parallel 2] [--rows plain grid-lite-cls ...]
     python experiments/study.py seg  [...]
-    python experiments/study.py summary
+    python experiments/study.py det  [...]
+    python experiments/study.py summary                    # experiments/results/study_{cls,seg,det}.json
+    python experiments/study.py cls --device cuda          # the same rows on a GPU machine
 
-Every row of a task gets the same recipe, image size, data and number of optimizer steps; only the
-model changes. Runs go to ``runs/study/<task>/<row>/seed<k>`` (one process and one CPU thread each,
-``--parallel`` at a time); ``summary`` writes ``experiments/results/study_<task>.json`` and prints the
-markdown tables that README.md and docs/ show (mean and std over seeds, wall time per run).
-The ``adapted`` rows start from ``runs/study/adapt/model.safetensors``, written by ``python
-experiments/study.py adapt`` (the ``hpvit adapt`` command below, with its default recipe).
+Every row of a task gets the same recipe, image size, data, data order and number of optimizer steps; only
+the model changes. Seeds are *paired*: seed K gives every row of a task the same data order, the same
+augmentation draws and the same head initialisation (``--seed K`` seeds one generator for all of them), so
+the difference ``row - baseline`` of seed K is one paired sample. The summary reports, per row, the mean and
+std over seeds and, against the task's baseline, the mean paired difference with its 95% interval
+(Student's t, ``n - 1`` degrees of freedom). A run that fails is kept in the file as failed, with its log,
+and its row's statistics say so; it is never dropped from a mean silently.
+
+Budgets (5x issue 19's optimizer steps): CIFAR-10 468 steps (5,000 training images, 3 epochs, batch 32,
+112 px), scored on all 10,000 test images; CamVid 910 steps (10 epochs of 367 images, batch 4, 128-px crops),
+scored on the 101 val images; Penn-Fudan 612 steps (12 epochs of 102 images, batch 2, 320-px longer side,
+the ``det-small`` recipe and its RCNN settings), scored on the 34 val images.
+The equal-compute rows run the plain baseline at the input size whose backbone FLOPs come closest to the
+recommended preset's (see ``docs/study.md``).
+
+Runs go to ``$HPVIT_STUDY_RUNS/<task>/<row>/seed<k>`` (default ``runs/study``), one process and one CPU
+thread each, ``--parallel`` at a time, with the code of the checkout this file is in (``PYTHONPATH``).
 Real data is read from ``../shared/data`` (or ``$HPVIT_SHARED_DATA``).
 """
 
@@ -17,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -28,133 +42,172 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HPVIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 DEIT = DATA / "deit_tiny" / "deit_tiny_patch16_224.pth"
-CFG = ROOT / "experiments" / "configs"
-RUNS = ROOT / "runs" / "study"
-ADAPTED = RUNS / "adapt" / "model.safetensors"
-OLD_LR = ["--set", "new_param_lr_scale=null"]  # hpvit 0.1: new parameters at their block's decayed lr
-
-ADAPT_CMD = ["adapt", "--init", str(DEIT), "--config", str(CFG / "paper-cls-fixes.json"),
-             "--images", str(DATA / "camvid" / "train"), "--images", str(DATA / "camvid" / "val"),
-             "--images", str(DATA / "coco" / "coco128-seg"), "--holdout", str(DATA / "imagenet_sample" / "images"),
-             "--threads", "2", "--out", str(RUNS / "adapt")]
+RUNS = Path(os.environ.get("HPVIT_STUDY_RUNS", ROOT / "runs" / "study"))
+RESULTS = ROOT / "experiments" / "results"
 
 CLS_COMMON = ["train", "cls", "--data", str(DATA / "cifar10" / "cifar10.zip"), "--recipe", "cifar-mini",
-              "--img-size", "112", "--epochs", "3", "--train-images", "1000", "--eval-images", "1000",
+              "--img-size", "112", "--epochs", "3", "--train-images", "5000",
               "--set", "eval_every_epochs=3", "--threads", "1"]
-CLS_ROWS: dict[str, list[str]] = {
-    "plain": ["--init", str(DEIT), "--config", "identity"],
-    "plain-nocls": ["--init", str(DEIT), "--config", str(CFG / "plain-nocls.json")],
-    "paper-cls": ["--init", str(DEIT), "--config", "paper-cls", *OLD_LR],
-    "paper-cls-fixes": ["--init", str(DEIT), "--config", str(CFG / "paper-cls-fixes.json")],
-    "adapted": ["--init", str(ADAPTED)],
-    "fast-cls-fixes": ["--init", str(DEIT), "--config", str(CFG / "fast-cls-fixes.json")],
-    # issue 19: the grid-* presets (phase attention, subsample + conv pools, class token from block 1)
-    "grid-cls": ["--init", str(DEIT), "--config", "grid-cls"],
-    "grid-fast-cls": ["--init", str(DEIT), "--config", "grid-fast-cls"],
-    "grid-lite-cls": ["--init", str(DEIT), "--config", "grid-lite-cls"],
-    # diagnostics: the pools with their zero-initialised conv (subconv, as grid-det/grid-seg), the class-token
-    # copies averaged, no blocks at 1/32, the 6-px phase (sub_phase=0, with the conv)
-    "grid-cls-conv": ["--init", str(DEIT), "--config", str(CFG / "grid-cls-conv.json")],
-    "grid-fast-cls-conv": ["--init", str(DEIT), "--config", str(CFG / "grid-fast-cls-conv.json")],
-    "grid-lite-cls-conv": ["--init", str(DEIT), "--config", str(CFG / "grid-lite-cls-conv.json")],
-    "grid-cls-mean": ["--init", str(DEIT), "--config", str(CFG / "grid-cls-mean.json")],
-    "grid-0-0-12-0": ["--init", str(DEIT), "--config", str(CFG / "grid-0-0-12-0.json")],
-    "grid-lite-cls-p0": ["--init", str(DEIT), "--config", str(CFG / "grid-lite-cls-p0.json")],
-}
-
 SEG_COMMON = ["train", "seg", "--data", str(DATA / "camvid"), "--layout", "camvid", "--base-size", "240",
-              "--img-size", "128", "--batch-size", "4", "--epochs", "2", "--lr", "3e-4", "--warmup-epochs", "0.1",
+              "--img-size", "128", "--batch-size", "4", "--epochs", "10", "--lr", "3e-4", "--warmup-epochs", "0.5",
               "--workers", "1", "--threads", "1"]
-SEG_ROWS: dict[str, list[str]] = {
-    "plain-seg": ["--init", str(DEIT), "--config", "plain-seg"],
-    "paper-seg": ["--init", str(DEIT), "--config", "paper-seg", *OLD_LR],
-    "paper-seg-fixes": ["--init", str(DEIT), "--config", str(CFG / "paper-seg-fixes.json")],
-    "adapted": ["--init", str(ADAPTED)],
-    "grid-seg": ["--init", str(DEIT), "--config", "grid-seg"],
-    "grid-seg-conv": ["--init", str(DEIT), "--config", str(CFG / "grid-seg-conv.json")],  # pools with the zero conv
-}
+PF = DATA / "pennfudan"
+DET_COMMON = ["train", "det", "--ann", str(PF / "instances_train.json"), "--data", str(PF / "images"),
+              "--eval-ann", str(PF / "instances_val.json"), "--recipe", "det-small", "--img-size", "320",
+              "--epochs", "12", "--workers", "1", "--threads", "1"]
 
-# coco128: train on images 1-100, evaluate on 101-128 (box and mask AP); sized so that plain-det reaches
-# clearly non-zero box AP on the 2-core CPU (see docs/dense.md)
-COCO = DATA / "coco" / "coco128-seg"
-DET_COMMON = ["train", "det", "--ann", str(COCO / "instances_coco128seg_train2017.json"), "--images", str(COCO / "images" / "train2017"),
-              "--train-images", "0:100", "--eval-images", "100:128", "--img-size", "320", "--epochs", "12",
-              "--batch-size", "2", "--lr", "2e-4", "--warmup-epochs", "1", "--workers", "1", "--threads", "1"]
-DET_ROWS: dict[str, list[str]] = {
-    "plain-det": ["--init", str(DEIT), "--config", "plain-det"],
-    "paper-det": ["--init", str(DEIT), "--config", "paper-det"],
-    "grid-det": ["--init", str(DEIT), "--config", "grid-det"],
+
+def model(config: str, *extra: str) -> list[str]:
+    return ["--model", str(DEIT), "--config", config, *extra]
+
+
+TASKS: dict[str, dict] = {
+    "cls": dict(common=CLS_COMMON, metric="top1", baseline="plain", rows={
+        "plain": model("identity"),
+        "grid-lite-cls": model("grid-lite-cls"),
+        "grid-cls": model("grid-cls"),
+        "paper-cls": model("paper-cls"),
+    }),
+    "seg": dict(common=SEG_COMMON, metric="mIoU", baseline="plain-seg", rows={
+        "plain-seg": model("plain-seg"),
+        "grid-seg": model("grid-seg"),
+        "paper-seg": model("paper-seg"),
+        # equal compute: the plain baseline on 2x larger crops (and images), about grid-seg's backbone FLOPs
+        "plain-seg-256": model("plain-seg", "--img-size", "256", "--base-size", "480"),
+    }),
+    "det": dict(common=DET_COMMON, metric="bbox_AP", baseline="plain-det", rows={
+        "plain-det": model("plain-det"),
+        "grid-det": model("grid-det"),
+        "paper-det": model("paper-det"),
+        # equal compute: the plain baseline at a 2x longer side, about grid-det's backbone FLOPs
+        "plain-det-640": model("plain-det", "--img-size", "640"),
+    }),
 }
-TASKS = {"cls": (CLS_COMMON, CLS_ROWS, "top1"), "seg": (SEG_COMMON, SEG_ROWS, "mIoU"),
-         "det": (DET_COMMON, DET_ROWS, "bbox_AP")}
+EQUAL_COMPUTE = {"plain-seg-256", "plain-det-640"}
+
+# two-sided 95% quantiles of Student's t for 1..10 degrees of freedom
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
 
 
 def hpvit_cmd(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "hpvit", *args]
 
 
-def run_one(task: str, row: str, seed: int) -> dict:
-    common, rows, _ = TASKS[task]
+def row_command(task: str, row: str) -> str:
+    t = TASKS[task]
+    return (" ".join(["hpvit", *t["common"], *t["rows"][row], "--seed", "K"])
+            .replace(str(DATA), "$DATA").replace(str(ROOT) + "/", ""))
+
+
+def run_one(task: str, row: str, seed: int, device: str = "cpu") -> None:
+    t = TASKS[task]
     out = RUNS / task / row / f"seed{seed}"
     if (out / "results.json").is_file():
-        return json.loads((out / "results.json").read_text())
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = hpvit_cmd([*common, *rows[row], "--seed", str(seed), "--out", str(out), "--overwrite"])
-    env = dict(os.environ, OMP_NUM_THREADS="1", HPVIT_PLAIN_LOG="1")
-    t = time.time()
-    with open(out.parent / f"seed{seed}.log", "w") as log:
+    extra = ["--device", device] if device != "cpu" else []
+    cmd = hpvit_cmd([*t["common"], *t["rows"][row], *extra, "--seed", str(seed), "--out", str(out), "--overwrite"])
+    env = dict(os.environ, OMP_NUM_THREADS="1", HPVIT_PLAIN_LOG="1",
+               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    start = time.time()
+    log_path = out.parent / f"seed{seed}.log"
+    with open(log_path, "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-    print(f"{task}/{row}/seed{seed}: rc {rc} in {time.time() - t:.0f}s", flush=True)
-    return json.loads((out / "results.json").read_text()) if rc == 0 else {}
+    if rc != 0:
+        (out.parent / f"seed{seed}.failed").write_text(json.dumps({"rc": rc, "log": str(log_path)}))
+    print(f"{task}/{row}/seed{seed}: rc {rc} in {time.time() - start:.0f}s", flush=True)
+
+
+def interval(diffs: list[float]) -> dict:
+    """Mean of paired differences and its two-sided 95% Student-t interval."""
+    n = len(diffs)
+    m = statistics.mean(diffs)
+    if n < 2:
+        return {"n": n, "mean": m, "ci95": None}
+    half = T975[min(n - 1, len(T975)) - 1] * statistics.stdev(diffs) / math.sqrt(n)
+    return {"n": n, "mean": m, "ci95": [m - half, m + half], "above_zero": m - half > 0, "below_zero": m + half < 0}
 
 
 def summarise(task: str) -> dict:
-    _, rows, metric = TASKS[task]
-    table = {}
-    for row in rows:
-        res = []
-        for p in sorted((RUNS / task / row).glob("seed*/results.json")):
-            r = json.loads(p.read_text())
-            res.append({"seed": int(p.parent.name[4:]), metric: r.get(metric), "wall_time_s": r.get("wall_time_s"),
-                        "steps": r.get("steps"), "gflops_per_image": r.get("gflops_per_image")})
-        vals = [r[metric] for r in res if r[metric] is not None]
-        if vals:
-            table[row] = {"runs": res, "mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                          "n": len(vals), "wall_s_mean": statistics.mean(r["wall_time_s"] for r in res),
-                          "command": " ".join(["hpvit", *TASKS[task][0], *rows[row], "--seed", "K"]).replace(str(DATA), "$DATA").replace(str(ROOT) + "/", "")}
-    out = ROOT / "experiments" / "results" / f"study_{task}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.is_file():  # rows not re-run here keep their earlier results (and say so)
-        for row, old in json.loads(out.read_text()).items():
-            if row not in table:
-                table[row] = dict(old, reused="earlier study run (not re-run this time)") if "reused" not in old else old
-    out.write_text(json.dumps(table, indent=2))
-    print(f"\n{task}: {metric} (mean +- std over seeds)\n| row | {metric} | seeds | per-seed | steps | wall s/run |\n|---|---|---|---|---|---|")
-    for row, t in table.items():
-        per = ", ".join(f"{r[metric]:.2f}" for r in t["runs"])
-        print(f"| {row} | {t['mean']:.2f} +- {t['std']:.2f} | {t['n']} | {per} | {t['runs'][0]['steps']} | {t['wall_s_mean']:.0f} |")
-    return table
+    t = TASKS[task]
+    metric, base = t["metric"], t["baseline"]
+    table: dict = {}
+    per_seed: dict[str, dict[int, float]] = {}
+    for row in t["rows"]:
+        d = RUNS / task / row
+        runs, vals = [], {}
+        for seed_dir in sorted(d.glob("seed*")) if d.is_dir() else []:
+            if not seed_dir.is_dir():
+                continue
+            seed = int(seed_dir.name[4:])
+            res_p, fail_p = seed_dir / "results.json", d / f"seed{seed}.failed"
+            if res_p.is_file():
+                r = json.loads(res_p.read_text())
+                runs.append({"seed": seed, metric: r.get(metric), "wall_time_s": r.get("wall_time_s"),
+                             "steps": r.get("steps"), "gflops_per_image": r.get("gflops_per_image")})
+                if r.get(metric) is not None:
+                    vals[seed] = float(r[metric])
+            elif fail_p.is_file():
+                f = json.loads(fail_p.read_text())
+                runs.append({"seed": seed, "status": "failed", "rc": f["rc"],
+                             "log": os.path.relpath(f["log"], ROOT)})
+        if not runs:
+            continue
+        v = list(vals.values())
+        failed = sum(1 for r in runs if r.get("status") == "failed")
+        table[row] = {"command": row_command(task, row), "runs": runs, "n": len(v), "failed": failed,
+                      "mean": statistics.mean(v) if v else None,
+                      "std": statistics.stdev(v) if len(v) > 1 else None,
+                      "equal_compute": row in EQUAL_COMPUTE,
+                      "wall_s_mean": statistics.mean(r["wall_time_s"] for r in runs if r.get("wall_time_s")) if v else None}
+        per_seed[row] = vals
+    for row, vals in per_seed.items():
+        if row == base or base not in per_seed:
+            continue
+        seeds = sorted(set(vals) & set(per_seed[base]))
+        if seeds:
+            table[row]["vs_baseline"] = dict(interval([vals[s] - per_seed[base][s] for s in seeds]), seeds=seeds)
+    out = {"baseline": base, "metric": metric, **table}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"study_{task}.json"
+    if path.is_file():  # keep what was decided by hand (recommended, notes) across re-summaries
+        old = json.loads(path.read_text())
+        for k in ("recommended", "notes", "budget", "device"):
+            if k in old:
+                out[k] = old[k]
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\n{task}: {metric}, mean +- std over seeds; paired difference to {base} with its 95% interval")
+    print("| row | mean +- std | seeds | per seed | diff to baseline [95% CI] | steps | wall s/run |\n|---|---|---|---|---|---|---|")
+    for row, r in table.items():
+        per = ", ".join(f"{x[metric]:.2f}" if x.get(metric) is not None else "failed" for x in r["runs"])
+        vb = r.get("vs_baseline")
+        ci = ("" if not vb else f"{vb['mean']:+.2f}" + (f" [{vb['ci95'][0]:+.2f}, {vb['ci95'][1]:+.2f}]" if vb["ci95"] else ""))
+        ms = "-" if r["mean"] is None else f"{r['mean']:.2f}" + (f" +- {r['std']:.2f}" if r["std"] is not None else "")
+        steps = next((x["steps"] for x in r["runs"] if x.get("steps")), "-")
+        wall = "-" if r["wall_s_mean"] is None else f"{r['wall_s_mean']:.0f}"
+        print(f"| {row} | {ms} | {r['n']}{' (+' + str(r['failed']) + ' failed)' if r['failed'] else ''} | {per} | {ci} | {steps} | {wall} |")
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("cls", "seg", "adapt", "summary"))
+    ap.add_argument("what", choices=("cls", "seg", "det", "summary"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--rows", nargs="+", default=None)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: the same commands with --device cuda")
     args = ap.parse_args()
     if args.what == "summary":
         for task in TASKS:
             summarise(task)
         return
-    if args.what == "adapt":
-        if not ADAPTED.is_file():
-            subprocess.check_call(hpvit_cmd(ADAPT_CMD), cwd=str(ROOT), env=dict(os.environ, HPVIT_PLAIN_LOG="1"))
-        return
-    rows = args.rows or list(TASKS[args.what][1])
-    jobs = [(args.what, r, s) for s in args.seeds for r in rows]
+    rows = args.rows or list(TASKS[args.what]["rows"])
+    unknown = [r for r in rows if r not in TASKS[args.what]["rows"]]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; {args.what} has {list(TASKS[args.what]['rows'])}")
+    jobs = [(args.what, r, s, args.device) for s in args.seeds for r in rows]
     with ThreadPoolExecutor(args.parallel) as ex:
         list(ex.map(lambda j: run_one(*j), jobs))
     summarise(args.what)

@@ -81,6 +81,9 @@ class Recipe(DictIO):
     base_size: int | None = None  # seg: longer side images are resized to before jitter / for evaluation
     eval_mode: str | None = None  # seg: whole | slide
     slide_stride: int | None = None  # seg: sliding-window stride (default: 2/3 of the crop)
+    # det: Mask R-CNN settings (torchvision MaskRCNN arguments and hpvit's fpn_channels, box_head_dim,
+    # mask_head_dim); ``--rcnn KEY=VALUE`` overrides single keys
+    rcnn: dict | None = None
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     num_workers: int = 8
@@ -129,6 +132,8 @@ class Recipe(DictIO):
         need(self.new_param_lr_scale is None or self.new_param_lr_scale > 0,
              f"new_param_lr_scale must be positive or null, got {self.new_param_lr_scale}")
         need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        need(self.rcnn is None or isinstance(self.rcnn, dict),
+             f"rcnn must be an object of Mask R-CNN settings or null, got {self.rcnn!r}")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         for k in ("max_train_samples", "max_eval_samples"):
             v = getattr(self, k)

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.poolers import initLevelMapper
@@ -70,6 +72,44 @@ def _fix_roi_pool_scales(roi_heads: nn.Module, strides) -> None:
                                           canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
 
 
+# hpvit's own ``--rcnn`` keys (the rest go to torchvision's MaskRCNN as they are): the widths of the box head's
+# two fully connected layers and of the mask head's four 3x3 convs (torchvision: 1024 and 256 whatever the FPN)
+HEAD_KEYS = ("box_head_dim", "mask_head_dim")
+# torchvision arguments that count proposals / RoIs / anchors: each must be a whole number >= 1
+COUNT_KEYS = ("rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
+              "rpn_post_nms_top_n_test", "rpn_batch_size_per_image", "box_batch_size_per_image",
+              "box_detections_per_img")
+FRACTION_KEYS = ("rpn_positive_fraction", "box_positive_fraction", "rpn_nms_thresh", "box_nms_thresh",
+                 "rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "box_fg_iou_thresh", "box_bg_iou_thresh")
+
+
+def check_rcnn(rcnn: dict[str, Any]) -> None:
+    """Refuse RCNN settings the heads cannot run (no RoIs per image, fractions outside [0, 1]) with a
+    :class:`ConfigError` that names the key and a working value."""
+    for k in (*COUNT_KEYS, *HEAD_KEYS):
+        v = rcnn.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            what = "RoIs per image" if "batch_size" in k else ("channels" if k in HEAD_KEYS else "boxes")
+            raise ConfigError(f"--rcnn {k}={v!r}: needs a whole number of {what} >= 1 (e.g. {k}="
+                              f"{ {'box_batch_size_per_image': 128, 'rpn_batch_size_per_image': 256}.get(k, 256)}); "
+                              "with 0 the heads have nothing to train or predict on")
+    for k in FRACTION_KEYS:
+        v = rcnn.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
+            raise ConfigError(f"--rcnn {k}={v!r}: must be a number in (0, 1]")
+
+
+def _heads(rcnn: dict[str, Any], fpn_channels: int, num_classes: int) -> dict[str, nn.Module]:
+    """The box and mask heads when a head-width key is set (the other head keeps torchvision's width);
+    none: torchvision builds its defaults (1024-wide box head, 256-wide mask head)."""
+    if not any(rcnn.get(k) for k in HEAD_KEYS):
+        return {}
+    box, mask = rcnn.get("box_head_dim") or 1024, rcnn.get("mask_head_dim") or 256
+    return {"box_head": TwoMLPHead(fpn_channels * 7 * 7, box), "box_predictor": FastRCNNPredictor(box, num_classes),
+            "mask_head": MaskRCNNHeads(fpn_channels, (mask,) * 4, 1),
+            "mask_predictor": MaskRCNNPredictor(mask, mask, num_classes)}
+
+
 class MaskRCNNModel(Wraps, nn.Module):
     """torchvision ``MaskRCNN`` whose backbone is :class:`BackboneWithFPN` over a dense ViT backbone.
 
@@ -85,12 +125,16 @@ class MaskRCNNModel(Wraps, nn.Module):
                  rcnn: dict[str, Any] | None = None):
         super().__init__()
         self.rcnn = dict(rcnn or {})
+        check_rcnn(self.rcnn)
+        tv_args = {k: v for k, v in self.rcnn.items() if k not in HEAD_KEYS}
+        heads = _heads(self.rcnn, fpn_channels, num_classes + 1)
         try:
-            self.detector = MaskRCNN(BackboneWithFPN(body, fpn_channels), num_classes=num_classes + 1,
-                                     min_size=img_size, max_size=img_size, **self.rcnn)
+            self.detector = MaskRCNN(BackboneWithFPN(body, fpn_channels), num_classes=None if heads else num_classes + 1,
+                                     min_size=img_size, max_size=img_size, **heads, **tv_args)
         except TypeError as e:
             raise ConfigError(f"--rcnn: {e}; valid keys are torchvision MaskRCNN arguments such as "
-                              "box_batch_size_per_image, rpn_post_nms_top_n_train, box_detections_per_img") from e
+                              "box_batch_size_per_image, rpn_post_nms_top_n_train, box_detections_per_img, and "
+                              "hpvit's " + ", ".join(HEAD_KEYS) + " (docs/dense.md)") from e
         self.detector.transform = _no_resize_transform(img_size, img_size)
         _fix_roi_pool_scales(self.detector.roi_heads, body.strides)
         self.num_classes = num_classes
@@ -111,7 +155,13 @@ class MaskRCNNModel(Wraps, nn.Module):
 def build_detector(init, config: str, num_classes: int, img_size: int, drop_path: float = 0.0,
                    fmt: str | None = None, fpn_channels: int = 256, rcnn: dict[str, Any] | None = None) -> MaskRCNNModel:
     """Mask R-CNN over the dense backbone ``config`` (paper-det, plain-det, ...) from ``init`` (a plain checkpoint or
-    a loaded HierarchicalViT, see :func:`~hpvit.models.dense.build_dense_backbone`)."""
+    a loaded HierarchicalViT, see :func:`~hpvit.models.dense.build_dense_backbone`). ``rcnn``: torchvision
+    MaskRCNN arguments plus hpvit's ``fpn_channels``, ``box_head_dim`` and ``mask_head_dim``."""
+    rcnn = dict(rcnn or {})
+    fpn_channels = rcnn.pop("fpn_channels", fpn_channels)  # ``--rcnn fpn_channels=N`` sets the FPN width
+    if not isinstance(fpn_channels, int) or isinstance(fpn_channels, bool) or fpn_channels < 1:
+        raise ConfigError(f"--rcnn fpn_channels={fpn_channels!r}: needs a whole number of channels >= 1 (e.g. 128)")
+    check_rcnn(rcnn)  # before the backbone is built
     body = build_dense_backbone(init, config, fmt=fmt, drop_path_rate=drop_path, img_size=img_size)
     return MaskRCNNModel(body, num_classes, fpn_channels, img_size, rcnn)
 

@@ -60,7 +60,7 @@ class DetectionTask(Task):
                  val_range: "str | None" = None, lsj: bool = False, fmt: "str | None" = None, vis_images: int = 4,
                  rcnn: "dict[str, Any] | None" = None):
         self.init, self.config, self.recipe, self.out, self.fmt = init, config, recipe, Path(out), fmt
-        self.rcnn = dict(rcnn or {})
+        self.rcnn = {**(recipe.rcnn or {}), **(rcnn or {})}  # the recipe's RCNN settings, --rcnn keys win
         self.lsj, self.vis_images = lsj, vis_images
         self.source = CocoSource(ann, images)
         self.train_idx = parse_range(train_range, len(self.source.images), "--train-images")

@@ -164,7 +164,7 @@ def test_maskrcnn_loss_decreases_and_odd_sizes(tiny_vit_sd, coco8):
     images, targets = collate_detection([CocoInstances(s, None, False, img_size=96)[i] for i in (0,)])
     m = build_detector(str(tiny_vit_sd), "paper-det", len(s.cat_ids), 96, fpn_channels=64,
                        rcnn=dict(box_batch_size_per_image=32, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_train=200,
-                                 rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=100, representation_size=128))
+                                 rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=100, box_head_dim=128))
     m.train()
     opt = torch.optim.AdamW(m.parameters(), lr=3e-4)
     tg = [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets]
@@ -223,7 +223,7 @@ def test_cli_train_eval_resume_on_coco8(tmp_path, coco8, small_vit_init, capsys)
               "--img-size", "96", "--batch-size", "2", "--epochs", "1", "--workers", "0", "--threads", "1",
               "--ckpt-every-steps", "1", "--rcnn", "box_batch_size_per_image=32", "--rcnn", "rpn_post_nms_top_n_train=100",
               "--rcnn", "rpn_pre_nms_top_n_test=200", "--rcnn", "rpn_post_nms_top_n_test=100",
-              "--rcnn", "representation_size=128"]
+              "--rcnn", "box_head_dim=128"]
     common = [str(c) for c in common]
     a = tmp_path / "a"
     assert main(common + ["--out", str(a)]) == 0
@@ -313,3 +313,34 @@ def test_paper_recipe_runs_end_to_end_scaled_down(tmp_path, coco8, small_vit_ini
     assert lrs[0] == pytest.approx(base, rel=1e-6) and lrs[-1] == pytest.approx(base * 0.1, rel=1e-6)
     res = json.loads((out / "results.json").read_text())
     assert res["steps"] == 4 and res["eval_images"] == 4
+
+
+def test_rcnn_head_widths_match_torchvision_and_bad_settings_are_refused(small_vit_init):
+    """hpvit's head-width keys build torchvision's own head modules: at torchvision's default widths (box 1024,
+    mask 256) every tensor name and shape equals torchvision's default Mask R-CNN heads, so files stay
+    interchangeable; smaller widths change only those layers. Unknown keys (which torchvision would hand to its
+    transform and silently ignore) and settings that leave the heads without RoIs are ConfigErrors."""
+    from torchvision.models.detection import MaskRCNN
+
+    from hpvit.engine.recipe import load_recipe
+    from hpvit.errors import ConfigError
+
+    def heads(m):
+        return {k: tuple(v.shape) for k, v in m.state_dict().items() if k.startswith(("roi_heads", "rpn"))}
+
+    default = build_detector(str(small_vit_init), "plain-det", 3, 64, fpn_channels=32)
+    explicit = build_detector(str(small_vit_init), "plain-det", 3, 64, rcnn=dict(fpn_channels=32, box_head_dim=1024,
+                                                                                 mask_head_dim=256))
+    tv = MaskRCNN(default.detector.backbone, num_classes=4)  # torchvision's own defaults on the same FPN
+    assert heads(explicit.detector) == heads(default.detector) == heads(tv)
+    small = build_detector(str(small_vit_init), "plain-det", 3, 64, rcnn=load_recipe("det-small").rcnn)
+    h = heads(small.detector)
+    assert h["roi_heads.box_head.fc7.weight"] == (256, 256) and h["roi_heads.box_head.fc6.weight"] == (256, 128 * 49)
+    assert h["roi_heads.mask_head.0.0.weight"] == (128, 128, 3, 3)
+    assert small.detector.backbone.out_channels == 128 and small.rcnn.get("fpn_channels") is None
+    assert small.detector.roi_heads.fg_bg_sampler.batch_size_per_image == 128
+    for bad, words in ((dict(representation_size=128), "did you mean"), (dict(box_batch_size_per_image=0), "RoIs"),
+                       (dict(box_positive_fraction=1.5), "(0, 1]"), (dict(fpn_channels=0), "fpn_channels"),
+                       (dict(mask_head_dim=-8), "mask_head_dim")):
+        with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+            build_detector(str(small_vit_init), "plain-det", 3, 64, rcnn=bad)

@@ -83,16 +83,43 @@ FRACTION_KEYS = ("rpn_positive_fraction", "box_positive_fraction", "rpn_nms_thre
                  "rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "box_fg_iou_thresh", "box_bg_iou_thresh")
 
 
+# what hpvit sets itself, or what is a module rather than a setting
+_NOT_SETTINGS = {"self", "backbone", "num_classes", "min_size", "max_size", "image_mean", "image_std", "kwargs",
+                 "rpn_anchor_generator", "rpn_head", "box_roi_pool", "box_head", "box_predictor", "mask_roi_pool",
+                 "mask_head", "mask_predictor"}
+
+
+def rcnn_keys() -> list[str]:
+    """Every key ``--rcnn`` takes: torchvision MaskRCNN's settings and hpvit's head widths and fpn_channels."""
+    import inspect
+
+    tv = [n for n in inspect.signature(MaskRCNN.__init__).parameters if n not in _NOT_SETTINGS]
+    return sorted({*tv, *HEAD_KEYS, "fpn_channels"})
+
+
 def check_rcnn(rcnn: dict[str, Any]) -> None:
-    """Refuse RCNN settings the heads cannot run (no RoIs per image, fractions outside [0, 1]) with a
-    :class:`ConfigError` that names the key and a working value."""
+    """Refuse unknown keys (torchvision would pass them on to its transform, which ignores them) and RCNN
+    settings the heads cannot run (no RoIs per image, fractions outside (0, 1]) with a :class:`ConfigError`
+    that names the key and a working value."""
+    import difflib
+
+    valid = rcnn_keys()
+    for k in rcnn:
+        if k not in valid:
+            near = [{"representation_size": "box_head_dim"}.get(k)] if k == "representation_size" else \
+                difflib.get_close_matches(k, valid, n=1)
+            raise ConfigError(f"--rcnn {k}: not a Mask R-CNN setting" + (f" (did you mean {near[0]}?)" if near else "")
+                              + "; valid keys: " + ", ".join(valid))
     for k in (*COUNT_KEYS, *HEAD_KEYS):
         v = rcnn.get(k)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            what = "RoIs per image" if "batch_size" in k else ("channels" if k in HEAD_KEYS else "boxes")
+            if k in HEAD_KEYS:
+                raise ConfigError(f"--rcnn {k}={v!r}: a head width needs a whole number of channels >= 1 "
+                                  f"(e.g. {k}={256 if k == 'box_head_dim' else 128})")
+            what = "RoIs per image" if "batch_size" in k else "boxes"
             raise ConfigError(f"--rcnn {k}={v!r}: needs a whole number of {what} >= 1 (e.g. {k}="
-                              f"{ {'box_batch_size_per_image': 128, 'rpn_batch_size_per_image': 256}.get(k, 256)}); "
-                              "with 0 the heads have nothing to train or predict on")
+                              f"{ {'box_batch_size_per_image': 128}.get(k, 256)}); with none the heads have "
+                              "nothing to train or predict on")
     for k in FRACTION_KEYS:
         v = rcnn.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):

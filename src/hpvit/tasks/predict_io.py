@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ..data.images import FIX, BadImageError
 from ..data.preprocess import to_pil
-from ..errors import OutputError
+from ..errors import ConfigError, OutputError
 
 PREDICT_FIX = "replace or delete the file, or pass --skip-bad-images to predict the other images"
 OVERLAY_ALPHA = 0.45
@@ -67,7 +67,7 @@ def iter_records(predictor, items: Sequence[tuple[str, Any]], batch_size: int = 
     """``(record, RGB image)`` for every decodable item, ``batch_size`` images per forward pass. An image that
     cannot be decoded raises BadImageError naming it, or with ``skip_bad`` is reported to ``on_skip(name, why)``."""
     if batch_size < 1:
-        raise OutputError(f"--batch-size must be >= 1, got {batch_size}")
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     for start in range(0, len(items), batch_size):
         batch = []
         for name, item in items[start:start + batch_size]:

@@ -191,7 +191,8 @@ def write_record(folder: OutputFolder, rec: dict, img: Image.Image, predictor) -
         return {"id": rec["image_id"], "file_name": rec["image"], "width": rec["width"], "height": rec["height"],
                 "overlay": f"overlays/{stem}.png"}
     if task == "seg":
-        lab = Image.fromarray(rec["label"], mode="P")
+        h, w = rec["label"].shape
+        lab = Image.frombytes("P", (w, h), np.ascontiguousarray(rec["label"], dtype=np.uint8).tobytes())
         pal = np.zeros((256, 3), np.uint8)
         pal[: len(predictor.palette)] = np.asarray(predictor.palette, np.uint8)
         lab.putpalette(pal.flatten().tolist())

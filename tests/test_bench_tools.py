@@ -59,3 +59,26 @@ def test_size_sweep_and_tables(tmp_path):
 def test_unknown_memory_mode_raises():
     with pytest.raises(ValueError, match="memory mode"):
         benchmark(models=["hpvit-T/lite-cls"], memory_modes=("nope",))
+
+
+def test_gpu_bench_runs_hpvit_bench_with_the_issue_30_settings(tmp_path, capsys):
+    """benchmarks/gpu_bench.py (issue 30 item 6; run on a GPU machine): its two `hpvit bench` command lines parse,
+    ask for bf16, batch 64 and ViT-B / Hiera-B / Swin-B with every hpvit-B preset, and the 1024 px detection row;
+    a wrong --memory-modes is one clear error line. (The script's --quick CPU run takes ~10 s: not in the suite.)"""
+    from hpvit.bench import resolve_models
+    from hpvit.cli import main
+    from hpvit.cli.main import build_parser
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runs = mod.commands(tmp_path, quick=False)
+    cls, det = (build_parser().parse_args(runs[k]) for k in ("cls", "det"))
+    assert (cls.device, cls.dtype, cls.batch, cls.img_size, cls.memory_modes) == ("cuda", "bf16", "64", 224, "infer,train")
+    names = resolve_models(cls.models)
+    assert {"vit_base_patch16_224", "hiera_base_224", "swin_base_patch4_window7_224"} <= set(names)
+    assert {"hpvit-B/paper-cls", "hpvit-B/grid-cls", "hpvit-B/grid-lite-cls", "hpvit-B/grid-fast-cls"} <= set(names)
+    assert (det.img_size, det.batch, det.dtype) == (1024, "1", "bf16") and "hpvit-B/grid-det" in det.models
+    assert all(build_parser().parse_args(c).json.startswith(str(tmp_path)) for c in mod.commands(tmp_path, True).values())
+    assert main(["bench", "--memory-modes", "infer,bogus", "--quick"]) == 2
+    assert "hpvit: error: --memory-modes 'infer,bogus': choose from infer, train, train_ckpt" in capsys.readouterr().err

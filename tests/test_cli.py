@@ -189,7 +189,8 @@ def test_one_flag_vocabulary_across_every_subcommand():
     import argparse
 
     cmds = _commands()
-    assert set(TRAINING) | {"demo", "convert", "info", "export", "bench", "eval cls", "eval det", "eval seg"} == set(cmds)
+    assert set(TRAINING) | {"demo", "convert", "info", "export", "bench", "eval cls", "eval det", "eval seg",
+                            "predict"} == set(cmds)
     old = {o for _, o, _, _ in OLD_NAMES}
     device_help = {}
     for name, p in cmds.items():

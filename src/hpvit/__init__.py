@@ -9,11 +9,13 @@ Public API::
     model.reparameterize()
     report = model.reuse_report()
     hpvit.save(model, "m.safetensors"); model = hpvit.load("m.safetensors")
+    records = hpvit.predict(model, ["photo.jpg"])  # any loaded model or run folder: image files / PIL / arrays
 """
 
-import importlib as _importlib
 import os as _os
 import sys as _sys
+
+from .lazy import lazy_getattr as _lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -25,10 +27,11 @@ _API = {
     "CheckpointError": ".errors", "ConfigError": ".errors", "HPViTError": ".errors", "InputError": ".errors",
     "OfflineError": ".errors",
     "HierarchicalViT": ".models", "ReuseReport": ".models", "from_plain": ".models.build",
+    "predict": ".tasks.predict",  # loaded on first use everywhere (it imports the task models and evaluators)
 }
 
 __all__ = [
-    "load_plain", "from_plain", "save", "load", "HierarchicalViT", "HPViTConfig", "PlainSpec", "PlainViT",
+    "load_plain", "from_plain", "save", "load", "predict", "HierarchicalViT", "HPViTConfig", "PlainSpec", "PlainViT",
     "ReuseReport", "PRESETS", "get_config", "list_presets", "HPViTError", "CheckpointError", "ConfigError",
     "InputError", "OfflineError", "__version__",
 ]
@@ -43,13 +46,8 @@ def _started_as_cli() -> bool:
     return argv0 in ("hpvit", "hpvit.exe") or by_module
 
 
-def __getattr__(name: str):
-    """Load a public name on first use (only reached in the command-line process, see :func:`_started_as_cli`)."""
-    if name not in _API:
-        raise AttributeError(f"module 'hpvit' has no attribute {name!r}")
-    value = getattr(_importlib.import_module(_API[name], __name__), name)
-    globals()[name] = value
-    return value
+# Load a public name on first use (the command-line process, see :func:`_started_as_cli`; and ``predict``)
+__getattr__ = _lazy_getattr(__name__, _API, globals())
 
 
 if not _started_as_cli():

@@ -55,6 +55,8 @@ from .utils import atomic_write, write_text_atomic
 # what a dense file's "task" names -> the function that builds that (untrained) model from the description
 DENSE_FROM_META = {"det": detector_from_meta, "seg": segmenter_from_meta}
 HEAD_TYPES = ("avg", "token", "", "none")  # the classifier heads a saved file may name (see HierarchicalViT)
+PREPROC_FILE = "model.json"  # a classifier run's preprocessing and class names, beside its model file
+ONNX_PREPROCESS_KEY = "hpvit_preprocess"  # ONNX metadata: that record, for hpvit predict on ONNX Runtime
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -148,7 +150,27 @@ def load(path: "str | os.PathLike", map_location: str = "cpu"):
         raise CheckpointError(f"{path}: tensors do not match the stored config (missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}); the file was edited or corrupted. Re-create it with `hpvit convert`")
     restore_reuse_report(model, meta.get("reuse_report") or meta.get("reuse_summary"), path)
+    record = read_preprocess_record(path)
+    if record is not None:
+        model.hpvit_preprocess = record
     return model
+
+
+def read_preprocess_record(path: "str | os.PathLike") -> "dict | None":
+    """The training run's preprocessing and class names (``model.json`` beside the model file, written by
+    ``hpvit train cls`` / ``hpvit adapt``), or None when there is none. An unreadable record is said, not fatal."""
+    f = Path(path).parent / PREPROC_FILE
+    if not f.is_file():
+        return None
+    try:
+        record = json.loads(f.read_text())
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        return record
+    except (OSError, ValueError) as e:
+        warnings.warn(f"{f}: the run's preprocessing record cannot be read ({e}); the defaults are used in its place "
+                      "(img_size 224, ImageNet mean/std). Train again to write it anew", stacklevel=3)
+        return None
 
 
 def _check_values(model, sd: dict, path) -> None:
@@ -353,6 +375,9 @@ def export_onnx(model: HierarchicalViT, path: "str | os.PathLike", img_size: "in
     with torch.no_grad():
         prog = torch.onnx.export(wrapped, (x,), input_names=["images"], output_names=outs, dynamic_shapes=dyn,
                                  opset_version=opset, dynamo=True, external_data=False, verbose=False)
+    record = getattr(model, "hpvit_preprocess", None)
+    if record is not None:  # the run's preprocessing and class names travel with the graph (hpvit predict reads them)
+        prog.model.metadata_props[ONNX_PREPROCESS_KEY] = json.dumps(record)
     atomic_write(path, prog.save, force=True)  # a temp file renamed onto path: never a half-written .onnx
     return path
 

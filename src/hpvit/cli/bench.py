@@ -20,6 +20,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=7, help="measured round-robin rounds (median reported)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--memory-modes", default="infer,train,train_ckpt", metavar="MODES",
+                   help="which peak memories to measure, comma-separated from infer, train, train_ckpt (default: all "
+                        "three; each is one fresh process per model and batch)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny models (unless --models is given), batch 1, 1+2 rounds")
@@ -36,12 +39,20 @@ def run_bench(args: argparse.Namespace) -> int:
         for g in ("tiny", "small", "base"):
             print(f"{g}: " + ", ".join(group_models(g)))
         return 0
+    from ..bench import MEMORY_MODES
+    from ..errors import ConfigError
+
+    modes = tuple(m.strip() for m in args.memory_modes.split(",") if m.strip())
+    bad = [m for m in modes if m not in MEMORY_MODES]
+    if bad or not modes:
+        raise ConfigError(f"--memory-modes {args.memory_modes!r}: choose from {', '.join(MEMORY_MODES)} (comma-separated)")
     result = benchmark(
         models=resolve_models("hpvit-T/paper-cls,vit_tiny_patch16_224" if args.quick and args.models == "base" else args.models),
         device=args.device, dtype=args.dtype,
         batches=[1] if args.quick and args.batch == "8" else [int(b) for b in args.batch.split(",")],
         img=args.img_size, warmup=1 if args.quick else args.warmup, iters=2 if args.quick else args.iters,
         threads=args.threads, memory=not args.no_memory, compile=args.compile, log=lambda s: print(s, flush=True),
+        memory_modes=modes,
     )
     print()
     print(format_table(result))

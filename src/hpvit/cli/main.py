@@ -12,7 +12,7 @@ import sys
 from typing import Callable, Sequence
 
 from ..errors import HPViTError
-from . import adapt, bench, cls, convert, det, seg
+from . import adapt, bench, cls, convert, det, predict, seg
 from .common import OS_ERRNOS, check_names, merge_model_args, os_error_message
 
 TASKS = (("cls", cls), ("det", det), ("seg", seg))
@@ -29,6 +29,7 @@ def build_parser(argv: "Sequence[str] | None" = None) -> argparse.ArgumentParser
     p.set_defaults(func="hpvit.cli.bench:run_bench")
     tr = sub.add_parser("train", help="fine-tune a transformed (or plain baseline) model").add_subparsers(dest="task", required=True)
     ev = sub.add_parser("eval", help="evaluate a fine-tuned model").add_subparsers(dest="task", required=True)
+    predict.add_predict_args(sub.add_parser("predict", help=predict.HELP))
     for name, mod in TASKS:
         p = tr.add_parser(name, help=mod.TRAIN_HELP)
         getattr(mod, f"add_{name}_train_args")(p)
@@ -63,7 +64,8 @@ def main(argv: "list[str] | None" = None) -> int:
         args.func = "hpvit.cli.common:run_dry_run"
     try:
         check_names(args)  # a wrong --config / --recipe is an error before any file is read
-        importlib.import_module("hpvit.models.registry")  # what `import hpvit` does outside the CLI (timm names)
+        if not getattr(args, "torch_free", False):  # predict on an .onnx file runs without torch
+            importlib.import_module("hpvit.models.registry")  # what `import hpvit` does outside the CLI (timm names)
         rc = resolve_func(args.func)(args)
     except (HPViTError, FileExistsError, FileNotFoundError) as e:
         print(f"hpvit: error: {e}", file=sys.stderr)

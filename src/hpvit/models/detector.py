@@ -144,6 +144,8 @@ class MaskRCNNModel(Wraps, nn.Module):
     padded to a multiple of 32 inside); training returns the loss dict, eval a list of
     ``{boxes, labels, scores, masks}`` in the input images' pixel coordinates. The dense backbone's contract
     (:mod:`hpvit.models.contract`: layer ids, no-weight-decay names...) answers for the whole model.
+    From image files or PIL images to COCO-format detections, resized as in training:
+    ``hpvit.predict(hpvit.load(RUN), ["a.jpg"])`` (docs/predict.md).
     """
 
     wrapped = "detector.backbone.body"

@@ -21,6 +21,8 @@ class UperNetSegmenter(Wraps, nn.Module):
     ``forward(x)``: ``(B, 3, H, W)`` (any H, W >= 32) -> logits ``(B, K, H, W)``. The input is zero-padded
     bottom/right to a multiple of 32 (so both backbones' levels line up exactly), the 1/4-resolution
     logits are upsampled bilinearly to the padded size and the padding is cropped off again.
+    From image files or PIL images to label maps, resized as in training: ``hpvit.predict(hpvit.load(RUN),
+    ["a.jpg"])`` (docs/predict.md).
     """
 
     size_divisor = 32

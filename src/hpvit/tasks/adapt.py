@@ -38,7 +38,7 @@ from ..engine.recipe import Recipe
 from ..engine.task import Task
 from ..errors import ConfigError
 from ..evaluation import SumEvaluator
-from ..export import save
+from ..export import PREPROC_FILE, save
 from ..models.build import from_plain
 from ..models.contract import Wraps
 from ..models.hierarchical import HierarchicalViT
@@ -47,7 +47,6 @@ from ..utils import write_text_atomic
 TARGETS = ("features", "logits")  # also in tasks/_args.py (the --targets help)
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "model_ema.safetensors"
-PREPROC_FILE = "model.json"
 # What adapt measures on the held-out images (--eval-data), in words and units: results.json's metric_units,
 # the epoch log line and curves.png use these.
 METRIC_UNITS = {

@@ -23,14 +23,13 @@ from ..engine.recipe import Recipe
 from ..engine.task import Task
 from ..errors import ConfigError
 from ..evaluation.classification import METRIC_UNITS, ClassificationEvaluator
-from ..export import load, save
+from ..export import PREPROC_FILE, load, save
 from ..models.build import from_plain
 from ..utils import count_flops, write_text_atomic
 
 TASK = "cls"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "model_ema.safetensors"
-PREPROC_FILE = "model.json"
 
 
 def gflops_per_image(model: nn.Module, img_size: int, in_chans: int = 3) -> float:

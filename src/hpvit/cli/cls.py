@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..errors import ConfigError, HPViTError
 from .common import (AUTO_RECIPE, add_device_args, add_format_arg, add_model_arg, add_overwrite_arg, add_run_args,
-                     add_subset_args, check_eval_outputs, evaluate_saved, fit_batch, recipe_from_flags, run_training, schedule_flags)
+                     add_subset_args, check_eval_outputs, eval_overwrite_help, evaluate_saved, fit_batch,
+                     recipe_from_flags, run_training, schedule_flags)
 
 TRAIN_HELP = "fine-tune a classifier on an ImageFolder directory or zip (train/ + val/ or test/)"
 EVAL_HELP = "evaluate a fine-tuned classifier (top-1 / top-5)"
@@ -51,7 +52,7 @@ def add_cls_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a training directory")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file (an earlier eval's is "
                                                   "replaced; any other existing file only with --overwrite)")
-    add_overwrite_arg(p, "an existing --json file that hpvit eval did not write (a training run's files never)")
+    add_overwrite_arg(p, help=eval_overwrite_help("--json"))
     add_device_args(p)
 
 

@@ -157,10 +157,10 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                                                    "anything else, or cuda without a GPU, is an error")
 
 
-def add_overwrite_arg(p: argparse.ArgumentParser, what: str = "OUT") -> None:
-    """The one overwrite flag (``--overwrite``; ``--force`` is its old name)."""
+def add_overwrite_arg(p: argparse.ArgumentParser, what: str = "OUT", help: "str | None" = None) -> None:
+    """The one overwrite flag (``--overwrite``; ``--force`` is its old name); ``help`` replaces the usual text."""
     p.add_argument("--overwrite", action="store_true",
-                   help=f"replace {what} if it exists; without it nothing already there is ever replaced")
+                   help=help or f"replace {what} if it exists; without it nothing already there is ever replaced")
     add_old_names(p, {"--force": "--overwrite"})
 
 
@@ -354,6 +354,11 @@ def _written_by_eval(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(d, dict) and "eval_time_s" in d and not {"epochs", "steps"} & d.keys()
+
+
+def eval_overwrite_help(flag: str) -> str:
+    return (f"replace files in {flag} that hpvit eval did not write; without it only an earlier eval's outputs are "
+            "replaced. A training run's files are never replaced")
 
 
 def check_eval_outputs(files: "list[Path]", overwrite: bool, flag: str) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from .common import (add_device_args, add_format_arg, add_model_arg, add_old_names, add_overwrite_arg, add_run_args,
-                     add_subset_args, check_eval_outputs, dense_recipe, eval_out_dir, evaluate_saved, parse_key_values, run_training)
+                     add_subset_args, check_eval_outputs, dense_recipe, eval_out_dir, eval_overwrite_help,
+                     evaluate_saved, parse_key_values, run_training)
 
 TRAIN_HELP = "train Mask R-CNN (FPN) on a transformed or plain ViT backbone with COCO-format data"
 EVAL_HELP = "COCO box / mask AP of a trained Mask R-CNN, predictions json and a PNG of predictions"
@@ -71,8 +72,7 @@ EVAL_FILES = ("results.json", "predictions.json", "predictions.png")  # what eva
 
 
 def add_eval_overwrite_arg(p: argparse.ArgumentParser) -> None:
-    add_overwrite_arg(p, "files in --out that hpvit eval did not write (an earlier eval's are replaced; a training "
-                         "run's files never)")
+    add_overwrite_arg(p, help=eval_overwrite_help("--out"))
 
 
 def check_eval_out(args, out) -> None:

@@ -137,7 +137,8 @@ class ClassificationTask(Task):
         # the count of training images found: a resume after images were added (or removed) is refused, since the
         # sample order and the epoch length depend on it (engine/identity.py)
         return {"init": str(self.init), "data": str(self.data), "config": self.model_config,
-                "classes": self.classes, "head": self.head, "train_images_in_data": len(self.source.samples("train"))}
+                "classes": self.classes, "head": self.head,
+                "train_images_in_data": len(self.source.samples("train"))}
 
     def save_model(self, model, out_dir, ema=None):
         paths = [Path(save(model, out_dir / MODEL_FILE))]

@@ -288,7 +288,8 @@ def fit_batch(recipe, n_train: int, args):
 
 def run_training(task, recipe, args) -> int:
     """Run ``task`` with the shared engine in the folder ``args.out`` (checked to lie outside the task's data, then
-    claimed for this run; ``--overwrite`` and ``--skip-bad-images`` are honoured when the command defines them); the command line goes into results.json."""
+    claimed for this run; ``--overwrite`` and ``--skip-bad-images`` are honoured when the command defines them);
+    the command line goes into results.json."""
     from ..engine.identity import check_out_outside_data
     from ..engine.loop import Trainer
 
@@ -375,9 +376,10 @@ def check_eval_outputs(files: "list[Path]", overwrite: bool, flag: str) -> None:
     for f in files:
         run = [n for n in (RECIPE_FILE, *RUN_FILES, LOCK_NAME) if (f.parent / n).exists()]
         if run and (f.name in (RECIPE_FILE, *RUN_FILES) or (f.exists() and not again)):
-            raise OutputError(f"{flag} {f if flag == '--json' else f.parent}: {f.parent} is a training run's folder "
-                              f"(it holds {', '.join(run[:3])}) and hpvit eval would replace its {f.name}; a run's "
-                              f"files are never replaced by eval. Choose another {flag} (e.g. {f.parent / 'eval'})")
+            given, other = (f, f.parent / "eval" / f.name) if flag == "--json" else (f.parent, f.parent / "eval")
+            raise OutputError(f"{flag} {given}: {f.parent} is a training run's folder (it holds {', '.join(run[:3])}) "
+                              f"and hpvit eval would replace its {f.name}; a run's files are never replaced by eval. "
+                              f"Choose another {flag} (e.g. {other})")
     there = [f for f in files if f.exists()]
     if there and not again and not overwrite:
         raise OutputError(f"{there[0]} exists and was not written by hpvit eval; refusing to replace it. Pass "

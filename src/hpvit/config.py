@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .utils import DictIO, name_or_json
+from .utils import DictIO, field_type_problems, name_or_json
 
 POOL_KINDS = ("avgconv", "avg", "conv", "max", "gap", "subconv", "sub")
 ATTENTION_KINDS = ("window", "phase")
@@ -165,6 +165,28 @@ class HPViTConfig(DictIO):
     reparameterized: bool = False
     act: str | None = None
     fused_attn: bool = True
+
+    def _check(self, where: str = "") -> None:
+        """Field types and ranges of a config read from JSON or changed with ``replace`` (``"rel_pos": "no"``
+        would otherwise count as on, ``"drop_path_rate": "0.1"`` fail deep in the model build)."""
+        pre = f"{where}: " if where else ""
+        wrong = field_type_problems(self)
+        if wrong:
+            raise ConfigError(f"{pre}wrong value type for " + "; ".join(wrong) + " (JSON true/false for flags, numbers "
+                              "without quotes, null for none)")
+        for k in ("patch_stride", "patch_padding"):
+            v, low = getattr(self, k), 1 if k == "patch_stride" else 0
+            if v is not None and v < low:
+                raise ConfigError(f"{pre}{k} must be an integer >= {low} or null (null: "
+                                  + ("stride = the patch size, the plain ViT" if low else "(kernel - stride) // 2")
+                                  + f"), got {v}")
+        if not 0 <= self.drop_path_rate < 1:
+            raise ConfigError(f"{pre}drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.num_stages < 1:
+            raise ConfigError(f"{pre}num_stages must be >= 1, got {self.num_stages}")
+        sizes = self.img_size if isinstance(self.img_size, tuple) else (self.img_size,)
+        if any(v < 1 for v in sizes):
+            raise ConfigError(f"{pre}img_size must be positive, got {self.img_size}")
 
     # ------------------------------------------------------------------ resolution
     def resolve(self, depth: int) -> "ResolvedLayout":

@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError, HPViTError
-from .common import (AUTO_RECIPE, add_device_args, add_format_arg, add_model_arg, add_run_args, add_subset_args,
-                     evaluate_saved, fit_batch, recipe_from_flags, run_training, schedule_flags)
+from .common import (AUTO_RECIPE, add_device_args, add_format_arg, add_model_arg, add_overwrite_arg, add_run_args,
+                     add_subset_args, check_eval_outputs, eval_overwrite_help, evaluate_saved, fit_batch,
+                     recipe_from_flags, run_training, schedule_flags)
 
 TRAIN_HELP = "fine-tune a classifier on an ImageFolder directory or zip (train/ + val/ or test/)"
 EVAL_HELP = "evaluate a fine-tuned classifier (top-1 / top-5)"
@@ -22,8 +23,9 @@ EVAL_HELP = "evaluate a fine-tuned classifier (top-1 / top-5)"
 def add_cls_train_args(p: argparse.ArgumentParser) -> None:
     add_model_arg(p, "the model to start from: a plain ViT checkpoint (file, HF folder, timm:<name>) or a file "
                      "hpvit wrote", old="--init")
-    p.add_argument("--config", default="paper-cls",
-                   help="paper-cls (default), identity (the plain baseline), ... or a JSON file (docs/cli.md)")
+    p.add_argument("--config", default=None,
+                   help="paper-cls (default for a plain checkpoint), identity (the plain baseline), ... or a JSON file "
+                        "(docs/cli.md); a file hpvit wrote keeps its stored config, and another --config is an error")
     add_format_arg(p)
     p.add_argument("--num-classes", type=int, default=None, help="must match the dataset's classes (default: from the data)")
     p.add_argument("--head", choices=("avg", "token"), default=None,
@@ -48,7 +50,9 @@ def add_cls_eval_args(p: argparse.ArgumentParser) -> None:
     add_subset_args(p, slices=False, train=False, aliases={"--max-eval-samples": "--eval-images"})
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (at most the usable cores)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a training directory")
-    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--json", default=None, help="also write the metrics to this JSON file (an earlier eval's is "
+                                                  "replaced; any other existing file only with --overwrite)")
+    add_overwrite_arg(p, help=eval_overwrite_help("--json"))
     add_device_args(p)
 
 
@@ -136,6 +140,8 @@ def run_eval(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.json:
+        check_eval_outputs([args.json], args.overwrite, "--json")
     mp = Path(args.model)
     if mp.is_dir():
         f = mp / (EMA_FILE if args.ema else MODEL_FILE)

@@ -153,13 +153,14 @@ def add_subset_args(p: argparse.ArgumentParser, slices: bool, train: bool = True
 def add_device_args(p: argparse.ArgumentParser) -> None:
     """``--threads`` and ``--device``, worded the same in every command that runs a model."""
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's choice)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu); "
+                                                   "anything else, or cuda without a GPU, is an error")
 
 
-def add_overwrite_arg(p: argparse.ArgumentParser, what: str = "OUT") -> None:
-    """The one overwrite flag (``--overwrite``; ``--force`` is its old name)."""
+def add_overwrite_arg(p: argparse.ArgumentParser, what: str = "OUT", help: "str | None" = None) -> None:
+    """The one overwrite flag (``--overwrite``; ``--force`` is its old name); ``help`` replaces the usual text."""
     p.add_argument("--overwrite", action="store_true",
-                   help=f"replace {what} if it exists; without it nothing already there is ever replaced")
+                   help=help or f"replace {what} if it exists; without it nothing already there is ever replaced")
     add_old_names(p, {"--force": "--overwrite"})
 
 
@@ -211,9 +212,22 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                         "(default: such an image is an error naming the file)")
 
 
+def check_device_flags(args) -> None:
+    """``--threads`` and ``--device`` checked before anything is read (a negative thread count or a GPU that is not
+    there would otherwise end in a traceback, ``--device gpu`` silently on the CPU)."""
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 0:
+        raise ConfigError(f"--threads {threads}: give a thread count >= 1 (0, or no --threads: torch's choice)")
+    if getattr(args, "device", None) is not None:
+        from ..engine.distributed import check_device
+
+        check_device(args.device)
+
+
 def check_names(args) -> None:
     """``--config`` / ``--recipe`` checked before anything is read: an unknown name is an error at once, with
-    the closest known name."""
+    the closest known name. The device flags are checked here too (:func:`check_device_flags`)."""
+    check_device_flags(args)
     for flag, kind in (("config", "config preset"), ("recipe", "recipe")):
         value = getattr(args, flag, None)
         if not isinstance(value, str) or value == AUTO_RECIPE or value.endswith(".json") or Path(value).exists():
@@ -273,10 +287,13 @@ def fit_batch(recipe, n_train: int, args):
 
 
 def run_training(task, recipe, args) -> int:
-    """Run ``task`` with the shared engine in the folder ``args.out`` (claimed for this run; ``--overwrite`` and
-    ``--skip-bad-images`` are honoured when the command defines them); the command line goes into results.json."""
+    """Run ``task`` with the shared engine in the folder ``args.out`` (checked to lie outside the task's data, then
+    claimed for this run; ``--overwrite`` and ``--skip-bad-images`` are honoured when the command defines them);
+    the command line goes into results.json."""
+    from ..engine.identity import check_out_outside_data
     from ..engine.loop import Trainer
 
+    check_out_outside_data(task, args.out)  # before the folder is claimed or the model loads
     run_cfg = {k: v for k, v in vars(args).items() if k != "func"}
     Trainer(task, recipe, args.out, resume=args.resume, device=args.device, run_config=run_cfg,
             overwrite=getattr(args, "overwrite", False), skip_bad_images=getattr(args, "skip_bad_images", False)).run()
@@ -328,6 +345,45 @@ def evaluate_saved(model, ds, evaluator, *, device, batch_size: int, desc: str, 
     finally:
         D.cleanup(dist)
     return 0
+
+
+def _written_by_eval(path: Path) -> bool:
+    """Whether ``path`` is a metrics file ``hpvit eval`` wrote (a JSON object with ``eval_time_s`` and no training
+    keys: a training run's results.json has ``epochs`` and ``steps``)."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "eval_time_s" in d and not {"epochs", "steps"} & d.keys()
+
+
+def eval_overwrite_help(flag: str) -> str:
+    return (f"replace files in {flag} that hpvit eval did not write; without it only an earlier eval's outputs are "
+            "replaced. A training run's files are never replaced")
+
+
+def check_eval_outputs(files: "list[Path]", overwrite: bool, flag: str) -> None:
+    """Before ``hpvit eval`` loads anything: refuse to write its ``files`` (the metrics JSON first) where they would
+    replace something it did not write. A training run's own files (results.json, metrics.jsonl... or anything
+    already in a run folder) are never replaced, even with ``--overwrite``; another existing file only with it. The
+    outputs of an earlier ``hpvit eval`` (recognised by its metrics JSON) are replaced: evaluating again is safe."""
+    from ..engine.loop import RECIPE_FILE
+    from ..engine.rundir import LOCK_NAME, RUN_FILES
+    from ..errors import OutputError
+
+    files = [Path(f) for f in files]
+    again = files[0].is_file() and _written_by_eval(files[0])
+    for f in files:
+        run = [n for n in (RECIPE_FILE, *RUN_FILES, LOCK_NAME) if (f.parent / n).exists()]
+        if run and (f.name in (RECIPE_FILE, *RUN_FILES) or (f.exists() and not again)):
+            given, other = (f, f.parent / "eval" / f.name) if flag == "--json" else (f.parent, f.parent / "eval")
+            raise OutputError(f"{flag} {given}: {f.parent} is a training run's folder (it holds {', '.join(run[:3])}) "
+                              f"and hpvit eval would replace its {f.name}; a run's files are never replaced by eval. "
+                              f"Choose another {flag} (e.g. {other})")
+    there = [f for f in files if f.exists()]
+    if there and not again and not overwrite:
+        raise OutputError(f"{there[0]} exists and was not written by hpvit eval; refusing to replace it. Pass "
+                          f"--overwrite to replace it, or choose another {flag}")
 
 
 def eval_summary(m: dict, headline: "tuple[str, ...]", desc: str, n: int, results_json=None) -> str:

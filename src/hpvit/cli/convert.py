@@ -100,6 +100,8 @@ def _build(src: str, config: "str | None", num_classes: int | None = None, forma
 
 def _saved_backbone(model, src: str, config: "str | None"):
     """The HierarchicalViT inside a loaded hpvit file, after printing what the file holds."""
+    from ..models.build import stored_config_conflict
+
     meta = getattr(model, "hpvit_meta", None)
     vit = model.body.vit if meta is not None else model
     if meta is not None:
@@ -108,8 +110,9 @@ def _saved_backbone(model, src: str, config: "str | None"):
               f"({meta.get('backbone')}), trained at {meta.get('img_size') or meta.get('crop')} px")
     else:
         print(f"{src}: hpvit model file, config {vit.config.name}, {vit.num_classes} classes")
-    if config and config != vit.config.name:
-        print(f"note: --config {config} ignored: the file's own stored config {vit.config.name} describes it")
+    conflict = stored_config_conflict(src, config, vit.config.name)
+    if conflict:
+        print(f"note: --config {config} ignored: {conflict}")
     return vit
 
 

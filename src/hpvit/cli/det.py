@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (add_device_args, add_format_arg, add_model_arg, add_old_names, add_run_args, add_subset_args,
-                     dense_recipe, eval_out_dir, evaluate_saved, parse_key_values, run_training)
+from .common import (add_device_args, add_format_arg, add_model_arg, add_old_names, add_overwrite_arg, add_run_args,
+                     add_subset_args, check_eval_outputs, dense_recipe, eval_out_dir, eval_overwrite_help,
+                     evaluate_saved, parse_key_values, run_training)
 
 TRAIN_HELP = "train Mask R-CNN (FPN) on a transformed or plain ViT backbone with COCO-format data"
 EVAL_HELP = "COCO box / mask AP of a trained Mask R-CNN, predictions json and a PNG of predictions"
@@ -63,7 +64,20 @@ def add_det_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-long-side", type=int, default=None, help="with --short-side: longer side at most this (1333)")
     p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default 2)")
     p.add_argument("--vis-images", type=int, default=4, metavar="N", help="images drawn into predictions.png (default 4)")
+    add_eval_overwrite_arg(p)
     add_device_args(p)
+
+
+EVAL_FILES = ("results.json", "predictions.json", "predictions.png")  # what eval det|seg write into --out
+
+
+def add_eval_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    add_overwrite_arg(p, help=eval_overwrite_help("--out"))
+
+
+def check_eval_out(args, out) -> None:
+    """``eval det|seg``: what they write into ``out`` replaces nothing they did not write (see check_eval_outputs)."""
+    check_eval_outputs([out / n for n in EVAL_FILES], args.overwrite, "--out")
 
 
 def as_range(spec: "str | None") -> "str | None":
@@ -99,9 +113,10 @@ def run_eval(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    out = eval_out_dir(args.model, args.out)
+    check_eval_out(args, out)
     model = load_dense(args.model, "det")
     meta = model.hpvit_meta
-    out = eval_out_dir(args.model, args.out)
     src = CocoSource(args.ann, args.data)
     if src.cat_ids != meta["cat_ids"]:
         raise ConfigError(f"{args.ann}: its categories differ from the model's ({len(src.cat_ids)} vs "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .common import add_device_args, add_model_arg, add_old_names, add_subset_args, dense_recipe, eval_out_dir, evaluate_saved, run_training
-from .det import add_dense_train_args
+from .det import add_dense_train_args, add_eval_overwrite_arg, check_eval_out
 
 TRAIN_HELP = "train UperNet on a transformed or plain ViT backbone (CamVid / ADE20K / Cityscapes layouts)"
 EVAL_HELP = "mIoU / mAcc (and per class) of a trained segmenter, whole-image or sliding-window inference"
@@ -45,6 +45,7 @@ def add_seg_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", type=int, default=None, help="sliding-window size (default: the training crop)")
     p.add_argument("--out", default=None, help="output directory (default: MODEL_DIR/eval)")
     p.add_argument("--vis-images", type=int, default=3, metavar="N", help="images drawn into predictions.png (default 3)")
+    add_eval_overwrite_arg(p)
     add_device_args(p)
 
 
@@ -75,9 +76,10 @@ def run_eval(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    out = eval_out_dir(args.model, args.out)
+    check_eval_out(args, out)
     model = load_dense(args.model, "seg")
     meta = model.hpvit_meta
-    out = eval_out_dir(args.model, args.out)
     out.mkdir(parents=True, exist_ok=True)
     layout = get_layout(args.layout)
     if list(layout.classes) != list(meta["classes"]):

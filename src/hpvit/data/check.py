@@ -13,7 +13,9 @@ run folder (``--skip-bad-images``).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,11 @@ import torch
 from tqdm import tqdm
 
 from ..errors import BadImageError, DataError
+
+try:  # POSIX: DataLoader workers append to the skipped-images list under a lock
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 PROGRESS_MIN_ITEMS = 500  # below this, a check is too quick for a progress bar
 
@@ -91,21 +98,76 @@ def describe_bad(bad: Sequence[BadItem], split: str, total: int, hint: str) -> s
     return head + shown + more + (f". {hint}" if hint else "")
 
 
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPE = re.compile(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|.)")
+
+
+def escape_name(text: str) -> str:
+    """``text`` on one line of a tab-separated file: ``\\``, ``\\t``, ``\\n``, ``\\r`` for backslash, tab, newline and
+    carriage return, ``\\xHH`` for other control characters and for the bytes of a file name that is not UTF-8
+    (Python holds those as lone surrogates, which no UTF-8 file can store). Other text is kept as it is."""
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif 0xDC80 <= o <= 0xDCFF:  # os.fsdecode's stand-in for a byte that is not UTF-8
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif o < 0x20 or o == 0x7F or 0xD800 <= o <= 0xDFFF:
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def unescape_name(text: str) -> str:
+    """The inverse of :func:`escape_name` (``\\xHH`` >= 0x80 gives back the undecodable byte, as os.fsdecode does)."""
+    def one(m: "re.Match[str]") -> str:
+        g = m.group(1)
+        if len(g) > 1:
+            o = int(g[1:], 16)
+            return chr(0xDC00 + o) if g[0] == "x" and o >= 0x80 else chr(o)
+        return {"t": "\t", "n": "\n", "r": "\r"}.get(g, g)
+
+    return _UNESCAPE.sub(one, text)
+
+
 def write_skipped(path: Path, items: Sequence[tuple[str, str]]) -> None:
-    """Append ``path<TAB>reason`` lines to the skipped-images list (one small append per line)."""
-    with open(path, "a") as f:
-        for p, why in items:
-            f.write(f"{p}\t{' '.join(why.split())}\n")
+    """Append ``path<TAB>reason`` lines (both escaped by :func:`escape_name`) to the skipped-images list, each image
+    once: one already listed (by another DataLoader worker, or in an earlier epoch) is not listed again."""
+    with open(path, "a+", encoding="utf-8") as f:
+        with _locked(f):
+            f.seek(0)
+            listed = {line.partition("\t")[0] for line in f.read().splitlines()}
+            for p, why in items:
+                name = escape_name(p)
+                if name not in listed:
+                    listed.add(name)
+                    f.write(f"{name}\t{escape_name(' '.join(why.split()))}\n")
+
+
+@contextlib.contextmanager
+def _locked(f):
+    """An exclusive lock on the open file ``f`` where the OS has ``flock`` (DataLoader workers append concurrently)."""
+    if fcntl is None:  # not on POSIX: appends of single lines, without the lock
+        yield
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        f.flush()
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def read_skipped(path: Path) -> list[tuple[str, str]]:
-    """The distinct ``(path, reason)`` entries of a skipped-images list, in first-seen order."""
+    """The distinct ``(path, reason)`` entries of a skipped-images list, in first-seen order (unescaped)."""
     if not Path(path).is_file():
         return []
     seen: dict[str, str] = {}
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
         p, _, why = line.partition("\t")
-        seen.setdefault(p, why)
+        seen.setdefault(unescape_name(p), unescape_name(why))
     return list(seen.items())
 
 

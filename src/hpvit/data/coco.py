@@ -171,6 +171,11 @@ class CocoSource:
                 raise CocoFormatError(f"{where}: annotation id {aid} (image {img['file_name']}) has bbox {box}, which "
                                       f"lies entirely outside the {img['width']}x{img['height']} image; fix the box (COCO "
                                       "boxes are [x, y, width, height] in pixels) or delete the annotation")
+            if x < -img["width"] or y < -img["height"] or x + bw > 2 * img["width"] or y + bh > 2 * img["height"]:
+                raise CocoFormatError(f"{where}: annotation id {aid} (image {img['file_name']}) has bbox {box}, which "
+                                      f"reaches far outside the {img['width']}x{img['height']} image (more than the "
+                                      "image's own size beyond an edge); fix the box (COCO boxes are [x, y, width, "
+                                      "height] in pixels) or delete the annotation")
             self._check_segmentation(a, img, where)
             if a.get("iscrowd", 0) not in (0, 1):  # (False and True compare equal to 0 and 1)
                 raise CocoFormatError(f"{where}: annotation id {aid} (image {img['file_name']}) has iscrowd "
@@ -208,9 +213,20 @@ class CocoSource:
             if list(size) != [img["height"], img["width"]]:
                 raise CocoFormatError(f"{where}: annotation id {aid} (image {name}): RLE size {size} differs from the "
                                       f"image's [height, width] [{img['height']}, {img['width']}]")
-            if isinstance(counts, list) and sum(counts) != size[0] * size[1]:
+            if isinstance(counts, str):
+                try:
+                    counts = rle_counts(counts)
+                except ValueError as e:
+                    raise CocoFormatError(f"{where}: annotation id {aid} (image {name}): its compressed RLE 'counts' "
+                                          f"string is malformed ({e}); re-encode the mask (pycocotools.mask.encode) "
+                                          "or delete the annotation") from None
+            if not all(isinstance(c, int) and c >= 0 for c in counts):
+                raise CocoFormatError(f"{where}: annotation id {aid} (image {name}): RLE counts must be run lengths >= 0; "
+                                      "re-encode the mask (pycocotools.mask.encode) or delete the annotation")
+            if sum(counts) != size[0] * size[1]:
                 raise CocoFormatError(f"{where}: annotation id {aid} (image {name}): RLE counts sum to {sum(counts)}, "
-                                      f"not height*width = {size[0] * size[1]}")
+                                      f"not height*width = {size[0] * size[1]}; re-encode the mask for the "
+                                      f"{img['width']}x{img['height']} image or delete the annotation")
         else:
             raise CocoFormatError(f"{where}: annotation id {aid} (image {name}) has no 'segmentation' (polygon list or "
                                   "RLE dict); Mask R-CNN needs a mask for every object")
@@ -260,16 +276,57 @@ class CocoSource:
         return gt
 
 
+def rle_counts(s: str) -> list[int]:
+    """The run lengths held in COCO's compressed RLE string ``s`` (the ``counts`` of ``pycocotools.mask.encode``).
+
+    Each run length is a signed number written 5 bits per character (offset 48), a set 0x20 bit meaning that
+    more characters follow; from the third run on, the number is the difference to the run two places back.
+    ValueError names what is malformed: a character outside the alphabet, a number cut short, a negative run."""
+    counts: list[int] = []
+    p = 0
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(s):
+                raise ValueError(f"run {len(counts)} is cut short at the end of the string")
+            c = ord(s[p]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"character {s[p]!r} at position {p} is not in the RLE alphabet '0'..'o'")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)  # sign-extend
+        if len(counts) > 2:
+            x += counts[-2]
+        if x < 0:
+            raise ValueError(f"run {len(counts)} has a negative length {x}")
+        counts.append(x)
+    return counts
+
+
 def _polygon_problem(poly: list, width: int, height: int) -> str | None:
-    """Why a flat ``[x1, y1, x2, y2, ...]`` polygon cannot be a mask in a ``width x height`` image, or None."""
+    """Why a flat ``[x1, y1, x2, y2, ...]`` polygon cannot be a mask in a ``width x height`` image, or None.
+
+    Zero area is decided by the rasterised mask (pycocotools, as training draws it): a self-intersecting "bow tie"
+    has zero signed area but covers pixels, and is kept."""
     xs, ys = poly[0::2], poly[1::2]
     area = 0.5 * abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs))))
-    if area <= 0:
+    if area <= 0 and _mask_area(poly, width, height) == 0:
         return "has zero area (its points are identical or on one line)"
     if max(xs) <= 0 or max(ys) <= 0 or min(xs) >= width or min(ys) >= height:
         return (f"lies entirely outside the {width}x{height} image (x {min(xs):g}..{max(xs):g}, "
                 f"y {min(ys):g}..{max(ys):g})")
     return None
+
+
+def _mask_area(poly: list, width: int, height: int) -> int:
+    """Pixels of ``poly`` rasterised in a ``width x height`` image (0 without pycocotools: nothing to draw with)."""
+    try:
+        from pycocotools import mask as mask_utils
+    except ImportError:
+        return 0
+    return int(mask_utils.area(mask_utils.frPyObjects([list(map(float, poly))], height, width))[0])
 
 
 def _pycocotools():

@@ -13,6 +13,32 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
+
+DEVICE_FORMS = "cpu, cuda or cuda:N"
+
+
+def check_device(device: "str | None") -> None:
+    """ConfigError unless ``device`` is None (auto), ``cpu``, ``cuda`` or ``cuda:N`` and can run here: ``gpu`` would
+    otherwise run on the CPU without a word, ``cuda`` without a GPU fail with a CUDA traceback."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: not a device hpvit runs on; use {DEVICE_FORMS} (default: cuda if "
+                          "available, else cpu)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA GPU is usable here (torch {torch.__version__}, CUDA build "
+                              f"{torch.version.cuda or 'none'}); use --device cpu, or install a CUDA build of PyTorch "
+                              "on a machine with an NVIDIA GPU")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"--device {device}: this machine has {n} GPU(s) (cuda:0..cuda:{n - 1})")
+
 
 @dataclass
 class DistInfo:
@@ -33,6 +59,7 @@ class DistInfo:
 
 def init_distributed(device: str | None = None) -> DistInfo:
     """Initialise (once) and describe the process group. ``device``: "cpu", "cuda" or None (auto)."""
+    check_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))

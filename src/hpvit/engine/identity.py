@@ -68,11 +68,11 @@ def _diff(old: Any, new: Any, key: str) -> list[str]:
 
 def check_identity(ckpt: dict[str, Any], identity: dict[str, Any], out: "str | os.PathLike") -> None:
     """ConfigError listing the differences when the checkpoint's run trained on something else (checkpoints
-    written before identities were recorded are not checked)."""
+    written before identities were recorded are not checked, nor for entries added to the identity since)."""
     old = json.loads(ckpt["identity"]) if ckpt.get("identity") else None
     if old is None:
         return
-    diffs = _diff(old, identity, "")
+    diffs = _diff(old, {k: v for k, v in identity.items() if k in old}, "")
     if diffs:
         raise ConfigError(
             f"cannot resume {out}: the run was started on something else ({len(diffs)} difference(s)): "
@@ -81,12 +81,25 @@ def check_identity(ckpt: dict[str, Any], identity: dict[str, Any], out: "str | o
             "or in another --out")
 
 
+# the keys of ``Task.describe()`` that name where a task reads its data (folders, zips, image lists); the other
+# values (the config preset, the layout, a split's name...) are not paths even when a folder of that name exists
+DATA_KEYS = ("data", "images", "eval_data", "eval_images")
+
+
+def data_paths(task: Any) -> list[tuple[str, str]]:
+    """``(key, path)`` for every data folder or file ``task`` reads (the :data:`DATA_KEYS` entries of its
+    ``describe()``)."""
+    desc = task.describe()
+    return [(k, v) for k in DATA_KEYS for v in (desc[k] if isinstance(desc.get(k), (list, tuple)) else [desc.get(k)])
+            if isinstance(v, str) and v]
+
+
 def check_out_outside_data(task: Any, out: "str | os.PathLike") -> None:
     """ConfigError when the run's folder lies inside a folder the task reads its data from (its files would
-    become data: ``DATA/train/NEW/curves.png`` is an image of a new class ``NEW``)."""
+    become data: ``DATA/train/NEW/curves.png`` is an image of a new class ``NEW``). Only the task's data paths
+    (:func:`data_paths`) count; ``hpvit train`` runs this before the output folder is claimed or a model loads."""
     o = Path(out).resolve()
-    for k, vals in task.describe().items():
-        for v in (vals if isinstance(vals, (list, tuple)) else [vals]):
-            if k != "init" and isinstance(v, str) and v and Path(v).is_dir() and o.is_relative_to(Path(v).resolve()):
-                raise ConfigError(f"--out {out} is inside the data folder {v} ({k}): the run's files (curves.png, "
-                                  "model files...) would be read as data by the next run. Choose an --out outside it")
+    for k, v in data_paths(task):
+        if Path(v).is_dir() and o.is_relative_to(Path(v).resolve()):
+            raise ConfigError(f"--out {out} is inside the data folder {v} ({k}): the run's files (curves.png, "
+                              "model files...) would be read as data by the next run. Choose an --out outside it")

@@ -9,11 +9,39 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 
 from ..errors import ConfigError
 from ..utils import DictIO, field_type_problems, name_or_json
+
+# what timm's create_transform reads (timm.data.transforms / auto_augment); anything else is refused here, where
+# timm would either fail deep inside a DataLoader worker or (auto_augment) silently fall back to its default
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random")
+AUTO_AUGMENT_POLICIES = ("original", "originalr", "v0", "v0r", "3a")
+_AUTO_AUGMENT_SECTIONS = {"rand": re.compile(r"^(mstd|mmax|inc|m|n|p)\d[\d.]*$|^t.+$"),
+                          "augmix": re.compile(r"^(mstd|m|w|d|a|b)\d[\d.]*$")}
+_AUTO_AUGMENT_FORMS = ("rand-m9-mstd0.5-inc1 (RandAugment: sections m<magnitude>, n<ops>, mstd<std>, mmax<max>, "
+                       "inc<0|1>, p<prob>), augmix-m5-w3 (AugMix: m, w, d, a, b, mstd), "
+                       + ", ".join(AUTO_AUGMENT_POLICIES) + " (AutoAugment policies) or null (none)")
+
+
+def auto_augment_problem(value: "str | None") -> "str | None":
+    """Why ``value`` is not an auto-augment policy timm reads, or None (``"rand-bogus"`` would silently run
+    timm's default RandAugment: every ``-`` section must be one timm knows)."""
+    if value is None:
+        return None
+    head, *sections = value.split("-")
+    if head in AUTO_AUGMENT_POLICIES:
+        bad = [s for s in sections if not re.fullmatch(r"mstd\d[\d.]*", s)]
+    elif head in _AUTO_AUGMENT_SECTIONS:
+        bad = [s for s in sections if not _AUTO_AUGMENT_SECTIONS[head].match(s)]
+    else:
+        return f"auto_augment {value!r}: unknown policy {head!r}; use {_AUTO_AUGMENT_FORMS}"
+    if bad:
+        return f"auto_augment {value!r}: unknown section(s) {bad}; use {_AUTO_AUGMENT_FORMS}"
+    return None
 
 
 @dataclass
@@ -128,6 +156,28 @@ class Recipe(DictIO):
         need(self.img_size >= 8, f"img_size must be >= 8, got {self.img_size}")
         need(0 <= self.smoothing < 1, f"smoothing must be in [0, 1), got {self.smoothing}")
         need(self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(self.min_lr >= 0, f"min_lr must be >= 0 (the lr the schedule ends at), got {self.min_lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0 (a negative decay pushes weights away from zero), "
+                                     f"got {self.weight_decay}")
+        need(self.clip_grad is None or self.clip_grad > 0,
+             f"clip_grad must be a positive gradient norm or null (no clipping), got {self.clip_grad} (a negative "
+             "value would flip the gradient's sign and train backwards)")
+        need(all(0 <= b < 1 for b in self.betas), f"betas must both be in [0, 1) (AdamW's moment decays), got "
+                                                    f"{list(self.betas)}; the usual value is [0.9, 0.999]")
+        need(all(s > 0 for s in self.std), f"std must be three positive numbers (pixels are divided by it), got "
+                                           f"{list(self.std)}; ImageNet's is [0.229, 0.224, 0.225]")
+        need(self.interpolation in INTERPOLATIONS,
+             f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        problem = auto_augment_problem(self.auto_augment)
+        need(problem is None, str(problem))
+        need(0 <= self.drop_path < 1, f"drop_path must be in [0, 1), got {self.drop_path}")
+        for k in ("mixup", "cutmix"):
+            need(getattr(self, k) >= 0, f"{k} must be >= 0 (a Beta distribution's alpha; 0 = off), got {getattr(self, k)}")
+        for k in ("mixup_prob", "mixup_switch_prob", "reprob"):
+            need(0 <= getattr(self, k) <= 1, f"{k} must be a probability in [0, 1], got {getattr(self, k)}")
+        need(0 < self.crop_pct <= 1, f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        need(0 < self.scale[0] <= self.scale[1] <= 1, f"scale must be [min, max] with 0 < min <= max <= 1, got "
+                                                     f"{list(self.scale)}")
         need(self.blr > 0, f"blr must be positive, got {self.blr}")
         need(self.new_param_lr_scale is None or self.new_param_lr_scale > 0,
              f"new_param_lr_scale must be positive or null, got {self.new_param_lr_scale}")

@@ -49,3 +49,14 @@ def check_num_classes(num_classes: Any, what: str = "num_classes") -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 0:
         raise ConfigError(f"{what} must be an integer >= 0 (0 builds no classifier head), got {num_classes!r}; pass "
                           "e.g. num_classes=10, or None to keep the source checkpoint's head")
+
+
+def stored_config_conflict(src: "str | os.PathLike", config: "str | None", stored: str) -> "str | None":
+    """The one rule for ``--config`` given with a file hpvit wrote: the file's stored config (``stored``, a preset
+    name) describes the model, because its weights are laid out for it; a different ``config`` cannot apply.
+    Returns the reason (``hpvit info`` prints it in a note, ``hpvit train cls`` refuses with it), or None when
+    ``config`` is not given or names the stored config."""
+    if not config or str(config) == stored:
+        return None
+    return (f"{src} is a file hpvit wrote, whose stored config {stored} describes the model (its weights are laid out "
+            "for it)")

@@ -24,12 +24,13 @@ from ..engine.task import Task
 from ..errors import ConfigError
 from ..evaluation.classification import METRIC_UNITS, ClassificationEvaluator
 from ..export import PREPROC_FILE, load, save
-from ..models.build import from_plain
+from ..models.build import from_plain, stored_config_conflict
 from ..utils import count_flops, write_text_atomic
 
 TASK = "cls"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "model_ema.safetensors"
+DEFAULT_CONFIG = "paper-cls"  # the config a plain checkpoint is transformed with when none is given
 
 
 def gflops_per_image(model: nn.Module, img_size: int, in_chans: int = 3) -> float:
@@ -44,7 +45,7 @@ class ClassificationTask(Task):
     summary_metrics = ("top1", "top5", "eval_loss")  # the per-epoch log line; metrics.jsonl has every metric
     metric_units = METRIC_UNITS
 
-    def __init__(self, init: str, data: str, recipe: Recipe, *, config: str = "paper-cls",
+    def __init__(self, init: str, data: str, recipe: Recipe, *, config: "str | None" = DEFAULT_CONFIG,
                  num_classes: int | None = None, head: str | None = None, fmt: str | None = None):
         self.init, self.data, self.recipe = init, data, recipe
         self.config, self.num_classes_arg, self.head, self.fmt = config, num_classes, head, fmt
@@ -83,6 +84,10 @@ class ClassificationTask(Task):
         r = self.recipe
         if is_hpvit_file(self.init):
             model = load(self.init)
+            conflict = stored_config_conflict(self.init, self.config, model.config.name)
+            if conflict:
+                raise ConfigError(f"--config {self.config} does not apply: {conflict}; drop --config to go on training the {model.config.name} model, or "
+                                  f"start from the plain checkpoint it came from to train {self.config}")
             model.set_drop_path_rate(r.drop_path)  # the recipe's, as for a model built from a plain checkpoint
             if model.num_classes != n:
                 model.reset_classifier(n)
@@ -90,7 +95,7 @@ class ClassificationTask(Task):
             overrides: dict[str, Any] = {"drop_path_rate": r.drop_path, "img_size": r.img_size}
             if self.head is not None:
                 overrides["head"] = self.head
-            model = from_plain(self.init, self.config, num_classes=n, format=self.fmt, **overrides)
+            model = from_plain(self.init, self.config or DEFAULT_CONFIG, num_classes=n, format=self.fmt, **overrides)
         if r.img_size < model.min_input_size:
             raise ConfigError(
                 f"img_size {r.img_size} is below the minimum {model.min_input_size} of config {model.config.name!r}; "
@@ -128,8 +133,11 @@ class ClassificationTask(Task):
         }
 
     def describe(self):
+        # the count of training images found: a resume after images were added (or removed) is refused, since the
+        # sample order and the epoch length depend on it (engine/identity.py)
         return {"init": str(self.init), "data": str(self.data), "config": self.model_config,
-                "classes": self.classes, "head": self.head}
+                "classes": self.classes, "head": self.head,
+                "train_images_in_data": len(self.source.samples("train"))}
 
     def save_model(self, model, out_dir, ema=None):
         paths = [Path(save(model, out_dir / MODEL_FILE))]

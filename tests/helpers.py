@@ -39,12 +39,13 @@ def save_small_vit(path, img_size: int = 32):
     return path
 
 
-def fault_env(step: int) -> dict:
-    """Environment for a subprocess that kills itself right after optimizer update ``step`` (the test-only
-    seam in tests/fault_seam/sitecustomize.py; the library has no fault-injection code of its own)."""
+def fault_env(step: int, what: str = "FAULT") -> dict:
+    """Environment for a subprocess that kills itself right after optimizer update ``step`` (``what="SIGINT"``:
+    sends itself Ctrl-C's SIGINT instead), through the test-only seam in tests/fault_seam/sitecustomize.py (the
+    library has no fault-injection code of its own)."""
     import os
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
     path = [str(here / "fault_seam"), str(here.parent / "src"), os.environ.get("PYTHONPATH", "")]
-    return {"HPVIT_FAULT_AT_STEP": str(step), "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    return {f"HPVIT_{what}_AT_STEP": str(step), "PYTHONPATH": os.pathsep.join(p for p in path if p)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import timm
 import torch
 
@@ -49,3 +51,26 @@ def fault_env(step: int, what: str = "FAULT") -> dict:
     here = Path(__file__).resolve().parent
     path = [str(here / "fault_seam"), str(here.parent / "src"), os.environ.get("PYTHONPATH", "")]
     return {f"HPVIT_{what}_AT_STEP": str(step), "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+
+
+@contextlib.contextmanager
+def update_hook(hook):
+    """``hook(trainer, update)`` in the engine's ``Trainer.update_hooks`` for the ``with`` block (removed after it,
+    also on an error)."""
+    from hpvit.engine.loop import Trainer
+
+    Trainer.update_hooks.append(hook)
+    try:
+        yield hook
+    finally:
+        Trainer.update_hooks.remove(hook)
+
+
+def interrupt_after(update: int):
+    """``with interrupt_after(n):`` a run in the block stops (KeyboardInterrupt, as Ctrl-C before the engine handled
+    SIGINT) right after update ``n`` and the checkpoint that update may write."""
+    def stop(trainer, u):
+        if u == update:
+            raise KeyboardInterrupt
+
+    return update_hook(stop)

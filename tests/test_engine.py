@@ -465,17 +465,14 @@ def test_console_shows_the_first_step_and_the_loss_metrics_jsonl_records(tmp_pat
     """Issue 29, first contact 9 and 10: a plain log line at the first step (not only every log_every_steps), the
     console loss at a logged step equal to metrics.jsonl's (the mean over the logging window), the recipe line
     without blr when lr wins; and ckpt_every_minutes (here: any time) checkpoints after every update mid-epoch."""
+    from helpers import update_hook
+
     from hpvit.cli import main
-    from hpvit.engine.loop import Trainer
 
     out, saved = tmp_path / "run", []
-    Trainer.update_hooks.append(watch := lambda t, u: saved.append(torch.load(t.ckpt_path, weights_only=True)
-                                                                   ["global_step"] if t.ckpt_path.exists() else None))
-    try:
+    with update_hook(lambda t, u: saved.append(torch.load(t.ckpt_path, weights_only=True)["global_step"])):
         assert main(_train_args(tiny_vit, tiny_data, out, "--epochs", "1", "--lr", "0.001", "--set",
                                 "log_every_steps=3", "--set", "ckpt_every_minutes=1e-9")) == 0
-    finally:
-        Trainer.update_hooks.remove(watch)
     err = capsys.readouterr().err
     recipe_line = next(ln for ln in err.splitlines() if "recipe cifar-mini:" in ln)
     assert ", lr 0.001," in recipe_line and "blr" not in recipe_line and "mixup 0.8" in recipe_line
@@ -512,22 +509,15 @@ def test_tensorboard_events_equal_metrics_jsonl_across_a_resume(tmp_path, tiny_v
                                               "'hpvit[tensorboard]'); without it no event files are written")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from helpers import interrupt_after
+
     from hpvit.cli import main
-    from hpvit.engine.loop import Trainer
 
     out = tmp_path / "run"
     args = _train_args(tiny_vit, tiny_data, out, "--epochs", "2", "--set", "log_every_steps=1", "--set",
                        "ckpt_every_steps=2")
-
-    def stop(t, update):
-        if update == 11:  # logged, after the checkpoint of update 10: the resume cuts it from metrics.jsonl
-            raise KeyboardInterrupt
-
-    Trainer.update_hooks.append(stop)
-    try:
+    with interrupt_after(11):  # logged, after the checkpoint of update 10: the resume cuts it from metrics.jsonl
         assert main(args) == 130
-    finally:
-        Trainer.update_hooks.remove(stop)
 
     def events() -> dict[str, list[tuple[int, float]]]:
         files = list(out.glob("events.out.tfevents.*"))

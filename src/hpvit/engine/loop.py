@@ -428,7 +428,8 @@ class Trainer:
 
     def _agree(self, *flags: bool) -> list[bool]:
         """Each flag, true on every process when it is true on any (one all-reduce): the ranks decide together."""
-        return [v > 0 for v in D.all_reduce_sum(torch.tensor([float(f) for f in flags]), self.dist).tolist()]
+        t = torch.tensor([float(f) for f in flags], device=self.dist.device)  # NCCL reduces only GPU tensors
+        return [v > 0 for v in D.all_reduce_sum(t, self.dist).tolist()]
 
     def poll_stop(self) -> bool:
         """Whether any process got SIGINT / SIGTERM (the same answer on every rank: they stop together)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -45,7 +46,8 @@ class DivergenceError(HPViTError):
 
 
 RECIPE_FILE = "recipe.json"  # the resolved recipe of the run, written once the run has started (checks passed)
-OWN_START_FILES = (RECIPE_FILE,)  # what a run that fails at its first step leaves; removed with the folder it created
+# what a run that fails at its first step leaves (and TensorBoard's empty event file); removed with the folder it made
+OWN_START_FILES = (RECIPE_FILE,)
 
 
 def usable_cores() -> int:
@@ -156,7 +158,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         names = {p.name for p in self.out.iterdir()} if self.out.is_dir() else set()
-        if names <= {LOCK_NAME, *OWN_START_FILES}:
+        if all(n in (LOCK_NAME, *OWN_START_FILES) or fnmatch.fnmatch(n, EVENTS_GLOB) for n in names):
             for n in names - {LOCK_NAME}:
                 (self.out / n).unlink(missing_ok=True)
             with contextlib.suppress(OSError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import timm
 import torch
 
@@ -39,12 +41,36 @@ def save_small_vit(path, img_size: int = 32):
     return path
 
 
-def fault_env(step: int) -> dict:
-    """Environment for a subprocess that kills itself right after optimizer update ``step`` (the test-only
-    seam in tests/fault_seam/sitecustomize.py; the library has no fault-injection code of its own)."""
+def fault_env(step: int, what: str = "FAULT") -> dict:
+    """Environment for a subprocess that kills itself right after optimizer update ``step`` (``what="SIGINT"``:
+    sends itself Ctrl-C's SIGINT instead), through the test-only seam in tests/fault_seam/sitecustomize.py (the
+    library has no fault-injection code of its own)."""
     import os
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
     path = [str(here / "fault_seam"), str(here.parent / "src"), os.environ.get("PYTHONPATH", "")]
-    return {"HPVIT_FAULT_AT_STEP": str(step), "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    return {f"HPVIT_{what}_AT_STEP": str(step), "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+
+
+@contextlib.contextmanager
+def update_hook(hook):
+    """``hook(trainer, update)`` in the engine's ``Trainer.update_hooks`` for the ``with`` block (removed after it,
+    also on an error)."""
+    from hpvit.engine.loop import Trainer
+
+    Trainer.update_hooks.append(hook)
+    try:
+        yield hook
+    finally:
+        Trainer.update_hooks.remove(hook)
+
+
+def interrupt_after(update: int):
+    """``with interrupt_after(n):`` a run in the block stops (KeyboardInterrupt, as Ctrl-C before the engine handled
+    SIGINT) right after update ``n`` and the checkpoint that update may write."""
+    def stop(trainer, u):
+        if u == update:
+            raise KeyboardInterrupt
+
+    return update_hook(stop)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -65,7 +66,9 @@ def run_data(tiny_data) -> tuple[Path, list[str]]:
     return tiny_data, []
 
 
-def _hpvit(args: list[str], env_extra: dict | None = None, torchrun: int = 0) -> subprocess.CompletedProcess:
+def _hpvit(args: list[str], env_extra: dict | None = None, torchrun: int = 0,
+           new_session: bool = False) -> subprocess.CompletedProcess:
+    """``hpvit ARGS`` in a subprocess (``new_session``: leading its own process group, as a terminal's job does)."""
     env = dict(os.environ, HPVIT_PLAIN_LOG="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     env.update(env_extra or {})
     if torchrun:
@@ -73,7 +76,8 @@ def _hpvit(args: list[str], env_extra: dict | None = None, torchrun: int = 0) ->
                "-m", "hpvit"] + args
     else:
         cmd = [sys.executable, "-m", "hpvit"] + args
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SUBPROC_TIMEOUT, cwd=str(ROOT))
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SUBPROC_TIMEOUT, cwd=str(ROOT),
+                          start_new_session=new_session)
 
 
 def _train_args(init: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -322,15 +326,40 @@ def test_sampler_resume_and_sharding():
 
 
 # ------------------------------------------------------------------ resume after a kill
-def test_resume_after_kill_is_bit_exact(tmp_path, tiny_vit, run_data):
-    """Kill (SIGKILL) a run mid-epoch, resume it, and require the final weights to equal an
-    uninterrupted run's bit for bit. Mixup, RandAugment, random erasing, drop path and EMA are on."""
-    data, subset = run_data
-    extra = ["--epochs", "2", "--ema", "--deterministic", "--set", "ckpt_every_steps=3", "--set", "ema_decay=0.9", *subset]
-    full = _hpvit(_train_args(tiny_vit, data, tmp_path / "full", *extra))
-    assert full.returncode == 0, full.stderr[-3000:]
+# 2 epochs of 32 images / batch 4 = 8 steps; mixup, RandAugment, random erasing, drop path and EMA on
+EXACT_EXTRA = ("--epochs", "2", "--ema", "--deterministic", "--set", "ckpt_every_steps=3", "--set", "ema_decay=0.9")
 
-    # 32 images / batch 4 = 8 steps per epoch; checkpoints at updates 3, 6, 8 (epoch end), 11, 14...
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_vit, run_data) -> Path:
+    """The uninterrupted run the interrupted ones must equal, bit for bit."""
+    data, subset = run_data
+    out = tmp_path_factory.mktemp("full") / "full"
+    full = _hpvit(_train_args(tiny_vit, data, out, *EXACT_EXTRA, *subset))
+    assert full.returncode == 0, full.stderr[-3000:]
+    return out
+
+
+def _assert_same_run(full: Path, cut: Path) -> None:
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        a, b = _weights(full / name), _weights(cut / name)
+        assert a.keys() == b.keys()
+        diff = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not diff, f"{name}: resumed weights differ from the uninterrupted run in {diff[:5]}"
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (full, cut))
+    assert ra["top1"] == rb["top1"] and ra["rank_param_digests"] == rb["rank_param_digests"]
+    # metrics.jsonl has no duplicated steps after the resume, and the same losses
+    train = [[(r["step"], r["loss"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "train"] for d in (full, cut)]
+    assert train[1] == train[0] and [s for s, _ in train[1]] == sorted({s for s, _ in train[1]})
+
+
+def test_resume_after_kill_is_bit_exact(tmp_path, tiny_vit, run_data, full_run):
+    """Kill (SIGKILL) a run mid-epoch, resume it, and require the final weights to equal an
+    uninterrupted run's bit for bit."""
+    data, subset = run_data
+    extra = [*EXACT_EXTRA, *subset]
+    # checkpoints at updates 3, 6, 8 (epoch end), 11, 14...
     killed = _hpvit(_train_args(tiny_vit, data, tmp_path / "cut", *extra), fault_env(14))
     assert killed.returncode != 0, "the fault hook should have killed the run"
     assert not (tmp_path / "cut" / "results.json").exists()
@@ -340,34 +369,176 @@ def test_resume_after_kill_is_bit_exact(tmp_path, tiny_vit, run_data):
     resumed = _hpvit(_train_args(tiny_vit, data, tmp_path / "cut", *extra, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
-
-    for name in ("model.safetensors", "model_ema.safetensors"):
-        a, b = _weights(tmp_path / "full" / name), _weights(tmp_path / "cut" / name)
-        assert a.keys() == b.keys()
-        diff = [k for k in a if not torch.equal(a[k], b[k])]
-        assert not diff, f"{name}: resumed weights differ from the uninterrupted run in {diff[:5]}"
-    ra = json.loads((tmp_path / "full" / "results.json").read_text())
-    rb = json.loads((tmp_path / "cut" / "results.json").read_text())
-    assert ra["top1"] == rb["top1"] and ra["rank_param_digests"] == rb["rank_param_digests"]
-    # metrics.jsonl has no duplicated steps after the resume
-    steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(l)["kind"] == "train"]
-    assert steps == sorted(set(steps))
+    _assert_same_run(full_run, tmp_path / "cut")
 
     # a finished run refuses to be overwritten without --overwrite
-    again = _hpvit(_train_args(tiny_vit, data, tmp_path / "full", *extra))
+    again = _hpvit(_train_args(tiny_vit, data, full_run, *extra))
     assert again.returncode == 2 and "finished run" in again.stderr and "--overwrite" in again.stderr
 
 
+def test_ctrl_c_saves_a_resumable_checkpoint_and_resume_is_exact(tmp_path, tiny_vit, run_data, full_run, capsys):
+    """SIGINT to the run's process group mid-epoch, as Ctrl-C in a terminal sends it (the DataLoader worker gets it
+    too): the run stops after the next update with a checkpoint of it (update 11: neither an epoch's end nor one of
+    ckpt_every_steps=3), exit 130 with the resume advice; --resume (in this process) then ends equal to the
+    uninterrupted run."""
+    from hpvit.cli import main
+
+    data, subset = run_data
+    extra, out = [*EXACT_EXTRA, *subset, "--workers", "1"], tmp_path / "int"
+    stopped = _hpvit(_train_args(tiny_vit, data, out, *extra), fault_env(10, "SIGINT"), new_session=True)
+    err = stopped.stderr
+    assert stopped.returncode == 130, err[-3000:]
+    assert "SIGINT: stopping after the current update" in err and "Traceback" not in err
+    assert f"stopped (SIGINT) after update 11 (epoch 2, step 3/8); resumable checkpoint {out / 'checkpoint-last.pt'}" \
+        f". Continue with the same command plus --resume" in err and "hpvit: interrupted" in err
+    ck = torch.load(out / "checkpoint-last.pt", weights_only=True)
+    assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 3, 11)
+    assert not (out / "results.json").exists()
+
+    try:
+        assert main([str(a) for a in _train_args(tiny_vit, data, out, *extra, "--resume")]) == 0
+    finally:
+        torch.use_deterministic_algorithms(False)  # --deterministic set it for this process
+    assert "resumed from" in capsys.readouterr().err
+    _assert_same_run(full_run, out)
+
+
 def test_resume_with_changed_settings_is_refused(tmp_path, tiny_vit, tiny_data, capsys):
+    """A refused --resume (other settings, or an unreadable checkpoint) writes nothing: recipe.json still tells
+    the run's own recipe (issue 29, defect 8)."""
     from hpvit.cli import main
     from hpvit.engine.checkpoint import save_checkpoint
 
     out = tmp_path / "o"
     save_checkpoint(out / "checkpoint-last.pt", {"recipe": json.dumps({"seed": 5}), "world_size": 1})
-    rc = main(_train_args(tiny_vit, tiny_data, out, "--resume"))
+    (out / "recipe.json").write_text('{"seed": 5}')
+    rc = main(_train_args(tiny_vit, tiny_data, out, "--resume", "--set", "smoothing=0.3"))
     err = capsys.readouterr().err
     assert rc == 2 and "cannot resume" in err and "seed" in err
+    (out / "checkpoint-last.pt").write_bytes(b"not a checkpoint")
+    assert main(_train_args(tiny_vit, tiny_data, out, "--resume")) == 2
+    assert "cannot read the training checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-last.pt", "recipe.json"]
+    assert (out / "recipe.json").read_text() == '{"seed": 5}'
+
+
+def _finished_run_files(out: Path) -> dict[str, bytes]:
+    """A finished run's folder as the engine leaves it (contents made up): name -> bytes."""
+    files = {"model.safetensors": b"old model", "model_ema.safetensors": b"old ema", "recipe.json": b'{"seed": 0}',
+             "metrics.jsonl": b'{"kind": "train", "step": 1, "loss": 1.0}\n', "curves.png": b"png",
+             "checkpoint-last.pt": b"ckpt", "events.out.tfevents.1.host.1.0": b"events",
+             "results.json": json.dumps({"epochs": 1, "model_files": [str(out / "model.safetensors"),
+                                                                     "elsewhere/model_ema.safetensors"]}).encode()}
+    out.mkdir(parents=True)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return files
+
+
+def test_overwrite_deletes_the_old_run_only_once_the_new_one_has_started(tmp_path, tiny_vit, tiny_data, capsys):
+    """--overwrite with data that fails its check leaves the old run whole (no model without its results.json, so
+    the next run without --overwrite is still refused); once a run really starts, all of the old one goes
+    (issue 29, defect 4)."""
+    from hpvit.cli import main
+
+    out = tmp_path / "run"
+    files = _finished_run_files(out)
+    assert main(_train_args(tiny_vit, tmp_path / "missing", out, "--overwrite")) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    assert main(_train_args(tiny_vit, tiny_data, out)) == 2
+    assert "holds a finished run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+    assert main(_train_args(tiny_vit, tiny_data, out, "--overwrite", "--epochs", "1", "--no-keep-checkpoint")) == 0
+    err = capsys.readouterr().err
+    assert (f"--overwrite: deleted the previous run's model.safetensors, model_ema.safetensors, "
+            f"events.out.tfevents.1.host.1.0, checkpoint-last.pt, metrics.jsonl, curves.png, results.json in {out}") in err
+    assert "checkpoint-last.pt (" in err and "deleted (--no-keep-checkpoint)" in err
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("events.")) == [  # (TensorBoard's, if installed)
+        "curves.png", "metrics.jsonl", "model.json", "model.safetensors", "recipe.json", "results.json"]
+    assert json.loads((out / "recipe.json").read_text())["epochs"] == 1
+
+
+# ------------------------------------------------------------------ what the console and TensorBoard show
+def test_console_shows_the_first_step_and_the_loss_metrics_jsonl_records(tmp_path, tiny_vit, tiny_data, capsys):
+    """Issue 29, first contact 9 and 10: a plain log line at the first step (not only every log_every_steps), the
+    console loss at a logged step equal to metrics.jsonl's (the mean over the logging window), the recipe line
+    without blr when lr wins; and ckpt_every_minutes (here: any time) checkpoints after every update mid-epoch."""
+    from helpers import update_hook
+
+    from hpvit.cli import main
+
+    out, saved = tmp_path / "run", []
+    with update_hook(lambda t, u: saved.append(torch.load(t.ckpt_path, weights_only=True)["global_step"])):
+        assert main(_train_args(tiny_vit, tiny_data, out, "--epochs", "1", "--lr", "0.001", "--set",
+                                "log_every_steps=3", "--set", "ckpt_every_minutes=1e-9")) == 0
+    err = capsys.readouterr().err
+    recipe_line = next(ln for ln in err.splitlines() if "recipe cifar-mini:" in ln)
+    assert ", lr 0.001," in recipe_line and "blr" not in recipe_line and "mixup 0.8" in recipe_line
+    shown = dict(re.findall(r"epoch 1/1 (\d+)/8 \| loss (\S+) ", err))
+    logged = {str(r["step"]): f"{r['loss']:.4g}" for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "train"}
+    assert sorted(shown, key=int) == ["1", "3", "6", "8"] and sorted(logged, key=int) == ["3", "6", "8"]
+    assert {k: shown[k] for k in logged} == logged
+    assert saved == [1, 2, 3, 4, 5, 6, 7, 7]  # the epoch's end is checkpointed after its evaluation
+
+
+def test_plain_progress_says_something_when_quiet_too_long(capsys):
+    from hpvit.engine.logging import Progress, recipe_summary
+    from hpvit.engine.recipe import Recipe
+    from hpvit.engine.task import Task
+    from hpvit.tasks.detection import DetectionTask
+    from hpvit.tasks.segmentation import SegmentationTask
+
+    p = Progress(100, "epoch 1/1", every=50, force_plain=True)
+    p.update(), p.update()
+    p.quiet_s = 0.0  # as when a slow step took longer than quiet_s since the last line
+    p.update()
+    assert re.findall(r"epoch 1/1 (\d+)/100", capsys.readouterr().err) == ["1", "3"]
+    # det / seg runs mix no batches: their recipe line does not name mixup / cutmix
+    assert not Task.batch_mixing and not DetectionTask.batch_mixing and not SegmentationTask.batch_mixing
+    line = recipe_summary(Recipe(), batch_mixing=False)
+    assert "mixup" not in line and "cutmix" not in line and "blr 0.0005" in line
+
+
+def test_tensorboard_events_equal_metrics_jsonl_across_a_resume(tmp_path, tiny_vit, tiny_data, capsys):
+    """Issue 30 item 4: the event file holds exactly metrics.jsonl's records (read back with TensorBoard's own
+    reader, orphaned data kept), once each after a run stopped past its checkpoint is resumed."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (optional: pip install "
+                                              "'hpvit[tensorboard]'); without it no event files are written")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from helpers import interrupt_after
+
+    from hpvit.cli import main
+
+    out = tmp_path / "run"
+    args = _train_args(tiny_vit, tiny_data, out, "--epochs", "2", "--set", "log_every_steps=1", "--set",
+                       "ckpt_every_steps=2")
+    with interrupt_after(11):  # logged, after the checkpoint of update 10: the resume cuts it from metrics.jsonl
+        assert main(args) == 130
+
+    def events() -> dict[str, list[tuple[int, float]]]:
+        files = list(out.glob("events.out.tfevents.*"))
+        assert len(files) == 1, files
+        acc = EventAccumulator(str(files[0]), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+        acc.Reload()
+        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+    assert events()["train/loss"][-1][0] == 11
+    assert main(args + ["--resume"]) == 0
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
+        for k, v in r.items():
+            if k not in ("kind", "epoch", "step", "split", "images", "time"):
+                expected.setdefault(f"{r['kind']}/{k}", []).append((r["step"], v))
+    got = events()
+    assert {"train/loss", "train/lr", "train/images_per_s", "eval/top1", "eval/eval_loss"} <= set(got)
+    assert got.keys() == expected.keys() and [s for s, _ in got["train/loss"]] == list(range(1, 17))
+    for tag, points in expected.items():
+        assert [s for s, _ in got[tag]] == [s for s, _ in points], tag
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag
 
 
 # ------------------------------------------------------------------ divergence

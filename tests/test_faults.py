@@ -308,19 +308,11 @@ def test_a_run_that_diverges_on_its_last_update_is_not_done(tmp_path, small_pth,
 def _interrupt_after_update_1(init: Path, data: Path, out: Path) -> list[str]:
     """Train into ``out``, stopped (as by Ctrl-C) right after update 1 and its checkpoint; returns the arguments
     that resume it (more can be appended)."""
-    from hpvit.engine.loop import Trainer
+    from helpers import interrupt_after
 
     args = _train(init, data, out, "--set", "ckpt_every_steps=1", "--set", "log_every_steps=3")
-
-    def stop(trainer, update):
-        if update == 1:
-            raise KeyboardInterrupt
-
-    Trainer.update_hooks.append(stop)
-    try:
+    with interrupt_after(1):
         assert main(args) == 130
-    finally:
-        Trainer.update_hooks.remove(stop)
     assert (out / "checkpoint-last.pt").is_file() and not (out / "results.json").exists()
     return args + ["--resume"]
 

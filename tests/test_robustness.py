@@ -126,7 +126,9 @@ def test_unfinished_run_needs_resume_or_overwrite(tmp_path):
         with pytest.raises(RunDirError, match="in use by another run"):  # same process, second claim
             claim_run_dir(out, resume=True)
     assert not (out / ".hpvit-run.lock").exists()
-    with claim_run_dir(out, overwrite=True):
+    with claim_run_dir(out, overwrite=True) as rd2:
+        assert (out / "checkpoint-last.pt").exists()  # claiming deletes nothing (the new run may still fail its checks)
+        assert rd2.clear_previous_run() == ["checkpoint-last.pt"]  # the run does, once it has started
         assert not (out / "checkpoint-last.pt").exists()
     (tmp_path / "f").write_text("x")
     with pytest.raises(RunDirError, match="is a file, not a folder"):

@@ -207,6 +207,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     add_device_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_overwrite_arg(p, "the run already in --out (finished or not)")
+    p.add_argument("--keep-checkpoint", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep OUT/checkpoint-last.pt (optimizer state, as large as 3x the model) once the run is "
+                        "finished (default); --no-keep-checkpoint deletes it then")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="leave out training images that cannot be decoded and list them in OUT/skipped-images.txt "
                         "(default: such an image is an error naming the file)")
@@ -296,7 +299,8 @@ def run_training(task, recipe, args) -> int:
     check_out_outside_data(task, args.out)  # before the folder is claimed or the model loads
     run_cfg = {k: v for k, v in vars(args).items() if k != "func"}
     Trainer(task, recipe, args.out, resume=args.resume, device=args.device, run_config=run_cfg,
-            overwrite=getattr(args, "overwrite", False), skip_bad_images=getattr(args, "skip_bad_images", False)).run()
+            overwrite=getattr(args, "overwrite", False), skip_bad_images=getattr(args, "skip_bad_images", False),
+            keep_checkpoint=getattr(args, "keep_checkpoint", True)).run()
     return 0
 
 

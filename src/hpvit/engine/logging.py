@@ -35,13 +35,18 @@ def _fmt_time(s: float) -> str:
 
 
 class Progress:
-    """One epoch's progress: a tqdm bar when stderr is a terminal, else a log line every ``every`` steps."""
+    """One epoch's progress: a tqdm bar when stderr is a terminal, else a log line at the first step, every
+    ``every`` steps, at the last step, and whenever ``quiet_s`` seconds passed without one (a slow detection or
+    segmentation step still shows progress from the start)."""
+
+    quiet_s = 30.0
 
     def __init__(self, total: int, desc: str, enabled: bool = True, every: int = 20, initial: int = 0,
                  unit_scale: int = 1, force_plain: bool | None = None, unit: str = "step"):
         self.total, self.desc, self.enabled, self.every = total, desc, enabled, max(every, 1)
         self.n, self.unit_scale = initial, unit_scale
         self.t0, self.n0 = time.time(), initial
+        self.t_line = self.t0
         plain = force_plain if force_plain is not None else not sys.stderr.isatty()
         if os.environ.get("HPVIT_PLAIN_LOG"):
             plain = True
@@ -61,8 +66,11 @@ class Progress:
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
             return
-        if self.n % self.every == 0 or self.n == self.total:
-            dt = time.time() - self.t0
+        now = time.time()
+        if (self.n % self.every == 0 or self.n == self.total or self.n == self.n0 + 1
+                or now - self.t_line >= self.quiet_s):
+            self.t_line = now
+            dt = now - self.t0
             rate = (self.n - self.n0) / dt if dt > 0 else float("nan")
             eta = (self.total - self.n) / rate if rate > 0 else float("inf")
             parts = [f"{self.desc} {self.n}/{self.total}"]
@@ -92,10 +100,12 @@ def _fmt_value(v: Any) -> str:
     return str(v)
 
 
-def recipe_summary(recipe: Any) -> str:
-    """One line naming the recipe and its headline settings (``None`` entries left out)."""
+def recipe_summary(recipe: Any, batch_mixing: bool = True) -> str:
+    """One line naming the recipe and its headline settings: ``None`` entries left out, ``blr`` left out when
+    ``lr`` is set (``lr`` wins), mixup / cutmix left out when the task mixes no batches (``batch_mixing``)."""
     d = recipe.to_dict()
-    keys = [k for k in RECIPE_HEADLINE if d.get(k) is not None]
+    unused = ({"blr"} if d.get("lr") is not None else set()) | (set() if batch_mixing else {"mixup", "cutmix"})
+    keys = [k for k in RECIPE_HEADLINE if d.get(k) is not None and k not in unused]
     return f"recipe {d.get('name', 'custom')}: " + ", ".join(f"{k} {_fmt_value(d[k])}" for k in keys)
 
 
@@ -180,9 +190,19 @@ def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "to
     is drawn with a marker, so a run with a single record still shows it. ``empty_note`` fills the evaluation
     panel when there is no evaluation record; ``units`` (the task's metric_units) names the metric's unit."""
     recs = list(records)
-    tr = [r for r in recs if r.get("kind") == "train"]
-    ev = [r for r in recs if r.get("kind") == "eval"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    _loss_panel(a, [r for r in recs if r.get("kind") == "train"])
+    _eval_panel(b, [r for r in recs if r.get("kind") == "eval"], metric, empty_note,
+                (units or {}).get(metric, "%" if metric in PERCENT_METRICS else ""))
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), force=True)
+    finally:
+        plt.close(fig)
+
+
+def _loss_panel(a, tr: list[dict[str, Any]]) -> None:
+    """The training loss of every logged step; with few points, one tick per step (and each value written)."""
     if tr:
         a.plot([r["step"] for r in tr], [r["loss"] for r in tr], "o-", lw=1, ms=4, label="training loss")
         a.legend()
@@ -201,7 +221,11 @@ def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "to
     a.set_ylabel("training loss")
     a.set_title(f"training loss ({len(tr)} logged point{'s' if len(tr) != 1 else ''})")
     a.grid(alpha=0.3)
-    unit = (units or {}).get(metric, "%" if metric in PERCENT_METRICS else "")
+
+
+def _eval_panel(b, ev: list[dict[str, Any]], metric: str, empty_note: str, unit: str) -> None:
+    """``metric`` (and its EMA) per evaluated epoch, each value written; ``empty_note`` when nothing was evaluated."""
+    pct = unit.startswith("%")
     if ev:
         xs = [r["epoch"] for r in ev]
         b.plot(xs, [r.get(metric, float("nan")) for r in ev], "o-", ms=6, label=metric)
@@ -209,17 +233,11 @@ def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "to
             b.plot(xs, [r.get("ema_" + metric, float("nan")) for r in ev], "s--", ms=6, label="EMA " + metric)
         for x, r in zip(xs, ev):
             if isinstance(r.get(metric), (int, float)):
-                b.annotate(f"{r[metric]:.3g}{'%' if unit.startswith('%') else ''}", (x, r[metric]),
-                           textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+                b.annotate(f"{r[metric]:.3g}{'%' if pct else ''}", (x, r[metric]), textcoords="offset points",
+                           xytext=(0, 6), ha="center", fontsize=8)
         b.set_xticks(sorted(set(xs)))
         b.margins(x=0.1, y=0.15)
-        vals = [r[metric] for r in ev if isinstance(r.get(metric), (int, float))]
-        if vals and max(vals) - min(vals) < (5.0 if unit.startswith("%") else 0.02):  # flat / one point: a readable span
-            mid, half = (max(vals) + min(vals)) / 2, (5.0 if unit.startswith("%") else max(0.02, 0.2 * abs(max(vals))))
-            lo, hi = mid - half, mid + half
-            if unit.startswith("%"):
-                lo, hi = max(lo, -1.0), min(hi, 101.0)
-            b.set_ylim(lo, hi)
+        _readable_span(b, [r[metric] for r in ev if isinstance(r.get(metric), (int, float))], pct)
         b.legend()
     else:
         b.text(0.5, 0.5, empty_note, ha="center", va="center", transform=b.transAxes)
@@ -230,11 +248,16 @@ def plot_curves(records: Iterable[dict[str, Any]], path: Path, metric: str = "to
         b.text(0.5, -0.2, f"{metric}: {unit}", transform=b.transAxes, ha="center", va="top", fontsize=8, wrap=True)
     b.set_title(f"evaluation{' on ' + str(split) if split and split != 'eval' else ''}")
     b.grid(alpha=0.3)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), force=True)
-    finally:
-        plt.close(fig)
+
+
+def _readable_span(b, vals: list[float], pct: bool) -> None:
+    """A flat curve (or a single point) gets a y span wide enough to read, instead of matplotlib's tiny one."""
+    if vals and max(vals) - min(vals) < (5.0 if pct else 0.02):
+        mid, half = (max(vals) + min(vals)) / 2, (5.0 if pct else max(0.02, 0.2 * abs(max(vals))))
+        lo, hi = mid - half, mid + half
+        if pct:
+            lo, hi = max(lo, -1.0), min(hi, 101.0)
+        b.set_ylim(lo, hi)
 
 
 def _short_unit(unit: str) -> str:

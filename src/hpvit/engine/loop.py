@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -21,29 +22,32 @@ from ..data.seeded import ResumableSampler, SeededDataset
 from ..errors import CheckpointError, ConfigError, DataError, HPViTError, RunDirError
 from . import distributed as D
 from .checkpoint import LAST, check_complete, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .rundir import LOCK_NAME, SKIPPED_NAME, claim_run_dir
+from .rundir import EVENTS_GLOB, LOCK_NAME, SKIPPED_NAME, claim_run_dir
 from .ema import ModelEMA
-from .hooks import CheckpointHook, CurvesHook, EMAHook, NaNGuard, UpdateHooks
+from .hooks import CheckpointHook, CurvesHook, EMAHook, NaNGuard, StopHook, UpdateHooks
 from .identity import check_identity, check_out_outside_data, run_identity
+from .interrupt import StopSignals, ignore_sigint
 from .logging import MetricsFile, Progress, finite_json, format_summary, log, recipe_summary
 from .optim import build_optimizer
 from .recipe import Recipe
 from .schedule import LRSchedule, Plan
 from .task import Task
+from .tensorboard import TensorBoardHook
 
 # keys a resumed run may change (what the divergence advice tells the user to change); each change is noted
 ADJUSTABLE_ON_RESUME = ("lr", "blr", "min_lr", "clip_grad", "amp")
 # keys that change neither what is trained nor how: logging, loading, memory, the recipe's name and notes
-FREE_ON_RESUME = ("name", "source", "num_workers", "log_every_steps", "ckpt_every_steps", "grad_checkpointing",
-                  "global_batch_assumed", "dataset_images")
+FREE_ON_RESUME = ("name", "source", "num_workers", "log_every_steps", "ckpt_every_steps", "ckpt_every_minutes",
+                  "grad_checkpointing", "global_batch_assumed", "dataset_images")
 
 
 class DivergenceError(HPViTError):
     """The training loss became NaN or infinite; the last good checkpoint was kept."""
 
 
-RECIPE_FILE = "recipe.json"  # the resolved recipe of the run, written when the run starts
-OWN_START_FILES = (RECIPE_FILE,)  # what a run that fails before training leaves; removed with the folder it created
+RECIPE_FILE = "recipe.json"  # the resolved recipe of the run, written once the run has started (checks passed)
+# what a run that fails at its first step leaves (and TensorBoard's empty event file); removed with the folder it made
+OWN_START_FILES = (RECIPE_FILE,)
 
 
 def usable_cores() -> int:
@@ -82,11 +86,14 @@ def param_digest(model: nn.Module) -> str:
 class Trainer:
     """Fine-tunes ``task``'s model with ``recipe``, writing everything into ``out_dir``.
 
-    Files: ``checkpoint-last.pt`` (atomic; resume point), ``metrics.jsonl``, ``results.json``,
-    ``curves.png``, the task's final model files and, with ``skip_bad_images``, ``skipped-images.txt``.
-    The folder is claimed with :func:`~hpvit.engine.rundir.claim_run_dir` for the whole run (one run per
-    folder; a finished run is replaced only with ``overwrite``). Before the first step every evaluation
-    image is decoded and every training image's header is read (:func:`~hpvit.data.check.check_datasets`).
+    Files: ``checkpoint-last.pt`` (atomic; resume point; deleted at the end unless ``keep_checkpoint``),
+    ``recipe.json``, ``metrics.jsonl``, ``results.json``, ``curves.png``, TensorBoard event files (when
+    tensorboard is installed), the task's final model files and, with ``skip_bad_images``,
+    ``skipped-images.txt``. The folder is claimed with :func:`~hpvit.engine.rundir.claim_run_dir` for the whole
+    run (one run per folder; a finished run is replaced only with ``overwrite``). Before the first step every
+    evaluation image is decoded and every training image's header is read (:func:`~hpvit.data.check.check_datasets`).
+    Nothing in the folder is written or deleted before the run has started: the model is built, the data
+    checked and a resume accepted (:meth:`_begin`). SIGINT / SIGTERM stop it after a resumable checkpoint.
     """
 
     # callables ``hook(trainer, update)`` run on every rank after each optimizer update (and the checkpoint it
@@ -96,11 +103,13 @@ class Trainer:
 
     def __init__(self, task: Task, recipe: Recipe, out_dir: "str | os.PathLike", resume: bool = False,
                  device: str | None = None, run_config: dict[str, Any] | None = None, overwrite: bool = False,
-                 skip_bad_images: bool = False, check_data: bool = True):
+                 skip_bad_images: bool = False, check_data: bool = True, keep_checkpoint: bool = True):
         self.task, self.recipe, self.out = task, recipe, Path(out_dir)
         self.resume, self.device_arg, self.overwrite = resume, device, overwrite
-        self.skip_bad_images, self.check_data = skip_bad_images, check_data
+        self.skip_bad_images, self.check_data, self.keep_checkpoint = skip_bad_images, check_data, keep_checkpoint
         self.run_config = run_config or {}
+        self.skipped: list[tuple[str, str]] = []  # unreadable training images found by the data check
+        self.stop_requested, self.save_due, self.signals = False, False, StopSignals(verbose=False)
 
     # ---------------------------------------------------------------- setup
     def _autocast(self):
@@ -115,7 +124,7 @@ class Trainer:
         return torch.utils.data.DataLoader(
             ds, batch_size=batch_size, sampler=sampler, num_workers=self.workers, drop_last=train,
             collate_fn=self.task.collate_fn(train), pin_memory=self.dist.device.type == "cuda", generator=g,
-            persistent_workers=False,
+            persistent_workers=False, worker_init_fn=ignore_sigint if self.workers else None,
         )
 
     def run(self) -> dict[str, Any]:
@@ -125,7 +134,7 @@ class Trainer:
         created = not self.out.exists()
         ok = False
         try:
-            run_dir = self._claim()
+            run_dir = self.run_dir = self._claim()
             self._announce()
             results = self._run()
             ok = True
@@ -138,19 +147,18 @@ class Trainer:
             D.cleanup(self.dist)
 
     def _announce(self) -> None:
-        """Print the resolved recipe and write it to ``OUT/recipe.json`` before anything else happens."""
+        """Print the resolved recipe before anything else happens (``OUT/recipe.json`` is written by :meth:`_begin`)."""
         if not self.dist.is_main:
             return
-        write_text_atomic(self.out / RECIPE_FILE, json.dumps(self.recipe.to_dict(), indent=2))
         extra = f", {self.workers} loader worker(s)" if self.workers != self.recipe.num_workers else ""
-        log(recipe_summary(self.recipe) + extra + f"; full recipe in {self.out / RECIPE_FILE}")
+        log(recipe_summary(self.recipe, self.task.batch_mixing) + extra)
 
     def _remove_unstarted(self) -> None:
         """A run that failed before writing anything but its start files leaves no folder behind (it made it)."""
         if not self.dist.is_main:
             return
         names = {p.name for p in self.out.iterdir()} if self.out.is_dir() else set()
-        if names <= {LOCK_NAME, *OWN_START_FILES}:
+        if all(n in (LOCK_NAME, *OWN_START_FILES) or fnmatch.fnmatch(n, EVENTS_GLOB) for n in names):
             for n in names - {LOCK_NAME}:
                 (self.out / n).unlink(missing_ok=True)
             with contextlib.suppress(OSError):
@@ -176,14 +184,21 @@ class Trainer:
     def _run(self) -> dict[str, Any]:
         self._set_up()
         self._resume_or_start()
+        self._begin()
         self._log_plan()
-        for h in self.hooks:
-            h.before_train(self)
-        while self.epoch < self.n_epochs:
-            self._train_epoch()
-            self._evaluate_epoch()
+        self.t_saved = time.time()
+        try:
+            with StopSignals(self.dist.is_main) as self.signals:
+                for h in self.hooks:
+                    h.before_train(self)
+                while self.epoch < self.n_epochs:
+                    self._train_epoch()
+                    self._evaluate_epoch()
+                    for h in self.hooks:
+                        h.after_epoch(self)
+        finally:
             for h in self.hooks:
-                h.after_epoch(self)
+                h.close(self)
         return self._finish()
 
     def _set_up(self) -> None:
@@ -212,7 +227,7 @@ class Trainer:
             check_identity(self.ckpt, self.identity, self.out)
         self._build_data()
         self._build_optimizer()
-        self.hooks = [EMAHook(), NaNGuard(), CheckpointHook(), CurvesHook(), UpdateHooks()]
+        self.hooks = [EMAHook(), NaNGuard(), CheckpointHook(), CurvesHook(), UpdateHooks(), TensorBoardHook(), StopHook()]
 
     def _build_model(self) -> None:
         """Identical on every rank (built under the run seed), then per-rank RNG streams."""
@@ -230,8 +245,6 @@ class Trainer:
         r, dist = self.recipe, self.dist
         train_ds, self.eval_ds = self.task.datasets()
         skipped_file = self.out / SKIPPED_NAME
-        if dist.is_main and self.ckpt is None and skipped_file.exists():
-            skipped_file.unlink()  # a new run lists its own skipped images
         bad = self._check_data(train_ds, self.eval_ds, skipped_file) if self.check_data else []
         if self.skip_bad_images:
             train_ds = SkipBadImages(train_ds, skipped_file, exclude=bad)
@@ -259,6 +272,28 @@ class Trainer:
                 model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
         self.metrics = MetricsFile(self.out / "metrics.jsonl", enabled=dist.is_main)
 
+    def _begin(self) -> None:
+        """The run has started (model built, data checked, resume accepted): only now is the folder written.
+        A new run deletes the run it replaces (``overwrite``; results.json last) or what a run that failed before
+        its first checkpoint left; a resumed run cuts metrics.jsonl back to its checkpoint. Then ``recipe.json``
+        and the list of training images the data check left out."""
+        if not self.dist.is_main:
+            return
+        skipped_file = self.out / SKIPPED_NAME
+        if self.ckpt is None:
+            if self.overwrite:
+                self.run_dir.clear_previous_run()
+            self.metrics.reset()
+            for p in [skipped_file, *self.out.glob(EVENTS_GLOB)]:
+                p.unlink(missing_ok=True)  # a new run lists its own skipped images and curves
+        else:
+            self.metrics.truncate_after(self.gstep)
+        write_text_atomic(self.out / RECIPE_FILE, json.dumps(self.recipe.to_dict(), indent=2))
+        if self.skipped:
+            write_skipped(skipped_file, self.skipped)
+            log(f"--skip-bad-images: {len(self.skipped)} unreadable training image(s) left out, listed in "
+                f"{skipped_file}", True)
+
     def _resume_or_start(self) -> None:
         """The loop state: zero for a new run, the checkpoint's (every state dict, RNG, loss window) on resume."""
         self.epoch, self.step_in_epoch, self.gstep = 0, 0, 0
@@ -268,7 +303,6 @@ class Trainer:
         self.prog: "Progress | None" = None
         ckpt, main = self.ckpt, self.dist.is_main
         if ckpt is None:
-            self.metrics.reset()
             self.last_eval: dict[str, Any] = {}
             return
         self.model.load_state_dict(ckpt["model"])
@@ -289,7 +323,6 @@ class Trainer:
         set_rng_state(ckpt["rng"][rank])
         windows = ckpt.get("loss_window") or []  # the logging window the checkpoint cut (older files: none)
         self.loss_acc, self.n_acc = windows[rank] if rank < len(windows) else (0.0, 0)
-        self.metrics.truncate_after(self.gstep)
         self.last_eval = self.history[-1] if self.history else {}
         log(f"resumed from {self.ckpt_path} at epoch {self.epoch}, step {self.step_in_epoch}/{self.steps_per_epoch} "
             f"(update {self.gstep})", main)
@@ -312,7 +345,8 @@ class Trainer:
             + f"; per-process batch {r.batch_size} x accum {r.accum_steps}, global batch {self.global_batch}; lr "
             f"{self.lr:.3g} (layer decay {r.layer_decay}, {r.schedule} schedule); {self.steps_per_epoch} steps/epoch x "
             f"{self.n_epochs} epochs" + (f" ({r.iterations} iterations rounded up to whole epochs: "
-                                          f"{self.plan.total_steps} updates)" if r.iterations else ""),
+                                          f"{self.plan.total_steps} updates)" if r.iterations else "")
+            + f"; full recipe in {self.out / RECIPE_FILE}",
             dist.is_main,
         )
 
@@ -368,24 +402,56 @@ class Trainer:
         self.step_in_epoch += 1
         self.images_seen += self.global_batch
         self.train_time += time.time() - t0
-        self.prog.update(loss=step_loss, lr=self.cur_lr)
-        self._log_loss(step_loss)
+        self.prog.update(loss=self._log_loss(step_loss), lr=self.cur_lr)
+        self._poll()
 
-    def _log_loss(self, step_loss: float) -> None:
-        """Average the loss over ``log_every_steps`` updates (and the epoch's end) into metrics.jsonl."""
+    def _log_loss(self, step_loss: float) -> float:
+        """Average the loss over ``log_every_steps`` updates (and the epoch's end) into metrics.jsonl. Returns the
+        loss the console shows: the mean over the logging window so far, which at a logged step is the value
+        metrics.jsonl records (averaged over the processes)."""
         r = self.recipe
         self.loss_acc += step_loss
         self.n_acc += 1
+        shown = self.loss_acc / self.n_acc
         if self.n_acc >= r.log_every_steps or self.step_in_epoch == self.steps_per_epoch:
-            avg = D.all_reduce_sum(torch.tensor([self.loss_acc / self.n_acc]), self.dist).item() / self.dist.world_size
-            self.metrics.write({"kind": "train", "epoch": self.epoch + 1, "step": self.gstep, "loss": avg,
-                                "lr": self.cur_lr, "images_per_s": self.images_seen / max(self.train_time, 1e-9)})
+            shown = D.all_reduce_sum(torch.tensor([shown]), self.dist).item() / self.dist.world_size
+            self.record({"kind": "train", "epoch": self.epoch + 1, "step": self.gstep, "loss": shown,
+                         "lr": self.cur_lr, "images_per_s": self.images_seen / max(self.train_time, 1e-9)})
             self.loss_acc, self.n_acc = 0.0, 0
+        return shown
+
+    def record(self, rec: dict[str, Any]) -> None:
+        """Append ``rec`` (stamped with the time) to metrics.jsonl and hand it to the hooks (TensorBoard)."""
+        rec["time"] = round(time.time(), 3)
+        self.metrics.write(rec)
+        if self.dist.is_main:
+            for h in self.hooks:
+                h.after_record(self, rec)
+
+    def _agree(self, *flags: bool) -> list[bool]:
+        """Each flag, true on every process when it is true on any (one all-reduce): the ranks decide together."""
+        t = torch.tensor([float(f) for f in flags], device=self.dist.device)  # NCCL reduces only GPU tensors
+        return [v > 0 for v in D.all_reduce_sum(t, self.dist).tolist()]
+
+    def poll_stop(self) -> bool:
+        """Whether any process got SIGINT / SIGTERM (the same answer on every rank: they stop together)."""
+        self.stop_requested = self._agree(self.signals.requested is not None)[0]
+        return self.stop_requested
+
+    def _poll(self) -> None:
+        """After every update, the same decisions on every rank: stop, and whether the update gets a checkpoint
+        (:meth:`checkpoint_due`); the main process's clock decides ``ckpt_every_minutes``."""
+        r, minutes = self.recipe, self.recipe.ckpt_every_minutes
+        timed = self.dist.is_main and bool(minutes) and time.time() - self.t_saved >= 60 * minutes
+        self.stop_requested, timed = self._agree(self.signals.requested is not None, timed)
+        every = r.ckpt_every_steps
+        self.save_due = self.step_in_epoch < self.steps_per_epoch and (
+            self.stop_requested or timed or (bool(every) and self.gstep % every == 0))
 
     def checkpoint_due(self) -> bool:
-        """Whether the update just made is one of ``ckpt_every_steps`` inside an epoch (its end always is)."""
-        every = self.recipe.ckpt_every_steps
-        return bool(every) and self.gstep % every == 0 and self.step_in_epoch < self.steps_per_epoch
+        """Whether the update just made gets a checkpoint inside its epoch (the epoch's end always does): every
+        ``ckpt_every_steps`` updates, ``ckpt_every_minutes`` after the last checkpoint, or to stop on a signal."""
+        return self.save_due
 
     def _evaluate_epoch(self) -> None:
         """Score the model (and its EMA) on the evaluation split after every ``eval_every_epochs`` and the last."""
@@ -400,7 +466,7 @@ class Trainer:
                         self.evaluate(self.ema.module, ev, f"epoch {epoch}/{n}: evaluating EMA").items()})
         self.history.append(rec)
         self.last_eval = rec
-        self.metrics.write(rec)
+        self.record(rec)
         log(format_summary(epoch, n, rec, self._summary_keys(), self._units(), self.epoch_time,
                            time.time() - t_eval, self.out / "metrics.jsonl"), self.dist.is_main)
 
@@ -425,6 +491,7 @@ class Trainer:
         if self.dist.is_main:
             save_checkpoint(self.ckpt_path, st)
         D.barrier(self.dist)
+        self.t_saved = time.time()
 
     def _finish(self) -> dict[str, Any]:
         """Verify (finite weights, ranks in sync), then write the model files, results.json and the final curves."""
@@ -446,14 +513,25 @@ class Trainer:
             pct = "%" if self._units().get(self.task.primary_metric, "").startswith("%") else ""
             log("done: " + (f"{self.task.primary_metric} {results[self.task.primary_metric]:.4g}{pct}, " if score else "")
                 + f"wall {results['wall_time_s']:.0f}s, {results['images_per_s']:.1f} img/s; results in "
-                f"{self.out / 'results.json'}", True)
+                f"{self.out / 'results.json'}; " + self._settle_checkpoint(), True)
         D.barrier(dist)
         return results
+
+    def _settle_checkpoint(self) -> str:
+        """Keep or delete the finished run's checkpoint-last.pt (``keep_checkpoint``); says which, and its size."""
+        if not self.ckpt_path.is_file():
+            return f"no {self.ckpt_path.name}"
+        mb = self.ckpt_path.stat().st_size / 2**20
+        if not self.keep_checkpoint:
+            self.ckpt_path.unlink()
+            return f"{self.ckpt_path.name} ({mb:.0f} MB) deleted (--no-keep-checkpoint)"
+        return (f"{self.ckpt_path.name} ({mb:.0f} MB: optimizer state, not needed to use the model) kept; delete it "
+                "or pass --no-keep-checkpoint")
 
     def _results(self, digests: list[str], in_sync: bool, files) -> dict[str, Any]:
         r, ev = self.recipe, self.eval_ds
         return {
-            **{k: v for k, v in self.last_eval.items() if k not in ("kind", "step", "split", "images")},
+            **{k: v for k, v in self.last_eval.items() if k not in ("kind", "step", "split", "images", "time")},
             "eval_split": self._split_name() if ev is not None else None,
             "metric_units": self._units(),
             "epochs": self.n_epochs,
@@ -500,7 +578,7 @@ class Trainer:
     def _check_data(self, train_ds, eval_ds, skipped_file: Path) -> list[int]:
         """Before the first step: decode every evaluation sample and open every training image's header (main
         process; every process raises the same :class:`DataError` naming the files on failure). Returns the
-        training indices to leave out (only with ``skip_bad_images``; they are listed in ``skipped_file``)."""
+        training indices to leave out (only with ``skip_bad_images``; :meth:`_begin` lists them in ``skipped_file``)."""
         result: tuple[str, Any] = ("ok", [])
         if self.dist.is_main:
             try:
@@ -527,8 +605,7 @@ class Trainer:
             hint = "Fix or remove these files" + ("" if fatal else ", or pass --skip-bad-images to train without "
                                                   f"them (they are then listed in {skipped_file})")
             raise DataError(describe_bad(fatal or bad, "training", len(train_ds), hint))
-        write_skipped(skipped_file, [(b.path, b.message) for b in bad])
-        log(f"--skip-bad-images: {len(bad)} unreadable training image(s) left out, listed in {skipped_file}", True)
+        self.skipped = [(b.path, b.message) for b in bad]  # listed in skipped_file once the run starts
         return [b.index for b in bad]
 
     def _check_resume(self, ckpt: dict[str, Any]) -> None:
@@ -604,7 +681,8 @@ def evaluate(evaluator, model: nn.Module, eval_ds, batch_size: int, num_workers:
     sampler = ResumableSampler(len(eval_ds), dist.rank, dist.world_size, shuffle=False, pad=False)
     loader = torch.utils.data.DataLoader(
         eval_ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
-        pin_memory=dist.device.type == "cuda", generator=torch.Generator().manual_seed(0))
+        pin_memory=dist.device.type == "cuda", generator=torch.Generator().manual_seed(0),
+        worker_init_fn=ignore_sigint if num_workers else None)
     prepare = prepare or (lambda b, dev: [t.to(dev, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in b])
     was = model.training
     model.eval()

@@ -122,6 +122,7 @@ class Recipe(DictIO):
     seed: int = 0
     eval_every_epochs: int = 1
     ckpt_every_steps: int = 0  # 0: only at the end of each epoch
+    ckpt_every_minutes: float = 10.0  # also a checkpoint this long after the last one (0: off); SIGINT saves one too
     log_every_steps: int = 20
     deterministic: bool = False
 
@@ -185,6 +186,7 @@ class Recipe(DictIO):
         need(self.rcnn is None or isinstance(self.rcnn, dict),
              f"rcnn must be an object of Mask R-CNN settings or null, got {self.rcnn!r}")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        need(self.ckpt_every_minutes >= 0, f"ckpt_every_minutes must be >= 0 (0: off), got {self.ckpt_every_minutes}")
         for k in ("max_train_samples", "max_eval_samples"):
             v = getattr(self, k)
             need(v is None or v >= 1, f"{k} must be >= 1, got {v}")

@@ -14,7 +14,9 @@ lock file left by a dead run is detected as stale and taken over with a note, (3
 * a finished run (``results.json`` present) is never replaced unless ``overwrite`` -- whether or not
   its ``checkpoint-last.pt`` still exists; ``resume`` on it is refused too (nothing left to run);
 * an unfinished run (``checkpoint-last.pt`` present) needs ``resume`` (continue) or ``overwrite``;
-* ``overwrite`` deletes the previous run's engine files first, so nothing of it survives;
+* ``overwrite`` only allows replacing: claiming deletes nothing. The command deletes the previous run
+  (:meth:`RunDir.clear_previous_run`) once its new run has really started (model built, data checked,
+  resume accepted), so a run that fails its checks leaves the old one whole;
 
 and (4) deletes hpvit temp files (``.*.hpvit-tmp``) that killed writers left in the folder.
 """
@@ -30,7 +32,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..utils import clean_stale_temps, write_error
 from ..errors import ConfigError, RunDirError
@@ -40,8 +42,9 @@ LOCK_NAME = ".hpvit-run.lock"
 RESULTS_NAME = "results.json"
 CHECKPOINT_NAME = "checkpoint-last.pt"
 SKIPPED_NAME = "skipped-images.txt"
-# what the engine writes into a run folder; deleted by --overwrite before the new run starts
-RUN_FILES = (CHECKPOINT_NAME, RESULTS_NAME, "metrics.jsonl", "curves.png", SKIPPED_NAME)
+# what the engine writes into a run folder; deleted by --overwrite when the new run starts (results.json last)
+RUN_FILES = (CHECKPOINT_NAME, "metrics.jsonl", "curves.png", SKIPPED_NAME, RESULTS_NAME)
+EVENTS_GLOB = "events.out.tfevents.*"  # TensorBoard event files (engine/tensorboard.py), rebuilt from metrics.jsonl
 
 try:  # POSIX; elsewhere the lock falls back to the pid written in the lock file
     import fcntl
@@ -57,6 +60,15 @@ class RunDir:
     lock_path: Path
     fd: int | None
     notes: list[str] = field(default_factory=list)
+
+    def clear_previous_run(self, verbose: bool = True) -> list[str]:
+        """Delete the previous run in the folder (``--overwrite``, once the new run has started): first the model
+        files its results.json lists, then the engine's files, results.json last, so that at no moment is a model
+        left without the record that marks the folder as a finished run. Returns the names deleted (logged)."""
+        gone = [p.name for p in _previous_run_files(self.path) if _unlink(p)]
+        if gone:
+            log(f"--overwrite: deleted the previous run's {', '.join(gone)} in {self.path}", verbose)
+        return gone
 
     def release(self) -> None:
         """Drop the lock and delete the lock file (only if it is still ours)."""
@@ -193,29 +205,36 @@ def check_run_policy(out: Path, resume: bool, overwrite: bool) -> None:
                           "--overwrite to start it over, or choose another --out")
 
 
-def _clear_previous(out: Path, names: Iterable[str], notes: list[str]) -> None:
-    gone = []
-    for name in names:
-        p = out / name
-        if p.is_file():
-            try:
-                p.unlink()
-            except OSError as e:
-                raise write_error(p, e) from e
-            gone.append(name)
-    if gone:
-        notes.append(f"--overwrite: deleted the previous run's {', '.join(gone)} in {out}")
+def _previous_run_files(out: Path) -> list[Path]:
+    """The files of the run in ``out``, in the order they are deleted: its model files (named in results.json),
+    its TensorBoard event files, then :data:`RUN_FILES` (results.json last)."""
+    try:
+        listed = json.loads((out / RESULTS_NAME).read_text()).get("model_files") or []
+    except (OSError, ValueError, AttributeError):
+        listed = []
+    models = [out / Path(str(f)).name for f in listed if isinstance(f, str)]
+    return [p for p in [*models, *sorted(out.glob(EVENTS_GLOB)), *(out / n for n in RUN_FILES)] if p.is_file()]
+
+
+def _unlink(p: Path) -> bool:
+    try:
+        p.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise write_error(p, e) from e
+    return True
 
 
 def claim_run_dir(out: "str | os.PathLike", *, resume: bool = False, overwrite: bool = False,
-                  run_files: Iterable[str] = RUN_FILES, verbose: bool = True) -> RunDir:
+                  verbose: bool = True) -> RunDir:
     """Create and lock the run folder ``out`` and apply the overwrite policy (see the module docstring).
 
     Returns a :class:`RunDir` (a context manager; the lock is held until ``release()``). Raises
     :class:`~hpvit.errors.RunDirError` when another live run holds the folder or when it holds a run that
     ``resume`` / ``overwrite`` do not allow replacing, :class:`~hpvit.errors.OutputError` when the folder
     cannot be written, :class:`~hpvit.errors.ConfigError` for ``resume`` together with ``overwrite``.
-    Notes (stale lock taken over, temp files removed, previous run deleted) are logged when ``verbose``.
+    Notes (stale lock taken over, temp files removed) are logged when ``verbose``.
     """
     path = Path(out)
     if path.exists() and not path.is_dir():
@@ -229,8 +248,6 @@ def claim_run_dir(out: "str | os.PathLike", *, resume: bool = False, overwrite: 
     run = RunDir(path, lock_path, fd, notes)
     try:
         check_run_policy(path, resume, overwrite)
-        if overwrite:
-            _clear_previous(path, run_files, notes)
         removed = clean_stale_temps(path)
         if removed:
             notes.append(f"removed {len(removed)} temp file(s) left by an interrupted write: "

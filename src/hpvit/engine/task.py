@@ -21,6 +21,8 @@ class Task:
 
     name: str = "task"
     primary_metric: str = "top1"
+    # whether prepare_batch mixes images (mixup / cutmix): the recipe line names those keys only then
+    batch_mixing: bool = False
 
     # ---------------------------------------------------------------- required
     def build_model(self) -> nn.Module:

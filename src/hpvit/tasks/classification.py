@@ -42,6 +42,7 @@ def gflops_per_image(model: nn.Module, img_size: int, in_chans: int = 3) -> floa
 class ClassificationTask(Task):
     name = "cls"
     primary_metric = "top1"
+    batch_mixing = True
     summary_metrics = ("top1", "top5", "eval_loss")  # the per-epoch log line; metrics.jsonl has every metric
     metric_units = METRIC_UNITS
 

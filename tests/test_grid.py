@@ -245,3 +245,64 @@ def test_grid_models_export_to_onnx_and_match_pytorch(preset, tmp_path):
         model.as_backbone()
     path = export_onnx(model.eval(), tmp_path / "m.onnx", img_size=SIDE, pyramid=preset == "grid-det")
     assert compare_onnx(model, path, _images(1), pyramid=preset == "grid-det") <= 1e-4
+    if preset == "grid-cls":  # the exported classifier (one phase at 1/4 and 1/8) against every phase computed
+        from hpvit.export import run_onnx
+
+        with torch.no_grad():
+            want = _full_logits(model, _images(1))
+        torch.testing.assert_close(run_onnx(path, _images(1))[0], want, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------- issue 27: classification sees one phase
+def _full_logits(model, x: torch.Tensor) -> torch.Tensor:
+    """Today's full computation: every phase of every stage (forward_intermediates runs them all), then the head."""
+    return model.forward_head(model.forward_intermediates(x)[0])
+
+
+@pytest.mark.parametrize("side", [64, 72, 68])  # whole phases; phases of unequal size (the kept one whole); not whole
+def test_classification_logits_equal_the_full_computation(side):
+    """model(x) of grid-cls runs the 1/4 and 1/8 stages on the one phase its logits see; the logits are those
+    of the full computation, with trained (random) phase-grid biases, in eval and in training mode (drop path
+    drawn alike), on the fast runner and on the graph-capture calls."""
+    model = hpvit.from_plain(hpvit.load_plain(_vit().state_dict()), config="grid-cls", drop_path_rate=0.3)
+    randomize_new_params(model, scale=0.5)
+    x = _images(2, side)
+    with torch.no_grad():
+        for mode in ("eval", "train"):
+            getattr(model, mode)()
+            torch.manual_seed(3)
+            want = _full_logits(model, x)
+            torch.manual_seed(3)
+            torch.testing.assert_close(model(x), want, atol=1e-6, rtol=0)
+            if side != 68:  # graph capture needs whole phases
+                model.force_plain_calls = True
+                torch.manual_seed(3)
+                torch.testing.assert_close(model(x), want, atol=1e-6, rtol=0)
+                model.force_plain_calls = False
+        assert (want - model.eval()(_images(2, side).flip(-1))).abs().max() > 1e-3  # the logits see the image
+
+
+@pytest.mark.parametrize("option", [dict(prefix_merge="mean"), dict(pools=("subconv",) * 3)])
+def test_mixing_options_that_let_other_phases_reach_the_logits_compute_every_phase(option):
+    """With averaged class-token copies or trained pool convs the other phases do reach the logits: model(x)
+    must then equal the full computation too (running one phase would not)."""
+    model = hpvit.from_plain(hpvit.load_plain(_vit().state_dict()), config="grid-cls", **option).eval()
+    randomize_new_params(model, scale=0.5)
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _full_logits(model, x), atol=1e-6, rtol=0)
+
+
+def test_grid_cls_logits_cost_grid_lite_cls_flops_and_the_pyramid_every_phase():
+    """FLOPs (torch.utils.flop_counter, deterministic) of model(x): grid-cls <= 1.1x grid-lite-cls (before
+    issue 27: 3.0x on this 12-block model, 4x ViT-B's at ViT-B scale); forward_pyramid still computes
+    all 16 phases at 1/4 and 4 at 1/8."""
+    from hpvit.utils import count_flops
+
+    m = random_timm_vit(0, img_size=64, num_classes=7, depth=12, embed_dim=128, num_heads=2)
+    x = _images(1)
+    grid, lite = (hpvit.from_plain(hpvit.load_plain(m.state_dict()), config=c).eval() for c in ("grid-cls", "grid-lite-cls"))
+    f_grid, f_lite = count_flops(grid, x), count_flops(lite, x)
+    assert f_grid <= 1.1 * f_lite, (f_grid, f_lite)
+    f_pyramid = count_flops(lambda: grid.forward_pyramid(x))
+    assert f_pyramid > 2 * f_grid, (f_pyramid, f_grid)

@@ -2,7 +2,7 @@
 
 Module names mirror timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
 ``norm_pre``, ``blocks.{i}``, ``norm``, ``fc_norm``, ``head``), so every pre-trained tensor keeps its
-name. The only new tensors are ``blocks.{i}.downsample.conv.*`` (the pooling layer that starts a
+name. The only new tensors are ``blocks.{i}.downsample.conv.*`` / ``.gate`` (the pooling layer that starts a
 stage lives in the first block of that stage), ``blocks.{i}.attn.rel_pos_table`` and, when the class
 count changes, ``head.*``.
 """
@@ -241,10 +241,10 @@ class HierarchicalViT(nn.Module):
 
     @staticmethod
     def _make_pool(cfg: HPViTConfig, k: int, d: int) -> Downsample:
-        kind = cfg.pools[k]
-        if cfg.reparameterized and kind in ("avgconv", "subconv"):
-            kind = "conv"
-        return Downsample(kind, d, cfg.pool_conv, cfg.pool_padding, tap=(cfg.sub_phase >> k) & 1)
+        kind, conv = cfg.pools[k], cfg.pool_conv
+        if cfg.reparameterized and kind in ("avgconv", "subconv", "subgconv", "subavg"):
+            kind, conv = "conv", "depthwise" if kind == "subavg" else conv  # a merged subavg is depthwise
+        return Downsample(kind, d, conv, cfg.pool_padding, tap=(cfg.sub_phase >> k) & 1)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -572,8 +572,8 @@ class HierarchicalViT(nn.Module):
         return xp, pre
 
     # ------------------------------------------------------------------ classification on the phase it sees
-    def _pool_into(self, s: int) -> Downsample:
-        """The pooling layer into stage ``s >= 1``."""
+    def stage_pool(self, s: int) -> Downsample:
+        """The pooling layer into stage ``s >= 1`` (``blocks.{first}.downsample`` or ``empty_stages.{s}.downsample``)."""
         if self.layout.depths[s] == 0:
             return self.empty_stages[str(s)].downsample
         return self.blocks[sum(self.layout.depths[:s])].downsample
@@ -592,7 +592,7 @@ class HierarchicalViT(nn.Module):
         n = sum(d > 1 for d in self.dilations)
         if r == 1 or n == self.layout.num_stages or self.head_type == "none" or _is_fx_tracing():
             return 0, 0
-        pools = [self._pool_into(s) for s in range(1, n + 1)]
+        pools = [self.stage_pool(s) for s in range(1, n + 1)]
         if any(p is None or p.kind != "sub" for p in pools):
             return 0, 0
         if self.join and self.layout.stage_of[self.join_block] < n and self.config.prefix_merge != "keep":
@@ -772,8 +772,8 @@ class HierarchicalViT(nn.Module):
 
     @torch.jit.ignore
     def new_parameter_names(self) -> list[str]:
-        """Parameters the transform adds to the plain ViT (pooling convs, relative-position tables), which
-        start from zero; the optimizer may give them their own lr (recipe ``new_param_lr_scale``)."""
+        """Parameters the transform adds to the plain ViT (pooling convs and gates, relative-position tables),
+        which start from zero (the gated conv of ``subgconv`` behind its zero gate); the optimizer may give them their own lr (recipe ``new_param_lr_scale``)."""
         return [n for n, _ in self.named_parameters()
                 if n.endswith("rel_pos_table") or ".downsample." in n or n.startswith("empty_stages.")]
 

@@ -48,11 +48,14 @@ def _images(b: int = 2, side: int = SIDE) -> torch.Tensor:
     return torch.randn(b, 3, side, side, generator=torch.Generator().manual_seed(5))
 
 
-@pytest.mark.parametrize("preset", ["grid-cls", "grid-fast-cls", "grid-lite-cls", "grid-seg"])
-def test_the_1_16_stage_is_timms_plain_vit_on_the_shifted_image(preset):
+@pytest.mark.parametrize("preset,pool", [("grid-cls", "sub"), ("grid-fast-cls", "sub"), ("grid-lite-cls", "sub"),
+                                         ("grid-seg", "sub"), ("grid-cls", "subavg"), ("grid-cls", "subgconv"),
+                                         ("grid-seg", "subavg"), ("grid-seg", "subgconv")])
+def test_the_1_16_stage_is_timms_plain_vit_on_the_shifted_image(preset, pool):
+    """Also with the mixing options of issue 27 (gated pools, exact at initialisation)."""
     cls = preset != "grid-seg"
     m = _vit(class_token=cls)
-    model = hpvit.from_plain(hpvit.load_plain(m.state_dict()), config=preset).eval()
+    model = hpvit.from_plain(hpvit.load_plain(m.state_dict()), config=preset, pools=(pool,) * 3).eval()
     end = model.layout.stage_ends[2] + 1  # blocks up to the end of the 1/16 stage
     x = _images()
     with torch.no_grad():
@@ -187,8 +190,11 @@ def test_subconv_pool_starts_as_a_subsample_and_merges_exactly(conv, padding, ta
         torch.testing.assert_close(pool(x), before, atol=1e-5, rtol=1e-5)
 
 
-def test_reparameterized_grid_model_saves_and_loads(tmp_path):
-    model = hpvit.from_plain(hpvit.load_plain(_vit().state_dict()), config="grid-cls", pools=("subconv",) * 3)
+@pytest.mark.parametrize("pool,conv", [("subconv", "depthwise"), ("subavg", "full"), ("subgconv", "full")])
+def test_reparameterized_grid_model_saves_and_loads(tmp_path, pool, conv):
+    """subavg merges into a depthwise conv whatever pool_conv says; the loaded file must build that shape."""
+    model = hpvit.from_plain(hpvit.load_plain(_vit().state_dict()), config="grid-cls", pools=(pool,) * 3,
+                             pool_conv=conv)
     randomize_new_params(model)
     x = _images()
     with torch.no_grad():
@@ -238,10 +244,138 @@ def test_grid_models_export_to_onnx_and_match_pytorch(preset, tmp_path):
     pytest.importorskip("onnxruntime", reason="ONNX export checks need onnxruntime: pip install -e \".[export]\"")
     pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript: pip install -e \".[export]\"")
     from hpvit.export import compare_onnx, export_onnx
+    from hpvit.layers.attention import _grid_position_index
 
+    _grid_position_index.cache_clear()  # the export is the first use: nothing it traces may stay in the cache
     model = hpvit.from_plain(hpvit.load_plain(_vit().state_dict()), config=preset)
     randomize_new_params(model)
     if preset == "grid-det":
         model.as_backbone()
     path = export_onnx(model.eval(), tmp_path / "m.onnx", img_size=SIDE, pyramid=preset == "grid-det")
     assert compare_onnx(model, path, _images(1), pyramid=preset == "grid-det") <= 1e-4
+    if preset == "grid-cls":  # the exported classifier (one phase at 1/4 and 1/8) against every phase computed
+        from hpvit.export import run_onnx
+
+        with torch.no_grad():
+            want = _full_logits(model, _images(1))
+        torch.testing.assert_close(run_onnx(path, _images(1))[0], want, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------- issue 27: classification sees one phase
+def _full_logits(model, x: torch.Tensor) -> torch.Tensor:
+    """Today's full computation: every phase of every stage (forward_intermediates runs them all), then the head."""
+    return model.forward_head(model.forward_intermediates(x)[0])
+
+
+@pytest.mark.parametrize("side", [64, 72, 68])  # whole phases; phases of unequal size (the kept one whole); not whole
+def test_classification_logits_equal_the_full_computation(side):
+    """model(x) of grid-cls runs the 1/4 and 1/8 stages on the one phase its logits see; the logits are those
+    of the full computation, with trained (random) phase-grid biases, in eval and in training mode (drop path
+    drawn alike), on the fast runner and on the graph-capture calls."""
+    model = hpvit.from_plain(hpvit.load_plain(_vit().state_dict()), config="grid-cls", drop_path_rate=0.3)
+    randomize_new_params(model, scale=0.5)
+    x = _images(2, side)
+    with torch.no_grad():
+        for mode in ("eval", "train"):
+            getattr(model, mode)()
+            torch.manual_seed(3)
+            want = _full_logits(model, x)
+            torch.manual_seed(3)
+            torch.testing.assert_close(model(x), want, atol=1e-6, rtol=0)
+            if side != 68:  # graph capture needs whole phases
+                model.force_plain_calls = True
+                torch.manual_seed(3)
+                torch.testing.assert_close(model(x), want, atol=1e-6, rtol=0)
+                model.force_plain_calls = False
+        assert (want - model.eval()(_images(2, side).flip(-1))).abs().max() > 1e-3  # the logits see the image
+
+
+@pytest.mark.parametrize("option", [dict(prefix_merge="mean"), dict(pools=("subconv",) * 3)])
+def test_mixing_options_that_let_other_phases_reach_the_logits_compute_every_phase(option):
+    """With averaged class-token copies or trained pool convs the other phases do reach the logits: model(x)
+    must then equal the full computation too (running one phase would not)."""
+    model = hpvit.from_plain(hpvit.load_plain(_vit().state_dict()), config="grid-cls", **option).eval()
+    randomize_new_params(model, scale=0.5)
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _full_logits(model, x), atol=1e-6, rtol=0)
+
+
+def test_grid_cls_logits_cost_grid_lite_cls_flops_and_the_pyramid_every_phase():
+    """FLOPs (torch.utils.flop_counter, deterministic) of model(x): grid-cls <= 1.1x grid-lite-cls (before
+    issue 27: 3.0x on this 12-block model, 4x ViT-B's at ViT-B scale); forward_pyramid still computes
+    all 16 phases at 1/4 and 4 at 1/8."""
+    from hpvit.utils import count_flops
+
+    m = random_timm_vit(0, img_size=64, num_classes=7, depth=12, embed_dim=128, num_heads=2)
+    x = _images(1)
+    grid, lite = (hpvit.from_plain(hpvit.load_plain(m.state_dict()), config=c).eval() for c in ("grid-cls", "grid-lite-cls"))
+    f_grid, f_lite = count_flops(grid, x), count_flops(lite, x)
+    assert f_grid <= 1.1 * f_lite, (f_grid, f_lite)
+    f_pyramid = count_flops(lambda: grid.forward_pyramid(x))
+    assert f_pyramid > 2 * f_grid, (f_pyramid, f_grid)
+
+
+# ---------------------------------------------------------------------- issue 27: gated mixing across phases
+def _padded(x: torch.Tensor, padding: str) -> torch.Tensor:
+    """The NCHW view of a channels-last map ``x`` with the 1-pixel border the 3x3/2 pools read."""
+    return F.pad(x.permute(0, 3, 1, 2), (1, 1, 1, 1), mode="replicate" if padding == "replicate" else "constant")
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("kind,conv", [("subavg", "depthwise"), ("subgconv", "depthwise"), ("subgconv", "full")])
+@pytest.mark.parametrize("padding", ["zeros", "replicate"])
+@pytest.mark.parametrize("tap", [0, 1])
+def test_gated_pools_start_as_the_subsample_and_merge_exactly(kind, conv, padding, tap):
+    """subavg = sub + g * (avg - sub), subgconv = sub + g * conv: exactly the subsample with the zero gate; with
+    a trained gate (and conv) equal to the formula written out with torch's own avg_pool2d / conv2d on the padded
+    map; reparameterize() folds it into one 3x3/2 conv with the same output."""
+    x = torch.randn(2, 7, 9, 6)  # odd sides: the tap-1 subsample reads the padding
+    pool = Downsample(kind, 6, conv, padding, tap=tap)
+    sub = Downsample("sub", 6, padding=padding, tap=tap)(x)
+    torch.testing.assert_close(pool(x), sub, atol=0, rtol=0)
+    y = _padded(x, padding)
+    with torch.no_grad():
+        pool.gate.copy_(torch.linspace(-0.5, 1.5, 6))
+        if kind == "subavg":
+            branch = F.avg_pool2d(y, 3, 2).permute(0, 2, 3, 1) - sub
+        else:
+            torch.testing.assert_close(F.conv2d(y, pool.conv.weight, stride=2, groups=6 if conv == "depthwise" else 1),
+                                       (F.avg_pool2d(y, 3, 2).permute(0, 2, 3, 1) - sub).permute(0, 3, 1, 2),
+                                       atol=1e-6, rtol=0)  # the conv starts at the avg - sub kernel
+            pool.conv.weight.add_(0.3 * torch.randn_like(pool.conv.weight))
+            pool.conv.bias.normal_()
+            branch = F.conv2d(y, pool.conv.weight, pool.conv.bias, stride=2,
+                              groups=6 if conv == "depthwise" else 1).permute(0, 2, 3, 1)
+        want = sub + pool.gate * branch
+        torch.testing.assert_close(pool(x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.jit.trace(pool, x)(x), want, atol=1e-5, rtol=1e-5)  # the graph-capture path
+        pool.reparameterize()
+        assert pool.kind == "conv" and pool.gate is None and "gate" not in pool.state_dict()
+        torch.testing.assert_close(pool(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_json_config_selects_the_gated_pools_and_gate_report_reads_them(tmp_path):
+    """A JSON config (experiments/configs style) selects subavg; the fresh model's logits are grid-cls's exactly;
+    gate_report gives each pool's mean / max |g| per stage (0 at the start, what was set after)."""
+    import json
+
+    from hpvit.analysis import gate_report
+
+    path = tmp_path / "grid-cls-subavg.json"
+    path.write_text(json.dumps(dict(name="grid-cls-subavg", attention="phase", pos_embed_sampling="phase",
+                                    window_sizes=[None] * 4, class_token="auto", head="auto", sub_phase=1,
+                                    pools=["subavg", "sub", "subgconv"])))
+    sd = hpvit.load_plain(_vit().state_dict())
+    model, plain = hpvit.from_plain(sd, config=str(path)).eval(), hpvit.from_plain(sd, config="grid-cls").eval()
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), atol=1e-6, rtol=0)
+        assert [(r["stage"], r["kind"], r["mean_abs"]) for r in gate_report(model)] == [
+            (1, "subavg", 0.0), (2, "sub", None), (3, "subgconv", 0.0)]
+        model.stage_pool(1).gate.copy_(torch.linspace(-1, 1, 128) ** 2)  # mean of t^2 over [-1, 1]: ~1/3
+        model.stage_pool(3).gate.fill_(-0.25)
+        rows = gate_report(model)
+    assert abs(rows[0]["mean_abs"] - 0.3386) < 1e-3 and rows[0]["max_abs"] == 1.0
+    assert rows[2]["mean_abs"] == 0.25 and rows[2]["reduction"] == 32
+    assert all(r["mean_abs"] is None for r in gate_report(model.reparameterize()))

@@ -183,3 +183,20 @@ def format_similarity(rows: list[SimilarityRow], extra: dict) -> str:
         out.append(f"same top-1 class as the plain model: {extra['agree1']:.1f}% of images; plain top-1 within the "
                    f"model's top-5: {extra['plain_top1_in_top5']:.1f}%")
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------- how much the pools mix the phases
+def gate_report(model) -> list[dict]:
+    """How far the phase-mixing gates of a HierarchicalViT's pools have moved from zero (issue 27): one row per
+    pooling layer, ``stage`` (the 0-based stage it feeds, stride ``reduction``), ``kind`` (``subavg``,
+    ``subgconv``, ...) and, for gated pools, ``mean_abs`` / ``max_abs`` of the per-channel gate ``g`` (None
+    for pools without a gate, and after ``reparameterize()``, which folds the gate into the conv). ``subavg``
+    with ``g = 0`` is the subsample, ``g = 1`` the paper's 3x3 average; 0 after training: the model did not use
+    the mixing."""
+    rows = []
+    for s in range(1, model.layout.num_stages):
+        pool = model.stage_pool(s)
+        g = None if pool is None or getattr(pool, "gate", None) is None else pool.gate.detach().abs().float()
+        rows.append(dict(stage=s, reduction=model.strides[s], kind=None if pool is None else pool.kind,
+                         mean_abs=None if g is None else g.mean().item(), max_abs=None if g is None else g.max().item()))
+    return rows

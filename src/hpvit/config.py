@@ -16,7 +16,7 @@ from typing import Any
 from .errors import ConfigError
 from .utils import DictIO, field_type_problems, name_or_json
 
-POOL_KINDS = ("avgconv", "avg", "conv", "max", "gap", "subconv", "sub")
+POOL_KINDS = ("avgconv", "avg", "conv", "max", "gap", "subconv", "sub", "subavg", "subgconv")
 ATTENTION_KINDS = ("window", "phase")
 POS_SAMPLINGS = ("interpolate", "phase")
 PREFIX_MERGES = ("keep", "mean")
@@ -99,7 +99,11 @@ class HPViTConfig(DictIO):
             ``subconv`` (phase-aligned: the stride-2 subsample ``x[::2, ::2]``, i.e. the centre tap of a 3x3/2
             window, + the parallel zero-initialised 3x3/2 conv; merged exactly into one conv by
             ``reparameterize()``) or ``sub`` (the subsample alone). A subsample keeps whole phases (see
-            ``attention``), so a ``grid-*`` model starts at the plain model's function.
+            ``attention``), so a ``grid-*`` model starts at the plain model's function. Mixing across phases
+            that is exact at initialisation (issue 27; the ``grid-*`` defaults stay ``sub`` until the study
+            decides): ``subavg`` = ``sub + g * (avg - sub)`` with a zero-initialised per-channel gate ``g``,
+            ``subgconv`` = ``sub + g * conv3x3/2`` (the conv starting at the ``avg - sub`` kernel, ``pool_conv``
+            applies); both merge exactly into one conv with ``reparameterize()``.
         pool_conv: ``depthwise`` or ``full`` parallel conv of ``avgconv``/``subconv``/``conv``.
         pool_padding: border handling of the 3x3/2 pools: ``zeros`` (zero padding counted in the average,
             which shrinks the top row and left column) or ``replicate`` (edge tokens repeated, so a

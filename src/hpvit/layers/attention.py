@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .capture import is_graph_capture
+
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
     """``(B, H, W, D)`` with H, W multiples of ``ws`` -> ``(B * nH * nW, ws * ws, D)``, windows in row-major order."""
@@ -102,10 +104,15 @@ def valid_partition(valid: torch.Tensor, ws: int) -> torch.Tensor:
     return window_partition(v, ws).view(-1, ws * ws)
 
 
-@functools.lru_cache(maxsize=32)
 def grid_position_index(h: int, w: int, g: int) -> torch.Tensor:
     """``(h*w, h*w)`` index into a ``((2g-1)^2, heads)`` relative-position table for an ``h x w`` grid (Swin's
-    convention), offsets beyond the table's reach ``g - 1`` clamped to its edge. Cached (CPU); do not modify."""
+    convention), offsets beyond the table's reach ``g - 1`` clamped to its edge. Cached (CPU); do not modify.
+    While a graph is captured it is computed afresh: a tensor made then (a fake one) must never be cached."""
+    return _grid_position_index.__wrapped__(h, w, g) if is_graph_capture() else _grid_position_index(h, w, g)
+
+
+@functools.lru_cache(maxsize=32)
+def _grid_position_index(h: int, w: int, g: int) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     yy, xx = yy.flatten(), xx.flatten()
     dy = (yy[:, None] - yy[None, :]).clamp(-(g - 1), g - 1) + g - 1

@@ -76,6 +76,15 @@ class Downsample(nn.Module):
         ``tap=1`` keeps inputs ``2j + 1`` instead (the window's tap after the centre; the last one of an odd
         side reads the padding), which is how ``sub_phase`` picks the phase that survives.
       * ``sub``: the subsample alone (parameter-free).
+      * ``subavg``: ``sub + g * (avg - sub)`` with a per-channel gate ``g`` (``gate``, ``(D,)``) initialised to
+        zero (ReZero / LayerScale style): a fresh model keeps the subsample exactly, and as ``g`` grows the
+        pool moves toward the paper's 3x3/2 average (``g = 1``: ``avg``), mixing the neighbouring phases.
+        The branch is fixed and well-scaled; only ``D`` numbers learn. :meth:`reparameterize` merges it
+        into one depthwise conv (``g / 9`` on every tap, ``+ 1 - g`` on the subsample's tap), exact.
+      * ``subgconv``: ``sub + g * conv3x3/2(x)``, the gated ``subconv``: the zero gate keeps the start exact,
+        and the conv starts at the ``avg - sub`` kernel (so at first it grows like ``subavg``; a zero conv
+        behind a zero gate would get no gradient) and is free to learn. :meth:`reparameterize` scales the
+        conv by ``g`` per output channel and adds 1 to the subsample's tap, exact.
 
     ``padding`` (3x3 kinds): ``zeros`` pads with zeros, which the average counts, so the first row and
     column of the output (which read one padded row/column) shrink by up to 4/9 at a corner while the
@@ -91,11 +100,22 @@ class Downsample(nn.Module):
         self.padding = padding
         self.dim = dim
         self.conv: nn.Conv2d | None = None
-        if kind in ("avgconv", "conv", "subconv"):
+        self.gate: nn.Parameter | None = None
+        if kind in ("avgconv", "conv", "subconv", "subgconv"):
             groups = dim if conv == "depthwise" else 1
             self.conv = nn.Conv2d(dim, dim, kernel_size=3, stride=2, padding=0, groups=groups, bias=True)
             nn.init.zeros_(self.conv.weight)
             nn.init.zeros_(self.conv.bias)
+        if kind in ("subavg", "subgconv"):
+            self.gate = nn.Parameter(torch.zeros(dim))
+        if kind == "subgconv":  # the avg - sub kernel: the direction subavg grows in
+            with torch.no_grad():
+                self._diagonal(self.conv.weight)[...] = 1.0 / 9.0
+                self._diagonal(self.conv.weight)[:, 1 + tap, 1 + tap] -= 1.0
+
+    def _diagonal(self, w: torch.Tensor) -> torch.Tensor:
+        """The ``(D, 3, 3)`` kernels that map each channel to itself (all of a depthwise conv), as a view."""
+        return w[:, 0] if w.shape[1] == 1 else w.diagonal(dim1=0, dim2=1).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.permute(0, 3, 1, 2)  # NCHW view of channels-last memory: no copy
@@ -103,10 +123,14 @@ class Downsample(nn.Module):
             out = F.max_pool2d(y, 2, 2, ceil_mode=True)
         elif self.kind == "gap":
             out = y.mean(dim=(2, 3), keepdim=True)
-        elif self.kind == "sub":
+        elif self.kind in ("sub", "subavg", "subgconv"):
+            out = y
             if self.tap:
-                y = F.pad(y, (0, 1, 0, 1), mode="replicate" if self.padding == "replicate" else "constant")
-            out = y[:, :, self.tap::2, self.tap::2][:, :, : (x.shape[1] + 1) // 2, : (x.shape[2] + 1) // 2]
+                out = F.pad(y, (0, 1, 0, 1), mode="replicate" if self.padding == "replicate" else "constant")
+            out = out[:, :, self.tap::2, self.tap::2][:, :, : (x.shape[1] + 1) // 2, : (x.shape[2] + 1) // 2]
+            if self.gate is not None:  # subavg / subgconv: the gated branch
+                mix = self._window3x3(y, self.kind == "subgconv")
+                out = out + self.gate.view(1, -1, 1, 1).to(out.dtype) * (mix - out if self.kind == "subavg" else mix)
         elif self.kind in ("avg", "conv", "avgconv") and not is_graph_capture():
             # eager: no padded copy of the map (see pool3x3s2)
             rep = self.padding == "replicate"
@@ -130,22 +154,42 @@ class Downsample(nn.Module):
                 out = F.avg_pool2d(y, 3, 2, 0) + self.conv(y)
         return out.permute(0, 2, 3, 1)
 
+    def _window3x3(self, y: torch.Tensor, conv: bool) -> torch.Tensor:
+        """The 3x3/2 average (``conv=False``) or ``self.conv`` over the 1-pixel padded NCHW map ``y``: eager without
+        a padded copy (:func:`pool3x3s2`), one explicit pad under graph capture."""
+        rep = self.padding == "replicate"
+        if not is_graph_capture():
+            return pool3x3s2(y, self.conv.weight if conv else None, self.conv.bias if conv else None, replicate=rep)
+        y = F.pad(y, (1, 1, 1, 1), mode="replicate" if rep else "constant")
+        return self.conv(y) if conv else F.avg_pool2d(y, 3, 2, 0)
+
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Fold the fixed branch into the conv: ``avgconv`` (the pool is a constant 1/9 kernel) and ``subconv``
-        (the subsample is a centre-tap kernel of 1) become ``conv`` with identical output."""
-        if self.kind not in ("avgconv", "subconv"):
+        """Fold the fixed branch into the conv: ``avgconv`` (the pool is a constant 1/9 kernel), ``subconv``
+        (the subsample is a one-tap kernel of 1), ``subavg`` (a new depthwise conv: ``g / 9`` everywhere plus
+        ``1 - g`` on the subsample's tap) and ``subgconv`` (the conv scaled by ``g`` per output channel, plus 1
+        on the tap) become ``conv`` with identical output."""
+        if self.kind not in ("avgconv", "subconv", "subavg", "subgconv"):
             return
-        w = self.conv.weight
-        idx = torch.arange(self.dim, device=w.device)
-        rows = slice(None) if self.conv_kind == "depthwise" else idx
-        cols = 0 if self.conv_kind == "depthwise" else idx
-        if self.kind == "avgconv":
-            w[rows, cols] += 1.0 / 9.0
+        if self.kind == "subavg":
+            g = self.gate.detach()
+            self.conv = nn.Conv2d(self.dim, self.dim, 3, stride=2, padding=0, groups=self.dim, bias=True).to(g)
+            self.conv.weight.copy_((g / 9.0).view(-1, 1, 1, 1).expand_as(self.conv.weight))
+            self.conv.weight[:, 0, 1 + self.tap, 1 + self.tap] += 1.0 - g
+            self.conv.bias.zero_()
+            self.conv_kind = "depthwise"
         else:
-            w[rows, cols, 1 + self.tap, 1 + self.tap] += 1.0
+            w = self.conv.weight
+            if self.kind == "subgconv":
+                w.mul_(self.gate.view(-1, 1, 1, 1))
+                self.conv.bias.mul_(self.gate)
+            if self.kind == "avgconv":
+                self._diagonal(w)[...] += 1.0 / 9.0
+            else:
+                self._diagonal(w)[:, 1 + self.tap, 1 + self.tap] += 1.0
+        self.gate = None
         self.kind = "conv"
 
     def extra_repr(self) -> str:
-        tap = f", tap={self.tap}" if self.kind in ("sub", "subconv") and self.tap else ""
+        tap = f", tap={self.tap}" if self.kind.startswith("sub") and self.tap else ""
         return f"kind={self.kind}, conv={self.conv_kind if self.conv is not None else None}, padding={self.padding}{tap}"

@@ -2,7 +2,7 @@
 
 Module names mirror timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
 ``norm_pre``, ``blocks.{i}``, ``norm``, ``fc_norm``, ``head``), so every pre-trained tensor keeps its
-name. The only new tensors are ``blocks.{i}.downsample.conv.*`` (the pooling layer that starts a
+name. The only new tensors are ``blocks.{i}.downsample.conv.*`` / ``.gate`` (the pooling layer that starts a
 stage lives in the first block of that stage), ``blocks.{i}.attn.rel_pos_table`` and, when the class
 count changes, ``head.*``.
 """
@@ -241,10 +241,10 @@ class HierarchicalViT(nn.Module):
 
     @staticmethod
     def _make_pool(cfg: HPViTConfig, k: int, d: int) -> Downsample:
-        kind = cfg.pools[k]
-        if cfg.reparameterized and kind in ("avgconv", "subconv"):
-            kind = "conv"
-        return Downsample(kind, d, cfg.pool_conv, cfg.pool_padding, tap=(cfg.sub_phase >> k) & 1)
+        kind, conv = cfg.pools[k], cfg.pool_conv
+        if cfg.reparameterized and kind in ("avgconv", "subconv", "subgconv", "subavg"):
+            kind, conv = "conv", "depthwise" if kind == "subavg" else conv  # a merged subavg is depthwise
+        return Downsample(kind, d, conv, cfg.pool_padding, tap=(cfg.sub_phase >> k) & 1)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -455,30 +455,36 @@ class HierarchicalViT(nn.Module):
             out = pre.view(b, r0, r0, p, d)[:, o::f, o::f]
         return out.reshape(b * r * r, p, d)
 
-    def _run_stage(self, x: torch.Tensor, s: int, pre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Stage ``s``: its pooling layer (none for stage 0), then its blocks. Returns the stage output
-        and the joined prefix tokens (which pooling leaves unchanged). A phase stage (``r > 1`` phases per
-        side) permutes the map into its phase batch once, runs every block there, and permutes back once."""
+    def _run_stage(self, x: torch.Tensor, s: int, pre: torch.Tensor | None = None,
+                   pool: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stage ``s``: its pooling layer (none for stage 0; skipped with ``pool=False``), then its blocks.
+        Returns the stage output and the joined prefix tokens (which pooling leaves unchanged). A phase stage
+        (``r > 1`` phases per side) permutes the map into its phase batch once, runs every block there, and
+        permutes back once."""
         if self.layout.depths[s] == 0:
-            return (self.empty_stages[str(s)](x) if s > 0 else x), pre
+            return (self.empty_stages[str(s)](x) if s > 0 and pool else x), pre
         r = self.dilations[s]
+        down = self.blocks[self._segments[s][0][0]].downsample
+        if down is not None and pool:
+            x = down(x)
         if r == 1:
             pre = self._merge_prefix(pre, x.shape[0], 1)
             for start, stop, ws in self._segments[s]:
-                down = self.blocks[start].downsample
-                if down is not None:
-                    x = down(x)
                 x, pre = self._run_segment(x, start, stop, ws, pre)
             return x, pre
-        down = self.blocks[self._segments[s][0][0]].downsample
-        if down is not None:
-            x = down(x)
         b, h, w, _ = x.shape
         xp, valid = phase_partition(x, r)
         pre = self._merge_prefix(pre, b, r)
-        for start, stop, ws in self._segments[s]:
-            xp, pre = self._run_segment(xp, start, stop, ws, pre, valid, b)
+        xp, pre = self._run_phase_batch(xp, s, pre, valid, b)
         return phase_unpartition(xp, r, b, h, w), pre
+
+    def _run_phase_batch(self, xp: torch.Tensor, s: int, pre: torch.Tensor | None, valid: torch.Tensor | None,
+                         images: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The blocks of phase stage ``s`` (no pool) on a batch of phase maps ``xp`` ``(images * G, Hp, Wp, D)``
+        (``G`` phases per image; ``valid``: their ``(G, Hp, Wp)`` mask of real tokens, None if none padded)."""
+        for start, stop, ws in self._segments[s]:
+            xp, pre = self._run_segment(xp, start, stop, ws, pre, valid, images)
+        return xp, pre
 
     def _plain_calls(self) -> bool:
         """Whether to run every block as ``blk(x)`` on maps instead of the fast runner (window-order runs,
@@ -487,27 +493,39 @@ class HierarchicalViT(nn.Module):
         output map ``(B, H, W, D)``. Same results up to float rounding; slower on large maps."""
         if self.force_plain_calls or _is_fx_tracing():
             return True
-        return any(b._forward_hooks or b._forward_pre_hooks for b in self.blocks)
+        return self._hooked()
 
-    def _run_stage_calls(self, x: torch.Tensor, s: int, pre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _hooked(self) -> bool:
+        """Whether a block or a pool has forward (pre-)hooks."""
+        mods = [m for b in self.blocks for m in (b, b.downsample) if m is not None]
+        mods += [st.downsample for st in (self.empty_stages or {}).values()]
+        return any(m._forward_hooks or m._forward_pre_hooks for m in mods)
+
+    def _run_stage_calls(self, x: torch.Tensor, s: int, pre: torch.Tensor | None,
+                         pool: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stage ``s`` as plain module calls, no branch on tensor shapes (torch.fx-traceable with
         ``FX_LEAF_MODULES`` as leaves). ``x``: map ``(B, H, W, D)`` (identity: sequence); returns as
         :meth:`_run_stage`. With class_token='join' a joined block gets ``(B, P + H * W, D)``, and a block
         that also pools runs its ``downsample`` and ``forward_map`` separately (its hooks do not fire). A
         block of a phase stage permutes to its phases and back itself (``Block.forward``), so hooks see maps;
-        joined phase blocks run ``forward_tokens`` on the phase batch with one prefix copy per phase."""
+        joined phase blocks run ``forward_tokens`` on the phase batch with one prefix copy per phase.
+        ``pool=False`` skips the stage's pooling layer (its block's hooks then do not fire)."""
         if self.layout.depths[s] == 0:
-            return (self.empty_stages[str(s)](x) if s > 0 else x), pre
+            return (self.empty_stages[str(s)](x) if s > 0 and pool else x), pre
         start = sum(self.layout.depths[:s])
         r = self.dilations[s]
         if r > 1 and self.join:
             return self._run_phase_stage_calls(x, s, pre)
         for i in range(start, start + self.layout.depths[s]):
             blk = self.blocks[i]
+            skip_pool = not pool and i == start
             if not self.join or (pre is None and i != self.join_block):
-                x = blk(x)
+                if skip_pool and blk.downsample is not None:
+                    x = blk.forward_phases(x) if blk.phase > 1 else blk.forward_map(x)
+                else:
+                    x = blk(x)
                 continue
-            if blk.downsample is not None:
+            if blk.downsample is not None and not skip_pool:
                 x = blk.downsample(x)
             pre = self.prefix_tokens(x.shape[0]) if pre is None else self._merge_prefix(pre, x.shape[0], 1)
             b, h, w, d = x.shape
@@ -533,17 +551,68 @@ class HierarchicalViT(nn.Module):
                 f"phases: the {h}x{w} map of stage {s} is not a multiple of {r}; use image sides that are multiples "
                 f"of the {self.spec.patch_size}-px patch"
             )
-        bp, hp, wp, _ = xp.shape
+        xp, pre = self._phase_blocks_calls(xp, s, pre, b, r)
+        return phase_unpartition(xp, r, b, h, w), pre
+
+    def _phase_blocks_calls(self, xp: torch.Tensor, s: int, pre: torch.Tensor | None, b: int, r: int):
+        """The blocks of phase stage ``s`` (no pool) as explicit calls on the phase batch ``xp``
+        ``(B * r * r, Hp, Wp, D)`` of ``b`` images (no padded tokens); the prefix tokens, once joined, go with one
+        copy per phase. Returns the phase batch and the prefix tokens."""
+        bp, hp, wp, d = xp.shape
+        start = sum(self.layout.depths[:s])
         for i in range(start, start + self.layout.depths[s]):
             blk = self.blocks[i]
-            if pre is None and i < self.join_block:
+            if pre is None and (not self.join or i < self.join_block):
                 xp = blk.forward_map(xp).reshape(bp, hp, wp, d)
                 continue
             pre = self.prefix_tokens(bp) if pre is None else self._merge_prefix(pre, b, r)
             p = pre.shape[1]
             t = blk.forward_tokens(torch.cat([pre, xp.reshape(bp, hp * wp, d)], dim=1), blk.attn.grid_bias(hp, wp, p))
             pre, xp = t[:, :p], t[:, p:].reshape(bp, hp, wp, d)
-        return phase_unpartition(xp, r, b, h, w), pre
+        return xp, pre
+
+    # ------------------------------------------------------------------ classification on the phase it sees
+    def stage_pool(self, s: int) -> Downsample:
+        """The pooling layer into stage ``s >= 1`` (``blocks.{first}.downsample`` or ``empty_stages.{s}.downsample``)."""
+        if self.layout.depths[s] == 0:
+            return self.empty_stages[str(s)].downsample
+        return self.blocks[sum(self.layout.depths[:s])].downsample
+
+    def _seen_phase(self, h: int, w: int) -> tuple[int, int]:
+        """``(n, a)``: the output of :meth:`forward_features` on an ``h x w`` first-stage map depends only on
+        phase ``(a, a)`` of its ``n`` leading phase stages, so they may run on that phase alone; ``(0, 0)`` when
+        any other phase can reach the output.
+
+        That is the case when every pool from the first stage into the first stage without phases is the
+        pure subsample (it keeps one phase: ``a`` collects the pools' taps), the joined class token's copies
+        are not averaged across phases (``prefix_merge='keep'``), the output is not the pyramid, and phase
+        ``a`` is whole (none of its chain would read the pools' padding). Off while torch.fx traces (sizes
+        are symbolic) and while a block or pool has hooks (they must see the full maps)."""
+        r = self.dilations[0]
+        n = sum(d > 1 for d in self.dilations)
+        if r == 1 or n == self.layout.num_stages or self.head_type == "none" or _is_fx_tracing():
+            return 0, 0
+        pools = [self.stage_pool(s) for s in range(1, n + 1)]
+        if any(p is None or p.kind != "sub" for p in pools):
+            return 0, 0
+        if self.join and self.layout.stage_of[self.join_block] < n and self.config.prefix_merge != "keep":
+            return 0, 0
+        a = sum(p.tap << k for k, p in enumerate(pools))
+        if len(range(a, h, r)) != -(-h // r) or len(range(a, w, r)) != -(-w // r) or self._hooked():
+            return 0, 0
+        return n, a
+
+    def _run_seen_phase(self, x: torch.Tensor, n: int, a: int, calls: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first ``n`` (phase) stages on phase ``(a, a)`` of the embedded map ``x`` ``(B, H0, W0, D)`` only
+        (see :meth:`_seen_phase`): their subsample pools keep exactly this phase, so the result ``(B, Hp, Wp, D)``
+        is the input of stage ``n`` with its pool already applied, and ``pre`` the prefix copy of this phase."""
+        r = self.dilations[0]
+        x, pre = x[:, a::r, a::r], None
+        for s in range(n):
+            if self.layout.depths[s]:
+                x, pre = (self._phase_blocks_calls(x, s, pre, x.shape[0], 1) if calls
+                          else self._run_phase_batch(x, s, pre, None, x.shape[0]))
+        return x, pre
 
     def _final(self, x: torch.Tensor, pre: torch.Tensor | None) -> torch.Tensor:
         """The normalised output: the map ``(B, H, W, D)``, or with joined prefix tokens the sequence
@@ -556,11 +625,18 @@ class HierarchicalViT(nn.Module):
     # ------------------------------------------------------------------ forward API
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` -> the final normalised features, laid out as ``self.output_fmt``: a map
-        ``(B, H_last, W_last, D)`` (``NHWC``) or, with prefix tokens kept or joined, ``(B, P + L, D)`` (``NLC``)."""
-        run = self._run_stage_calls if self._plain_calls() else self._run_stage
+        ``(B, H_last, W_last, D)`` (``NHWC``) or, with prefix tokens kept or joined, ``(B, P + L, D)`` (``NLC``).
+        When they depend on one phase only (``grid-*`` classifiers without mixing, see :meth:`_seen_phase`) the
+        stages finer than the patch run on that phase alone (same numbers, a plain ViT's cost);
+        :meth:`forward_intermediates` / :meth:`forward_pyramid` always compute every phase."""
+        calls = self._plain_calls()
+        run = self._run_stage_calls if calls else self._run_stage
         x, pre = self.embed(x), None
-        for s in range(self.layout.num_stages):
-            x, pre = run(x, s, pre)
+        n, a = (0, 0) if x.ndim != 4 else self._seen_phase(x.shape[1], x.shape[2])
+        if n:  # classification: the phase stages run on the one phase the output sees
+            x, pre = self._run_seen_phase(x, n, a, calls)
+        for s in range(n, self.layout.num_stages):
+            x, pre = run(x, s, pre, pool=not n or s > n)
         return self._final(x, pre)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -696,8 +772,8 @@ class HierarchicalViT(nn.Module):
 
     @torch.jit.ignore
     def new_parameter_names(self) -> list[str]:
-        """Parameters the transform adds to the plain ViT (pooling convs, relative-position tables), which
-        start from zero; the optimizer may give them their own lr (recipe ``new_param_lr_scale``)."""
+        """Parameters the transform adds to the plain ViT (pooling convs and gates, relative-position tables),
+        which start from zero (the gated conv of ``subgconv`` behind its zero gate); the optimizer may give them their own lr (recipe ``new_param_lr_scale``)."""
         return [n for n, _ in self.named_parameters()
                 if n.endswith("rel_pos_table") or ".downsample." in n or n.startswith("empty_stages.")]
 

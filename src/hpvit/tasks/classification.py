@@ -21,7 +21,7 @@ from ..checkpoints.native import is_hpvit_file
 from ..data import ImageFolderDataset, ImageFolderSource, build_mixup, build_transform
 from ..engine.recipe import Recipe
 from ..engine.task import Task
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..evaluation.classification import METRIC_UNITS, ClassificationEvaluator
 from ..export import load, save
 from ..models.build import from_plain
@@ -56,9 +56,14 @@ class ClassificationTask(Task):
     @property
     def source(self):
         if self._source is None:
-            self._source = ImageFolderSource(self.data)
-            self._source.samples("train")  # a clear error now if the train split is missing
-            self._source.eval_split()
+            src = ImageFolderSource(self.data)
+            src.samples("train")  # a clear error now if the train split is missing
+            src.eval_split()
+            if len(src.classes) < 2:  # one class: every prediction is right, and "top1 100%" means nothing
+                raise DataError(f"{self.data}: the training split has only {len(src.classes)} class "
+                                f"({', '.join(map(repr, src.classes))}); classification needs at least 2 classes, one "
+                                "sub-folder of images per class (ROOT/train/<class>/*.jpg)", str(self.data))
+            self._source = src
         return self._source
 
     @property

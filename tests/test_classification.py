@@ -42,7 +42,7 @@ def test_tiny_real_cifar_training_and_eval(tmp_path, deit_tiny_path, capsys):
 
     # eval cls on the output directory reproduces the final evaluation exactly
     rc = main(["eval", "cls", "--model", str(out), "--data", str(data), "--max-eval-samples", "64", "--workers", "0",
-               "--json", str(tmp_path / "ev.json")])
+               "--out", str(tmp_path / "ev.json")])
     assert rc == 0
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert ev["split"] == "test" and ev["img_size"] == 32 and ev["eval_count"] == 64

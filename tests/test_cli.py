@@ -36,7 +36,7 @@ def test_demo_uses_the_pretrained_deit_tiny_when_the_hub_answers(tmp_path, capsy
     import timm
 
     import hpvit.checkpoints as ck
-    from hpvit.cli import convert as cc
+    from hpvit.cli import demo as cc
     from conftest import SHARED
 
     real = SHARED / "deit_tiny" / "deit_tiny_patch16_224.pth"
@@ -169,7 +169,9 @@ OLD_NAMES = [
     ("train seg", "--val-split", "--eval-split", "test"),
     ("info", "--similarity", "--data", "imgs"), ("info", "--max-images", "--eval-images", "8"),
     ("train cls", "--max-train-samples", "--train-images", "8"), ("train cls", "--max-eval-samples", "--eval-images", "8"),
-    ("eval cls", "--max-eval-samples", "--eval-images", "8"), ("train det", "--val-images", "--eval-images", "0:8"),
+    ("eval cls", "--max-eval-samples", "--eval-images", "8"), ("eval cls", "--json", "--out", "m.json"),
+    ("bench", "--json", "--out", "b.json"),
+    ("train det", "--val-images", "--eval-images", "0:8"),
     ("eval det", "--val-images", "--eval-images", "0:8"), ("train seg", "--max-train-images", "--train-images", "8"),
     ("train seg", "--max-val-images", "--eval-images", "8"), ("eval seg", "--max-val-images", "--eval-images", "8"),
 ]
@@ -212,6 +214,9 @@ def test_one_flag_vocabulary_across_every_subcommand():
                 device_help.setdefault(f, set()).add(flags[f].help)
     assert {f: len(h) for f, h in device_help.items()} == {"--threads": 1, "--device": 1}  # worded once
     assert {"--overwrite"} <= set(flag for a in _visible(cmds["convert"]) for flag in a.option_strings)
+    for name, p in cmds.items():  # what a command writes is --out, with -o for short, in every command
+        if "--out" in p._option_string_actions:
+            assert p._option_string_actions["--out"].option_strings == ["-o", "--out"], name
     for name in TRAINING:  # det, seg, cls and adapt take the same schedule flags
         have = {o for a in _visible(cmds[name]) for o in a.option_strings}
         assert SCHEDULE <= have, (name, SCHEDULE - have)

@@ -166,7 +166,7 @@ def test_convert_onto_its_own_source_is_refused_and_the_source_kept(tmp_path, ca
     before = src.read_bytes()
     assert main(["convert", str(src), "-o", str(src), "--force"]) == 2
     err = capsys.readouterr().err
-    assert "is the checkpoint this model was converted from" in err and "destroy the source" in err and str(src) in err
+    assert "is the checkpoint being converted" in err and "would destroy it" in err and str(src) in err
     assert src.read_bytes() == before
     link = tmp_path / "link.safetensors"  # the same file by another name
     link.symlink_to(src)

@@ -16,6 +16,7 @@ from PIL import Image
 
 import hpvit
 from hpvit.cli import build_parser, main
+from hpvit.config import RECOMMENDED
 from hpvit.errors import CheckpointError
 
 matplotlib.use("Agg")
@@ -169,7 +170,7 @@ def test_default_train_cls_tells_what_it_does(tmp_path, tiny_init, capsys, monke
     assert str(tiny_init) in rep.source and len(rep.reused) > 0 and "<random init>" not in rep.summary()
     assert main(["info", str(out / "model.safetensors"), "--config", "identity"]) == 0
     text = capsys.readouterr().out
-    assert "--config identity ignored" in text and "config paper-cls" in text and str(tiny_init) in text
+    assert "--config identity ignored" in text and f"config {RECOMMENDED['cls']}" in text and str(tiny_init) in text
     with pytest.raises(CheckpointError, match="training checkpoint"):
         hpvit.load(out / "checkpoint-last.pt")
 
@@ -243,7 +244,7 @@ def test_load_returns_detector_and_segmenter(tmp_path, tiny_init, capsys):
     assert main(["demo", "--model", str(tmp_path / "seg.safetensors"), "--img-size", "64", "--out", str(png)]) == 0
     assert png.stat().st_size > 10_000
     assert main(["demo", "--model", str(tmp_path / "det" / "model.safetensors"), "--img-size", "64",
-                 "--out", str(png)]) == 2
+                 "--out", str(png), "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert "4-level feature pyramid" in err and "--format" not in err
 

@@ -197,7 +197,7 @@ def test_bench_json_schema(tmp_path, capsys):
 
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     rc = main(["bench", "--models", "hpvit-T/lite-cls", "--batch", "1", "--img-size", "64", "--warmup", "0",
-               "--iters", "2", "--threads", "1", "--json", str(out), "--plot", str(png)])
+               "--iters", "2", "--threads", "1", "--out", str(out), "--plot", str(png)])
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["matmul_gflops_per_s"] > 0

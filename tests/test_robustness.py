@@ -452,13 +452,16 @@ def test_every_new_error_is_an_hpvit_error():
     assert str(back) == "image x is truncated" and back.path == "x"
 
 
-def test_cli_turns_leftover_file_system_errors_into_one_line(monkeypatch, capsys):
-    import hpvit.cli.convert
+def test_cli_turns_leftover_file_system_errors_into_one_line(tmp_path, monkeypatch, capsys):
+    import hpvit.cli.info
+
+    monkeypatch.chdir(tmp_path)
+    Path("whatever.pth").touch()  # the model path is checked before the command runs
 
     def full(args):
         raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/predictions.png")
 
-    monkeypatch.setattr(hpvit.cli.convert, "cmd_info", full)
+    monkeypatch.setattr(hpvit.cli.info, "cmd_info", full)
     assert main(["info", "whatever.pth"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hpvit: error: /runs/x/predictions.png: the disk is full") and "Traceback" not in err
@@ -466,6 +469,6 @@ def test_cli_turns_leftover_file_system_errors_into_one_line(monkeypatch, capsys
     def other(args):
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(hpvit.cli.convert, "cmd_info", other)
+    monkeypatch.setattr(hpvit.cli.info, "cmd_info", other)
     with pytest.raises(OSError):  # not something the user can fix by choosing another folder: not hidden
         main(["info", "whatever.pth"])

@@ -35,7 +35,7 @@ STEPS: dict[str, int] = {
     "checkpoints": 5, "data": 5,
     "config": 6,
     "layers": 7,
-    "errors": 8, "utils": 8, "lazy": 8,
+    "errors": 8, "utils": 8, "lazy": 8, "dictio": 8,
 }
 OPTIONAL_PEERS = {"pycocotools", "transformers", "open_clip", "onnx", "onnxruntime", "onnxscript"}
 OPTIONAL_MODULES = {"torch.utils.tensorboard"}  # optional peers inside a required package (it imports tensorboard)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .utils import DictIO, field_type_problems, name_or_json
+from .dictio import DictIO, field_type_problems, name_or_json
 
 POOL_KINDS = ("avgconv", "avg", "conv", "max", "gap", "subconv", "sub", "subavg", "subgconv")
 ATTENTION_KINDS = ("window", "phase")
@@ -410,6 +410,23 @@ PRESETS: dict[str, HPViTConfig] = {
     ),
 }
 DENSE_PRESETS = ("paper-det", "paper-seg", "grid-det", "grid-seg", "plain-det", "plain-seg")
+
+# The preset each task starts from by default (every command's --config default; the README's recommendation,
+# chosen by the study in docs/classification.md): hpvit's grid-* presets start at the plain model's function.
+RECOMMENDED = {"cls": "grid-lite-cls", "det": "grid-det", "seg": "grid-seg"}
+
+
+def presets_for(task: str) -> list[str]:
+    """The presets made for ``task`` ("cls", "det" or "seg"): for ``cls`` every preset with a classifier head
+    (``identity`` is the plain model), else the dense presets named for the task. The recommended one first,
+    then the other ``grid-*`` presets, then the rest in registry order."""
+    if task not in RECOMMENDED:
+        raise ConfigError(f"unknown task {task!r}; choose from {', '.join(RECOMMENDED)}")
+    if task == "cls":
+        names = [n for n, c in PRESETS.items() if c.head != "none"]
+    else:
+        names = [n for n in DENSE_PRESETS if n.endswith("-" + task)]
+    return sorted(names, key=lambda n: (n != RECOMMENDED[task], not n.startswith("grid-")))
 
 
 def get_config(config: "str | HPViTConfig | dict | None", **overrides: Any) -> HPViTConfig:

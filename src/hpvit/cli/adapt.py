@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (add_format_arg, add_model_arg, add_old_names, add_run_args, add_spec_arg, parse_key_values,
-                     fit_batch, recipe_from_flags, run_training, schedule_flags, subset_spec)
+from .common import (add_format_arg, add_model_arg, add_old_names, add_run_args, add_spec_arg, config_help,
+                     fit_batch, parse_key_values, recipe_from_flags, run_training, schedule_flags, subset_spec)
 
 HELP = "align a transformed model to its plain source on unlabeled images (distillation, before fine-tuning)"
 
@@ -14,7 +14,7 @@ HELP = "align a transformed model to its plain source on unlabeled images (disti
 def add_adapt_args(p: argparse.ArgumentParser) -> None:
     """``hpvit adapt``: label-free distillation toward the plain source (hpvit.tasks.adapt)."""
     add_model_arg(p, "plain ViT checkpoint (file, HF folder, timm:<name>): teacher and source", old="--init")
-    p.add_argument("--config", default="paper-cls", help="hierarchical preset or JSON file (default paper-cls)")
+    p.add_argument("--config", default="paper-cls", help=config_help("cls", "paper-cls", "to align"))
     add_format_arg(p)
     add_spec_arg(p)
     p.add_argument("--data", action="append", required=True, metavar="DIR_OR_ZIP",
@@ -22,7 +22,7 @@ def add_adapt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", action="append", default=None, metavar="DIR_OR_ZIP",
                    help="held-out unlabeled images: agreement with the plain model is measured on them (repeatable)")
     add_old_names(p, {"--images": "--data", "--holdout": "--eval-data"})
-    p.add_argument("--out", required=True, help="output directory (model.safetensors, metrics.jsonl, results.json...)")
+    p.add_argument("-o", "--out", required=True, help="output directory (model.safetensors, metrics.jsonl, results.json...)")
     p.add_argument("--recipe", default="adapt", help="recipe name or JSON file (default: adapt)")
     p.add_argument("--targets", default="features,logits", help="what to match: features, logits or both (default)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the logit term")

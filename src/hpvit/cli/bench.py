@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import add_old_names
+
 HELP = "speed / memory benchmark against timm ViT, Hiera and Swin"
 
 
@@ -26,7 +28,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny models (unless --models is given), batch 1, 1+2 rounds")
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("-o", "--out", dest="json", default=None, metavar="FILE.json", help="write the results here (JSON)")
+    add_old_names(p, {"--json": "--out"})  # --out, the flag every command writes with; --json, its old name
     p.add_argument("--plot", default=None, help="write a PNG of cost against throughput here")
     p.add_argument("--list", action="store_true", help="list the model names of the groups and exit")
 

@@ -1,6 +1,6 @@
 """``hpvit train cls`` and ``hpvit eval cls``: arguments, the recipe the flags resolve to, and running.
 
-``hpvit train cls --model SRC --config paper-cls --data PATH --out DIR [--recipe NAME|FILE] ...``
+``hpvit train cls --model SRC [--config grid-lite-cls] --data PATH --out DIR [--recipe NAME|FILE] ...``
 ``hpvit eval cls --model DIR_OR_FILE --data PATH``
 """
 
@@ -11,9 +11,11 @@ import json
 import os
 from pathlib import Path
 
+from ..config import RECOMMENDED
 from ..errors import ConfigError, HPViTError
-from .common import (AUTO_RECIPE, add_device_args, add_format_arg, add_model_arg, add_overwrite_arg, add_run_args,
-                     add_subset_args, check_eval_outputs, eval_overwrite_help, evaluate_saved, fit_batch,
+from .common import (AUTO_RECIPE, add_device_args, add_format_arg, add_model_arg, add_old_names, add_overwrite_arg,
+                     add_run_args, add_subset_args, check_classifier_config, check_eval_outputs, class_count,
+                     config_help, eval_overwrite_help, evaluate_saved, fit_batch,
                      recipe_from_flags, run_training, schedule_flags)
 
 TRAIN_HELP = "fine-tune a classifier on an ImageFolder directory or zip (train/ + val/ or test/)"
@@ -23,15 +25,17 @@ EVAL_HELP = "evaluate a fine-tuned classifier (top-1 / top-5)"
 def add_cls_train_args(p: argparse.ArgumentParser) -> None:
     add_model_arg(p, "the model to start from: a plain ViT checkpoint (file, HF folder, timm:<name>) or a file "
                      "hpvit wrote", old="--init")
-    p.add_argument("--config", default=None,
-                   help="paper-cls (default for a plain checkpoint), identity (the plain baseline), ... or a JSON file "
-                        "(docs/cli.md); a file hpvit wrote keeps its stored config, and another --config is an error")
+    # default None: a file hpvit wrote keeps its stored config (another --config is an error); a plain
+    # checkpoint gets RECOMMENDED["cls"] (tasks/classification.py: DEFAULT_CONFIG)
+    p.add_argument("--config", default=None, help=config_help("cls", RECOMMENDED["cls"]) + "; a file hpvit wrote "
+                   "keeps its stored config, and another --config is an error")
     add_format_arg(p)
-    p.add_argument("--num-classes", type=int, default=None, help="must match the dataset's classes (default: from the data)")
+    p.add_argument("--num-classes", type=class_count, default=None, help="must match the dataset's classes (default: from the data)")
     p.add_argument("--head", choices=("avg", "token"), default=None,
                    help="classifier head: avg = global average pooling, token = class token (identity only)")
     p.add_argument("--data", required=True, help="ImageFolder directory or .zip with train/ and val/ (or test/)")
-    p.add_argument("--out", required=True, help="output directory (checkpoints, recipe.json, metrics.jsonl, results.json, curves.png)")
+    p.add_argument("-o", "--out", required=True,
+                   help="output directory (checkpoints, recipe.json, metrics.jsonl, results.json, curves.png)")
     p.add_argument("--recipe", default=AUTO_RECIPE,
                    help="recipe name (imagenet-paper, cifar-mini), a JSON file, or auto (default): imagenet-paper on a "
                         "GPU with >= 100,000 training images, else cifar-mini; the choice is printed and written to "
@@ -50,9 +54,12 @@ def add_cls_eval_args(p: argparse.ArgumentParser) -> None:
     add_subset_args(p, slices=False, train=False, aliases={"--max-eval-samples": "--eval-images"})
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (at most the usable cores)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a training directory")
-    p.add_argument("--json", default=None, help="also write the metrics to this JSON file (an earlier eval's is "
-                                                  "replaced; any other existing file only with --overwrite)")
-    add_overwrite_arg(p, help=eval_overwrite_help("--json"))
+    # --out (-o), the flag every command writes with; --json, its old name here, still works (dest kept)
+    p.add_argument("-o", "--out", dest="json", default=None, metavar="FILE.json",
+                   help="also write the metrics to this JSON file (an earlier eval's is replaced; any other existing "
+                        "file only with --overwrite)")
+    add_old_names(p, {"--json": "--out"})
+    add_overwrite_arg(p, help=eval_overwrite_help("--out"))
     add_device_args(p)
 
 
@@ -117,6 +124,7 @@ def run_train(args) -> int:
 
     from ..tasks.classification import ClassificationTask
 
+    check_classifier_config(args.config)
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = build_recipe(args)

@@ -9,18 +9,19 @@ import argparse
 import difflib
 import errno
 import json
+import os
 import re
 import sys
 import time
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..config import RECOMMENDED
+from ..errors import ConfigError, OutputError
 
 AUTO_RECIPE = "auto"
 _SUBSET = re.compile(r"^\s*(\d+)\s*$|^\s*(-?\d*)\s*:\s*(-?\d*)\s*$")
 OS_ERRNOS = (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT)
-PRESET_HELP = ("preset name (paper-cls, paper-det, paper-seg, fast-cls, lite-cls, identity, plain-det, plain-seg) "
-               "or a JSON file")
+MAX_CLASSES = 100_000  # --num-classes above this is a typo, not a dataset (ImageNet-21k has 21,841 classes)
 
 
 def parse_key_values(items: "list[str] | None", flag: str = "--set") -> dict:
@@ -46,13 +47,40 @@ def os_error_message(e: OSError) -> str:
     return f"{what}: {e.strerror or 'permission denied'}; check the path's permissions or choose a writable folder"
 
 
-def add_common_model_args(p: argparse.ArgumentParser, config_default: "str | None" = "paper-cls") -> None:
-    p.add_argument("--config", default=config_default,
-                   help=PRESET_HELP + (f" (default {config_default})" if config_default else
-                                       " (default paper-cls; an hpvit file uses its own stored config)"))
+def config_help(task: str, default: "str | None", what: str = "") -> str:
+    """The ``--config`` help of a command, written from the preset registry: the default (None: the recommended
+    preset, which a file hpvit wrote replaces by its own stored config), hpvit's grid-* presets, then the rest."""
+    from ..config import presets_for
+
+    names = presets_for(task)
+    grid = [n for n in names if n.startswith("grid-")]
+    rest = [n for n in names if n not in grid]
+    shown = default or RECOMMENDED[task]
+    note = ", the recommended start" if shown == RECOMMENDED[task] else f"; recommended: {RECOMMENDED[task]}"
+    if default is None:
+        note += "; a file hpvit wrote uses its own stored config"
+    return (f"preset{' ' + what if what else ''} (default {shown}{note}): {', '.join(grid)} (hpvit's own: they start "
+            f"at the plain model's function); {', '.join(rest)} (the paper's layouts and the plain baseline); or a JSON "
+            "file (docs/cli.md)")
+
+
+def add_common_model_args(p: argparse.ArgumentParser, config_default: "str | None" = RECOMMENDED["cls"]) -> None:
+    p.add_argument("--config", default=config_default, help=config_help("cls", config_default))
     add_format_arg(p)
-    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the source's)")
+    p.add_argument("--num-classes", type=class_count, default=None, help="classifier size (default: the source's)")
     add_spec_arg(p)
+
+
+def class_count(value: str) -> int:
+    """argparse type of ``--num-classes``: an integer from 0 (no classifier head) to :data:`MAX_CLASSES`."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number of classes, got {value!r}") from None
+    if not 0 <= n <= MAX_CLASSES:
+        raise argparse.ArgumentTypeError(f"expects 0 (no classifier head) to {MAX_CLASSES:,} classes, got {value}; "
+                                         "give the number of classes of your dataset")
+    return n
 
 
 def add_format_arg(p: argparse.ArgumentParser) -> None:
@@ -157,6 +185,33 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                                                    "anything else, or cuda without a GPU, is an error")
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def check_output(out: "str | Path", *, overwrite: bool, suffix: str, why: str,
+                 sources: "list[tuple[str | Path | None, str]]" = ()) -> Path:
+    """The one rule for the file ``convert``, ``export`` and ``demo`` write, checked before anything is read: it
+    ends in ``suffix`` (``why`` says why), it is none of the ``(path, what)`` ``sources`` the command reads (not
+    even with ``--overwrite``: that would destroy the input), and an existing file is replaced only with
+    ``--overwrite``."""
+    out = Path(out)
+    if out.suffix.lower() != suffix:
+        raise ConfigError(f"output {out} must end in {suffix} ({why}); choose e.g. -o {out.with_suffix(suffix).name}")
+    for src, what in sources:
+        if src and _same_file(out, Path(src)):
+            raise OutputError(f"-o {out} is {what} ({src}); writing there would destroy it, even with --overwrite. "
+                              "Choose another output path")
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out} exists; refusing to overwrite it (add --overwrite to replace it, or choose another path)")
+    return out
+
+
 def add_overwrite_arg(p: argparse.ArgumentParser, what: str = "OUT", help: "str | None" = None) -> None:
     """The one overwrite flag (``--overwrite``; ``--force`` is its old name); ``help`` replaces the usual text."""
     p.add_argument("--overwrite", action="store_true",
@@ -248,6 +303,28 @@ def check_names(args) -> None:
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(f"--{flag} {value!r}: unknown {kind}; {hint}choose from {', '.join(names)} "
                               "or pass a JSON file path")
+
+
+def check_model_path(args) -> None:
+    """``--model`` / ``MODEL`` checked before anything is printed or claimed: a path that does not exist is an error
+    at once (a ``timm:<name>`` source is fetched by its reader)."""
+    model = getattr(args, "model", None)
+    if isinstance(model, str) and not model.startswith("timm:") and not Path(model).exists():
+        raise ConfigError(f"--model {model}: no such file or folder; give a plain ViT checkpoint (a file, a Hugging "
+                          "Face folder or timm:<model name>) or a file or run folder hpvit wrote")
+
+
+def check_classifier_config(config: "str | None") -> None:
+    """``train cls --config grid-seg``: a preset (or JSON config) without a classifier head is an error naming the
+    presets a classifier can start from."""
+    from ..config import get_config, presets_for
+
+    if config is None:
+        return
+    cfg = get_config(config)
+    if cfg.head == "none":
+        raise ConfigError(f"--config {config}: {cfg.name} has no classifier head (it is made for detection or "
+                          f"segmentation); train cls takes {', '.join(presets_for('cls'))} or a JSON file of one")
 
 
 # ---------------------------------------------------------------------------------- running

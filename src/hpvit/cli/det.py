@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import RECOMMENDED
 from .common import (add_device_args, add_format_arg, add_model_arg, add_old_names, add_overwrite_arg, add_run_args,
-                     add_subset_args, check_eval_outputs, dense_recipe, eval_out_dir, eval_overwrite_help,
+                     add_subset_args, check_eval_outputs, config_help, dense_recipe, eval_out_dir, eval_overwrite_help,
                      evaluate_saved, parse_key_values, run_training)
 
 TRAIN_HELP = "train Mask R-CNN (FPN) on a transformed or plain ViT backbone with COCO-format data"
 EVAL_HELP = "COCO box / mask AP of a trained Mask R-CNN, predictions json and a PNG of predictions"
 
 
-def add_dense_train_args(p: argparse.ArgumentParser, default_config: str, configs: str) -> None:
-    """Flags shared by ``train det`` and ``train seg``."""
+def add_dense_train_args(p: argparse.ArgumentParser, task: str) -> None:
+    """Flags shared by ``train det`` and ``train seg`` (``task``: "det" or "seg")."""
     add_model_arg(p, "the model to start from: a plain ViT checkpoint (file, HF folder, timm:<name>) or a file "
                      "hpvit wrote (e.g. `hpvit adapt`'s output); required unless --dry-run", required=False, old="--init")
-    p.add_argument("--config", default=default_config, help=configs)
+    p.add_argument("--config", default=RECOMMENDED[task], help=config_help(task, RECOMMENDED[task]))
     add_format_arg(p)
-    p.add_argument("--out", help="output directory (checkpoint, recipe.json, metrics.jsonl, results.json, PNGs); "
-                                 "required unless --dry-run")
+    p.add_argument("-o", "--out", help="output directory (checkpoint, recipe.json, metrics.jsonl, results.json, PNGs); "
+                                       "required unless --dry-run")
     p.set_defaults(required_unless_dry_run=("--model", "--out"))
-    task = "det" if "det" in default_config else "seg"
     p.add_argument("--recipe", default=f"{task}-default",
                    help=f"recipe name or JSON file (default {task}-default, sized for small runs); the paper's rows: "
                         + ("coco-maskrcnn-1x" if task == "det" else "ade20k-upernet-80k, cityscapes-upernet-40k")
@@ -37,7 +37,7 @@ def add_dense_train_args(p: argparse.ArgumentParser, default_config: str, config
 
 
 def add_det_train_args(p: argparse.ArgumentParser) -> None:
-    add_dense_train_args(p, "paper-det", "paper-det (transformed backbone, default) or plain-det (the ViTDet-style plain baseline)")
+    add_dense_train_args(p, "det")
     p.add_argument("--ann", help="COCO instances json (polygon or RLE masks); required unless --dry-run")
     p.add_argument("--data", help="image folder holding the json's file_name images; required unless --dry-run")
     p.set_defaults(required_unless_dry_run=("--model", "--out", "--ann", "--data"))
@@ -56,7 +56,7 @@ def add_det_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="image folder of --ann")
     add_old_names(p, {"--images": "--data"})
     add_subset_args(p, slices=True, train=False, aliases={"--val-images": "--eval-images"})
-    p.add_argument("--out", default=None, help="output directory (default: MODEL_DIR/eval)")
+    p.add_argument("-o", "--out", default=None, help="output directory (default: MODEL_DIR/eval)")
     p.add_argument("--img-size", type=int, default=None, help="longer side (default: the training size)")
     p.add_argument("--short-side", type=int, default=None,
                    help="resize the shorter side to this instead (the 1x protocol's 800), longer side capped by "

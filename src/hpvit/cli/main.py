@@ -7,22 +7,55 @@ Every command names the function that runs it as ``"module:function"``, imported
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 from typing import Callable, Sequence
 
 from ..errors import HPViTError
-from . import adapt, bench, cls, convert, det, predict, seg
-from .common import OS_ERRNOS, check_names, merge_model_args, os_error_message
+from . import adapt, bench, cls, convert, demo, det, export, info, predict, seg
+from .common import OS_ERRNOS, check_model_path, check_names, merge_model_args, os_error_message
 
 TASKS = (("cls", cls), ("det", det), ("seg", seg))
 
 
+class Parser(argparse.ArgumentParser):
+    """The parser of every ``hpvit`` command: flags are never abbreviated (``--epoch`` is not ``--epochs``), and an
+    unknown flag is answered with the closest flag the command has."""
+
+    _HINTS = "_hpvit_did_you_mean"
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        flags = [s for s, a in self._option_string_actions.items() if s.startswith("--") and a.help != argparse.SUPPRESS]
+        hints = dict(getattr(ns, self._HINTS, {}))  # a subcommand's parser answers first: it knows the flags
+        for tok in extras:
+            if tok.startswith("--") and tok not in hints:
+                close = difflib.get_close_matches(tok.split("=", 1)[0], flags, n=1, cutoff=0.6)
+                if close:
+                    hints[tok] = close[0]
+        setattr(ns, self._HINTS, hints)
+        return ns, extras
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        hints = ns.__dict__.pop(self._HINTS, {})
+        if extras:
+            tips = "; ".join(f"did you mean {hints[t]} (not {t})?" for t in extras if t in hints)
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + (f"; {tips}" if tips else ""))
+        return ns
+
+
 def build_parser(argv: "Sequence[str] | None" = None) -> argparse.ArgumentParser:
     """The full ``hpvit`` parser (``argv`` is accepted for compatibility; every parser is cheap to build)."""
-    parser = argparse.ArgumentParser(prog="hpvit", description="Turn plain ViT checkpoints into hierarchical backbones.")
+    parser = Parser(prog="hpvit", description="Turn plain ViT checkpoints into hierarchical backbones.")
     sub = parser.add_subparsers(dest="command", required=True)
-    convert.add_parsers(sub)
+    for mod in (demo, convert, info, export):
+        mod.add_parser(sub)
     adapt.add_adapt_args(sub.add_parser("adapt", help=adapt.HELP))
     p = sub.add_parser("bench", help=bench.HELP)
     bench.add_bench_args(p)
@@ -64,6 +97,7 @@ def main(argv: "list[str] | None" = None) -> int:
         args.func = "hpvit.cli.common:run_dry_run"
     try:
         check_names(args)  # a wrong --config / --recipe is an error before any file is read
+        check_model_path(args)  # so is a --model that does not exist
         if not getattr(args, "torch_free", False):  # predict on an .onnx file runs without torch
             importlib.import_module("hpvit.models.registry")  # what `import hpvit` does outside the CLI (timm names)
         rc = resolve_func(args.func)(args)

@@ -27,7 +27,7 @@ def _add_seg_data_args(p: argparse.ArgumentParser, train: bool = False) -> None:
 
 
 def add_seg_train_args(p: argparse.ArgumentParser) -> None:
-    add_dense_train_args(p, "paper-seg", "paper-seg (transformed backbone, default) or plain-seg (the BEiT-style plain baseline)")
+    add_dense_train_args(p, "seg")
     _add_seg_data_args(p, train=True)
     p.set_defaults(required_unless_dry_run=("--model", "--out", "--data"))
     p.add_argument("--train-split", default="train", help="training split folder (default train)")
@@ -43,7 +43,7 @@ def add_seg_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val", help="split folder to evaluate (default val)")
     add_subset_args(p, slices=True, train=False, aliases={"--max-val-images": "--eval-images"})
     p.add_argument("--crop", type=int, default=None, help="sliding-window size (default: the training crop)")
-    p.add_argument("--out", default=None, help="output directory (default: MODEL_DIR/eval)")
+    p.add_argument("-o", "--out", default=None, help="output directory (default: MODEL_DIR/eval)")
     p.add_argument("--vis-images", type=int, default=3, metavar="N", help="images drawn into predictions.png (default 3)")
     add_eval_overwrite_arg(p)
     add_device_args(p)

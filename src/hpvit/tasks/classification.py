@@ -19,9 +19,10 @@ from torch import nn
 
 from ..checkpoints.native import is_hpvit_file
 from ..data import ImageFolderDataset, ImageFolderSource, build_mixup, build_transform
+from ..config import RECOMMENDED
 from ..engine.recipe import Recipe
 from ..engine.task import Task
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..evaluation.classification import METRIC_UNITS, ClassificationEvaluator
 from ..export import PREPROC_FILE, load, save
 from ..models.build import from_plain, stored_config_conflict
@@ -30,7 +31,7 @@ from ..utils import count_flops, write_text_atomic
 TASK = "cls"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "model_ema.safetensors"
-DEFAULT_CONFIG = "paper-cls"  # the config a plain checkpoint is transformed with when none is given
+DEFAULT_CONFIG = RECOMMENDED["cls"]  # the config a plain checkpoint is transformed with when none is given
 
 
 def gflops_per_image(model: nn.Module, img_size: int, in_chans: int = 3) -> float:
@@ -57,9 +58,14 @@ class ClassificationTask(Task):
     @property
     def source(self):
         if self._source is None:
-            self._source = ImageFolderSource(self.data)
-            self._source.samples("train")  # a clear error now if the train split is missing
-            self._source.eval_split()
+            src = ImageFolderSource(self.data)
+            src.samples("train")  # a clear error now if the train split is missing
+            src.eval_split()
+            if len(src.classes) < 2:  # one class: every prediction is right, and "top1 100%" means nothing
+                raise DataError(f"{self.data}: the training split has only {len(src.classes)} class "
+                                f"({', '.join(map(repr, src.classes))}); classification needs at least 2 classes, one "
+                                "sub-folder of images per class (ROOT/train/<class>/*.jpg)", str(self.data))
+            self._source = src
         return self._source
 
     @property

@@ -322,7 +322,7 @@ def _padded(x: torch.Tensor, padding: str) -> torch.Tensor:
     return F.pad(x.permute(0, 3, 1, 2), (1, 1, 1, 1), mode="replicate" if padding == "replicate" else "constant")
 
 
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace:FutureWarning")
 @pytest.mark.parametrize("kind,conv", [("subavg", "depthwise"), ("subgconv", "depthwise"), ("subgconv", "full")])
 @pytest.mark.parametrize("padding", ["zeros", "replicate"])
 @pytest.mark.parametrize("tap", [0, 1])

@@ -281,7 +281,7 @@ def test_inference_in_chunks_gives_the_whole_bias_numbers(preset, side, monkeypa
             outs.append(run())
     for got in outs + [train]:
         for g, w in zip(got, whole):
-            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
 def test_inference_never_builds_the_whole_phase_grid_bias(monkeypatch):

@@ -222,7 +222,7 @@ class Attention(nn.Module):
             idx = grid_position_index(h, w, self.rel_pos_grid).to(self.rel_pos_table.device)
         else:
             idx = grid_index_rows(h, w, self.rel_pos_grid, gs, ge, self.rel_pos_table.device)
-        bias = self.rel_pos_table[idx.view(-1)].view(ge - gs, h * w, -1).permute(2, 0, 1)
+        bias = self.rel_pos_table[idx.view(-1)].view(ge - gs, h * w, self.num_heads).permute(2, 0, 1)
         if prefix:
             bias = F.pad(bias, (prefix, 0, min(stop, prefix) - min(start, prefix), 0))
         return bias.unsqueeze(0)

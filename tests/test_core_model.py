@@ -321,3 +321,31 @@ def test_small_maps_do_not_run_mlps_on_window_padding(sd4):
         for blk in m.blocks:
             t = blk(t)
         assert torch.allclose(m(x), m.forward_head(m.norm(t)), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def timm6():
+    """A random 6-block, 128-wide timm ViT (2 heads of 64, as load_plain infers) at 64 px (enough blocks for every
+    split), in eval mode."""
+    return random_timm_vit(seed=3, embed_dim=128, depth=6, num_heads=2, num_classes=7, img_size=64)
+
+
+@pytest.mark.parametrize("preset", sorted(hpvit.config.PRESETS))
+def test_a_model_built_inside_inference_mode_runs_as_timms_does(timm6, preset):
+    """Issue 29 defect 2: built inside torch.inference_mode() (inference tensors have no version counter, which
+    the position-embedding cache read), a model raised at its first call. timm's ViT builds and runs there: so
+    must every preset, with the output it gives outside (identity: timm's own logits), on repeated calls."""
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    sd = timm6.state_dict()
+    with torch.no_grad():
+        want = hpvit.from_plain(sd, config=preset).eval()(x)
+    with torch.inference_mode():
+        ref = timm6(x)
+        m = hpvit.from_plain(sd, config=preset).eval()
+        assert m.patch_embed.proj.weight.is_inference()
+        got = [m(x) for _ in range(2)]
+    for g in got:
+        for a, b in zip(g if isinstance(g, list) else [g], want if isinstance(want, list) else [want]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if preset == "identity":
+        torch.testing.assert_close(got[0], ref, rtol=1e-5, atol=1e-5)

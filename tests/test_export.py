@@ -113,3 +113,51 @@ def test_real_deit_tiny_on_real_images_224(tmp_path, deit_tiny_path):
     m = hpvit.from_plain(str(deit_tiny_path), config="paper-cls", num_classes=1000).eval()
     path = export_onnx(m, tmp_path / "deit.onnx", img_size=224, dynamic_batch=True)  # 4 images at once
     assert compare_onnx(m, path, x) <= TOL
+
+
+def _clear_layer_caches() -> None:
+    """Empty the layers' memoised tensors, so that the next model run at a size is the first in the process."""
+    from hpvit.layers import attention
+
+    for f in vars(attention).values():
+        if hasattr(f, "cache_clear"):
+            f.cache_clear()
+
+
+def test_export_leaves_grid_models_in_the_process_usable(tmp_path):
+    """Issue 29 defect 1: exporting a grid model first at a size cached a FakeTensor relative-position index, and
+    every later eager run at that size returned a FakeTensor. After the export the model, and a fresh model with
+    the same weights, run eagerly with real tensors, equal to onnxruntime on the file, and still train."""
+    from hpvit.export import compare_onnx, export_onnx
+
+    _clear_layer_caches()
+    m = _small("grid-cls")
+    path = export_onnx(m, tmp_path / "g.onnx", img_size=80)
+    x = _images(2, 80)
+    with torch.no_grad():
+        got = m(x)
+        fresh = _small("grid-cls")(x)
+    assert type(got) is torch.Tensor and type(fresh) is torch.Tensor
+    torch.testing.assert_close(got, fresh, rtol=0, atol=0)
+    assert compare_onnx(m, path, x[:1]) <= TOL
+    m.train()(x).sum().backward()  # the training path reads the cached index too
+    assert m.blocks[0].attn.rel_pos_table.grad.abs().sum() > 0
+
+
+def test_cli_export_check_of_a_grid_model_succeeds_and_odd_sides_get_one_line(tmp_path, capsys):
+    """`hpvit export GRID.safetensors -o f.onnx --check` exits 0 (it exited 1 with GuardOnDataDependentSymNode after
+    writing the file); at a side that is not a multiple of 16 px: one `hpvit: error:` line naming sizes that
+    work, exit 2, and no file left behind (it was a 190-line TorchExportError)."""
+    from hpvit.cli import main
+
+    _clear_layer_caches()
+    src = tmp_path / "grid.safetensors"
+    hpvit.save(_small("grid-det", num_classes=0), src)
+    out = tmp_path / "g.onnx"
+    assert main(["export", str(src), "-o", str(out), "--pyramid", "--img-size", "64", "--check"]) == 0
+    assert "max abs diff" in capsys.readouterr().out
+    odd = tmp_path / "odd.onnx"
+    assert main(["export", str(src), "-o", str(odd), "--pyramid", "--img-size", "72"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hpvit: error:") and "64 or 80 px" in err[0], err
+    assert not odd.exists() and not list(tmp_path.glob("*.tmp*"))

@@ -244,9 +244,9 @@ def test_grid_models_export_to_onnx_and_match_pytorch(preset, tmp_path):
     pytest.importorskip("onnxruntime", reason="ONNX export checks need onnxruntime: pip install -e \".[export]\"")
     pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript: pip install -e \".[export]\"")
     from hpvit.export import compare_onnx, export_onnx
-    from hpvit.layers.attention import _grid_position_index
+    from hpvit.layers.attention import _cached_grid_index
 
-    _grid_position_index.cache_clear()  # the export is the first use: nothing it traces may stay in the cache
+    _cached_grid_index.cache_clear()  # the export is the first use: nothing it traces may stay in the cache
     model = hpvit.from_plain(hpvit.load_plain(_vit().state_dict()), config=preset)
     randomize_new_params(model)
     if preset == "grid-det":
@@ -379,3 +379,63 @@ def test_a_json_config_selects_the_gated_pools_and_gate_report_reads_them(tmp_pa
     assert abs(rows[0]["mean_abs"] - 0.3386) < 1e-3 and rows[0]["max_abs"] == 1.0
     assert rows[2]["mean_abs"] == 0.25 and rows[2]["reduction"] == 32
     assert all(r["mean_abs"] is None for r in gate_report(model.reparameterize()))
+
+
+def _chunk_small(monkeypatch, bias_bytes: int = 1) -> None:
+    """Make inference work in tiny chunks: a few tokens per MLP chunk, ``bias_bytes`` of phase-grid bias at a time
+    (1: one query row at a time). ``raising=False``: the knobs are absent where inference does not chunk."""
+    from hpvit.layers import attention
+
+    monkeypatch.setattr(attention, "CHUNK_BYTES", 4 * 512 * 24, raising=False)
+    monkeypatch.setattr(attention, "BIAS_CHUNK_BYTES", bias_bytes, raising=False)
+
+
+@pytest.mark.parametrize("preset,side", [("grid-cls", 64), ("grid-cls", 72), ("grid-det", 64), ("grid-det", 72)])
+def test_inference_in_chunks_gives_the_whole_bias_numbers(preset, side, monkeypatch):
+    """Issue 30 item 5: inference builds the phase-grid bias a block of query rows at a time and runs blocks a chunk
+    at a time (here one query row, 24 tokens). The pyramid equals the plain formulation (whole bias, no chunks:
+    autograd on) in eval and in training mode, through the fast runner and the plain calls; 72 px pads the
+    phases (key masks per phase group); grid-det with 3x3 windows pads every window band."""
+    _chunk_small(monkeypatch)
+    kw = dict(window_sizes=(3, 3, 3, 3)) if preset == "grid-det" else {}
+    model = hpvit.from_plain(hpvit.load_plain(_vit().state_dict()), config=preset, **kw)
+    randomize_new_params(model, scale=0.5)
+    model.chunk_tokens = 24
+    x = _images(2, side)
+    run = lambda: model.forward_intermediates(x, intermediates_only=True)  # noqa: E731
+    with torch.enable_grad():
+        whole = [t.detach() for t in run()]
+        model.train()
+        train = [t.detach() for t in run()]
+    model.eval()
+    with torch.no_grad():
+        outs = [run()]
+        if side % 16 == 0:
+            model.force_plain_calls = True
+            outs.append(run())
+    for got in outs + [train]:
+        for g, w in zip(got, whole):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_inference_never_builds_the_whole_phase_grid_bias(monkeypatch):
+    """Issue 30 item 5: the (heads, N, N) bias of global attention on an N-token phase grid (at 1024 px 4096
+    tokens: 805 MB for ViT-B) was built whole, and with padded phases added per phase group. In inference every
+    mask attention sees now covers fewer than N query rows; autograd still gets the whole bias."""
+    _chunk_small(monkeypatch, bias_bytes=4 * 64 * 2 * 16)  # 16 query rows of a 64-token grid, 2 heads
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        if attn_mask is not None and attn_mask.shape[-1] == k.shape[-2] == 64:
+            seen.append(attn_mask.shape[-2])
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = hpvit.from_plain(hpvit.load_plain(_vit().state_dict()), config="grid-seg").eval()  # 8x8 phase grids
+    with torch.no_grad():
+        model(_images(1, 128))
+    assert seen and max(seen) <= 16, seen
+    seen.clear()
+    model(_images(1, 128))
+    assert max(seen) == 64

@@ -332,11 +332,35 @@ def output_names(model: HierarchicalViT, pyramid: bool) -> list[str]:
     return [f"p{s + 1}" for s in range(model.layout.num_stages)] if pyramid else ["logits"]
 
 
+def _tiles_phases(model: HierarchicalViT, side: int) -> bool:
+    """Whether an image side gives every phase stage (``dilations[s] = r > 1``) a map side that is a multiple of
+    ``r``: the exported graph (plain calls, no padded phases) needs it. Map sides: ``patch_embed.grid``, then
+    ``ceil(n / 2)`` per pool."""
+    n = model.patch_embed.grid(side, side)[0]
+    for s, r in enumerate(model.dilations):
+        if s:
+            n = -(-n // 2)
+        if r > 1 and model.layout.depths[s] and n % r:
+            return False
+    return True
+
+
 def _example(model: HierarchicalViT, img_size: "int | tuple[int, int]", batch_size: int) -> torch.Tensor:
     h, w = _hw(img_size)
     m = model.min_input_size
     if h < m or w < m:
         raise InputError(f"img_size {h}x{w} is below this config's minimum {m}x{m}; export at a larger size")
+    bad = [v for v in dict.fromkeys((h, w)) if not _tiles_phases(model, v)]
+    if bad:
+        v, ps = bad[0], model.spec.patch_size
+        below = next((c for c in range(v - v % ps, m - 1, -ps) if _tiles_phases(model, c)), None)
+        above = next(c for c in range(v - v % ps + ps, 4 * v + 4 * ps, ps) if _tiles_phases(model, c))
+        near = " or ".join(str(c) for c in (below, above) if c is not None)
+        raise InputError(
+            f"cannot export {model.config.name!r} at {h}x{w} px: its phase attention needs image sides whose maps "
+            f"tile into whole phases (multiples of the {model.spec.patch_size}-px patch), and {v} does not; "
+            f"export at {near} px (--img-size), or resize the images to such a size"
+        )
     return torch.randn(batch_size, model.spec.in_chans, h, w)
 
 

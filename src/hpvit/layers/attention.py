@@ -9,6 +9,12 @@ the map's size (the padded window's numbers, without the padding). Otherwise win
 up to multiples of the window (padded keys are masked out, so padding never changes a real token's
 output), partitions into ``ws x ws`` windows with one copy, attends inside each window with an additive
 relative-position bias, and copies back.
+
+Inference (no autograd, no graph capture) works a chunk at a time so that no intermediate is much larger than
+the map itself: blocks update a fresh copy of their input in place, a few sequences (windows, phases) at a
+time, and global attention on a phase grid builds its relative-position bias for a block of query rows at a
+time instead of the whole ``(heads, N, N)`` tensor. Training and graph capture (export, torch.fx,
+``torch.compile``) take the plain formulation, with the whole bias.
 """
 
 from __future__ import annotations
@@ -20,6 +26,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .capture import is_graph_capture
+
+# Inference on CPU works through large maps this many bytes of MLP hidden activations at a time (tokens per
+# chunk = CHUNK_BYTES / (4 * mlp_hidden): 2048 for ViT-B). Buffers this small are recycled by the C allocator
+# instead of being mmap-ed and page-faulted afresh (glibc mmaps blocks > 32 MiB).
+CHUNK_BYTES = 24 * 2**20
+
+# Inference builds the phase-grid bias (plus any key mask added to it) this many bytes of query rows at a time.
+BIAS_CHUNK_BYTES = 16 * 2**20
+
+
+def add_masks(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """Sum of two broadcastable additive attention masks, either of which may be None."""
+    if a is None:
+        return b
+    return a if b is None else a + b
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
@@ -104,20 +125,30 @@ def valid_partition(valid: torch.Tensor, ws: int) -> torch.Tensor:
     return window_partition(v, ws).view(-1, ws * ws)
 
 
-def grid_position_index(h: int, w: int, g: int) -> torch.Tensor:
-    """``(h*w, h*w)`` index into a ``((2g-1)^2, heads)`` relative-position table for an ``h x w`` grid (Swin's
-    convention), offsets beyond the table's reach ``g - 1`` clamped to its edge. Cached (CPU); do not modify.
-    While a graph is captured it is computed afresh: a tensor made then (a fake one) must never be cached."""
-    return _grid_position_index.__wrapped__(h, w, g) if is_graph_capture() else _grid_position_index(h, w, g)
-
-
-@functools.lru_cache(maxsize=32)
-def _grid_position_index(h: int, w: int, g: int) -> torch.Tensor:
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    yy, xx = yy.flatten(), xx.flatten()
-    dy = (yy[:, None] - yy[None, :]).clamp(-(g - 1), g - 1) + g - 1
-    dx = (xx[:, None] - xx[None, :]).clamp(-(g - 1), g - 1) + g - 1
+def grid_index_rows(h: int, w: int, g: int, start: int, stop: int, device=None) -> torch.Tensor:
+    """Rows ``start .. stop-1`` (query tokens, row-major on an ``h x w`` grid) of the ``(h*w, h*w)`` index into a
+    ``((2g-1)^2, heads)`` relative-position table (Swin's convention), offsets beyond the table's reach ``g - 1``
+    clamped to its edge: ``(stop - start, h*w)`` int64."""
+    q = torch.arange(start, stop, device=device)
+    k = torch.arange(h * w, device=device)
+    dy = ((q // w)[:, None] - (k // w)[None, :]).clamp(-(g - 1), g - 1) + g - 1
+    dx = ((q % w)[:, None] - (k % w)[None, :]).clamp(-(g - 1), g - 1) + g - 1
     return dy * (2 * g - 1) + dx
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_grid_index(h: int, w: int, g: int) -> torch.Tensor:
+    with torch.inference_mode(False):  # a normal tensor even when first asked for inside inference_mode
+        return grid_index_rows(h, w, g, 0, h * w)
+
+
+def grid_position_index(h: int, w: int, g: int) -> torch.Tensor:
+    """``(h*w, h*w)`` index into a ``((2g-1)^2, heads)`` relative-position table for an ``h x w`` grid (see
+    :func:`grid_index_rows`). Cached (CPU; do not modify) in eager mode only: while a graph is captured (export,
+    torch.fx, ``torch.compile``) it is built afresh, so the cache never holds a value created by a trace."""
+    if is_graph_capture():
+        return grid_index_rows(h, w, g, 0, h * w)
+    return _cached_grid_index(h, w, g)
 
 
 def relative_position_index(ws: int) -> torch.Tensor:
@@ -178,15 +209,22 @@ class Attention(nn.Module):
         n = self.window_size * self.window_size
         return self.rel_pos_table[self.rel_pos_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
 
-    def grid_bias(self, h: int, w: int, prefix: int = 0) -> torch.Tensor | None:
-        """``(1, heads, P + h*w, P + h*w)`` bias of global attention on an ``h x w`` phase grid whose sequence
-        starts with ``prefix`` tokens (class/register: no bias to or from them); None without a grid table."""
+    def grid_bias(self, h: int, w: int, prefix: int = 0, rows: "tuple[int, int] | None" = None) -> torch.Tensor | None:
+        """``(1, heads, R, P + h*w)`` bias of global attention on an ``h x w`` phase grid whose sequence starts with
+        ``prefix`` tokens (class/register: no bias to or from them), for the query rows ``rows = (start, stop)``
+        of that sequence (default: all, ``R = P + h*w``); None without a grid table."""
         if self.rel_pos_grid is None:
             return None
-        idx = grid_position_index(h, w, self.rel_pos_grid).to(self.rel_pos_table.device)
-        bias = self.rel_pos_table[idx.view(-1)].view(h * w, h * w, -1).permute(2, 0, 1)
+        n = prefix + h * w
+        start, stop = (0, n) if rows is None else rows
+        gs, ge = max(start - prefix, 0), max(stop - prefix, 0)
+        if rows is None:
+            idx = grid_position_index(h, w, self.rel_pos_grid).to(self.rel_pos_table.device)
+        else:
+            idx = grid_index_rows(h, w, self.rel_pos_grid, gs, ge, self.rel_pos_table.device)
+        bias = self.rel_pos_table[idx.view(-1)].view(ge - gs, h * w, self.num_heads).permute(2, 0, 1)
         if prefix:
-            bias = F.pad(bias, (prefix, 0, prefix, 0))
+            bias = F.pad(bias, (prefix, 0, min(stop, prefix) - min(start, prefix), 0))
         return bias.unsqueeze(0)
 
     def map_bias(self, h: int, w: int) -> torch.Tensor | None:
@@ -209,11 +247,15 @@ class Attention(nn.Module):
         pad = pad[:, None, None, :]
         return pad if bias is None else pad + bias.unsqueeze(0)
 
-    def _attend(self, x: torch.Tensor, mask: torch.Tensor | None, groups: int = 1) -> torch.Tensor:
+    def _attend(self, x: torch.Tensor, mask: torch.Tensor | None, groups: int = 1,
+                grid: "tuple[int, int, int] | None" = None) -> torch.Tensor:
         """Attention over sequences ``x: (B', N, D)``; ``mask`` is added to the logits.
 
-        With ``groups > 1`` the batch is ``(B, groups)`` flattened and ``mask`` is ``(groups, heads|1, N, N)``
-        (one per window position), broadcast over B without materialising it per image.
+        With ``groups > 1`` the batch is ``(B, groups)`` flattened and ``mask`` is ``(groups, heads|1, N|1, N)``
+        (one per window position or phase), broadcast over B without materialising it per image. ``grid =
+        (h, w, prefix)``: the sequences are ``prefix`` tokens and an ``h x w`` phase grid, and the block's
+        phase-grid bias (:meth:`grid_bias`) is added too; in inference it is built for a block of query rows
+        at a time (:data:`BIAS_CHUNK_BYTES`), never for all ``N x N`` pairs at once.
         """
         bn, n, d = x.shape
         qkv = self.qkv(x).view(bn, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -221,29 +263,48 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if groups > 1:
             q, k, v = (t.view(bn // groups, groups, *t.shape[1:]) for t in (q, k, v))
+        if grid is not None and self.rel_pos_grid is None:
+            grid = None
+        if grid is not None and (torch.is_grad_enabled() or is_graph_capture()):
+            mask, grid = add_masks(mask, self.grid_bias(*grid)), None  # autograd and exporters: the whole bias
         if mask is not None:
             mask = mask.to(q.dtype)
         drop = self.attn_drop if self.training else 0.0
-        if self.fused:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        if grid is None:
+            out = self._weights_times_v(q, k, v, mask, drop)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if mask is not None:
-                attn = attn + mask
-            attn = attn.softmax(dim=-1)
-            if drop:
-                attn = F.dropout(attn, drop)
-            out = attn @ v
+            out = torch.empty_like(q)
+            rows = 1 if mask is None else mask.shape[0]
+            step = max(1, BIAS_CHUNK_BYTES // (4 * n * self.num_heads * rows))
+            for i in range(0, n, step):
+                j = min(n, i + step)
+                m = self.grid_bias(*grid, rows=(i, j)).to(q.dtype)
+                if mask is not None:
+                    m = m + (mask if mask.shape[-2] == 1 else mask[..., i:j, :])
+                out[..., i:j, :] = self._weights_times_v(q[..., i:j, :], k, v, m, drop)
         if groups > 1:
             out = out.flatten(0, 1)
         out = out.transpose(1, 2).reshape(bn, n, d)
         return self.proj_drop(self.proj(out))
 
+    def _weights_times_v(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         drop: float) -> torch.Tensor:
+        """``softmax(q k^T * scale + mask) v`` for ``(..., heads, Nq, hd)`` queries and ``(..., heads, N, hd)`` keys."""
+        if self.fused:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            attn = attn + mask
+        attn = attn.softmax(dim=-1)
+        if drop:
+            attn = F.dropout(attn, drop)
+        return attn @ v
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.window_size is None:
             if x.ndim == 4:
                 b, h, w, d = x.shape
-                return self._attend(x.reshape(b, h * w, d), self.grid_bias(h, w)).view(b, h, w, d)
+                return self._attend(x.reshape(b, h * w, d), None, grid=(h, w, 0)).view(b, h, w, d)
             return self._attend(x, None)
         if x.ndim != 4:
             raise ValueError("window attention needs a (B, H, W, D) map, got a sequence")
@@ -380,26 +441,72 @@ class Block(nn.Module):
 
     def forward_map(self, x: torch.Tensor) -> torch.Tensor:
         """The block without ``downsample`` on a map ``(B, H, W, D)`` (or a sequence): window attention
-        pads and crops inside, so the MLP only ever sees real tokens."""
+        pads and crops inside, so the MLP only ever sees real tokens. Inference (eval mode, no autograd, no
+        graph capture) takes :meth:`forward_map_`: the same numbers, a chunk at a time."""
+        if not self.training and not torch.is_grad_enabled() and not is_graph_capture():
+            if x.ndim == 4 or self.attn.window_size is None:
+                return self.forward_map_(x)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens per inference chunk on CPU (:data:`CHUNK_BYTES` of MLP hidden activations)."""
+        return max(1, CHUNK_BYTES // (4 * self.mlp.fc1.out_features))
+
+    @torch.no_grad()
+    def forward_map_(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference version of :meth:`forward_map` (``x`` is left as it is; one new map is returned): a windowed
+        block attends one band of windows (``ws`` rows of the map) of a few images at a time, padding only that
+        band, and adds it to the new map; then the MLP runs on the real tokens, a chunk at a time. A global block
+        (or a map inside one window) runs :meth:`forward_tokens_` on the map's token sequence. Chunks on CPU only."""
+        attn, cpu = self.attn, x.device.type == "cpu"
+        ws = attn.window_size
+        if x.ndim == 3:
+            return self.forward_tokens_(x, None, self.chunk_tokens if cpu else 0)
+        b, h, w, d = x.shape
+        if ws is None:
+            return self.forward_tokens_(x.reshape(b, h * w, d), None, self.chunk_tokens if cpu else 0,
+                                        grid=(h, w, 0)).view(b, h, w, d)
+        if h <= ws and w <= ws:
+            t = x.reshape(b, h * w, d).clone()
+            rows = max(1, self.chunk_tokens // (h * w)) if cpu else 0
+            return self.forward_tokens_(t, attn.map_bias(h, w), rows).view(b, h, w, d)
+        y = x.clone(memory_format=torch.contiguous_format)
+        per = max(1, self.chunk_tokens // (ws * (w + (-w) % ws))) if cpu else b  # images per chunk of a band
+        for i in range(0, h, ws):  # a band of ws rows: one row of windows
+            for j in range(0, b, per):
+                band = x[j : j + per, i : i + ws]
+                xw, key_ok = pad_partition(self.norm1(band), ws)
+                a = attn._attend(xw, attn.window_mask(key_ok), 1 if key_ok is None else key_ok.shape[0])
+                y[j : j + per, i : i + ws] += self.ls1(unpartition_crop(a, ws, band.shape[0], band.shape[1], w))
+        self._mlp_(y.view(-1, d), self.chunk_tokens if cpu else 0)
+        return y
+
+    def _mlp_(self, flat: torch.Tensor, chunk: int) -> None:
+        """The MLP residual on tokens ``(T, D)`` in place, ``chunk`` tokens at a time (0 = all at once)."""
+        step = chunk if chunk > 0 else flat.shape[0]
+        for i in range(0, flat.shape[0], step):
+            xc = flat[i : i + step]
+            xc += self.drop_path2(self.ls2(self.mlp(self.norm2(xc))))
+
     def forward_tokens(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, groups: int = 1, images: int | None = None,
-        keep: "tuple[torch.Tensor, torch.Tensor] | None" = None,
+        keep: "tuple[torch.Tensor, torch.Tensor] | None" = None, grid: "tuple[int, int, int] | None" = None,
     ) -> torch.Tensor:
         """The block (without ``downsample``) on sequences ``(B', N, D)``, each attended on its own:
         a global block gets ``(B, L, D)``, a windowed one the windows ``(B * nW, ws * ws, D)`` of
         :func:`pad_partition` with ``mask = attn.window_mask(key_ok)`` (``groups = nW`` when padded)
         and ``images = B`` (stochastic depth drops whole images). ``keep``: stochastic depth already drawn,
         one ``(B',)`` factor per sequence for each residual branch (0 or 1/(1-p); see :meth:`draw_keep`), so
-        that the windows of one image can run in separate chunks and still share their image's draw."""
+        that the windows of one image can run in separate chunks and still share their image's draw. ``grid``:
+        global attention on phase grids (see :meth:`Attention._attend`)."""
         if keep is None:
-            x = x + self.drop_path1(self.ls1(self.attn._attend(self.norm1(x), mask, groups)), images)
+            x = x + self.drop_path1(self.ls1(self.attn._attend(self.norm1(x), mask, groups, grid)), images)
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))), images)
         k1, k2 = (k.view(-1, 1, 1).to(x.dtype) for k in keep)
-        x = x + self.ls1(self.attn._attend(self.norm1(x), mask, groups)) * k1
+        x = x + self.ls1(self.attn._attend(self.norm1(x), mask, groups, grid)) * k1
         return x + self.ls2(self.mlp(self.norm2(x))) * k2
 
     def draw_keep(self, images: int, rows_per_image: int, like: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
@@ -417,23 +524,25 @@ class Block(nn.Module):
 
     @torch.no_grad()
     def forward_tokens_(self, x: torch.Tensor, mask: torch.Tensor | None = None, chunk: int = 0,
-                        groups: int = 1) -> torch.Tensor:
+                        groups: int = 1, grid: "tuple[int, int, int] | None" = None) -> torch.Tensor:
         """Inference version of :meth:`forward_tokens` that works ``chunk`` sequences (windowed) or tokens
-        (global, MLP half only) at a time (0 = all at once), so that no intermediate is larger than a
-        chunk's, and adds the residuals in place.
+        (global) at a time (0 = all at once), so that no intermediate is larger than a chunk's, and adds the
+        residuals in place.
 
         Windowed blocks update ``x`` (windows ``(B * nW, N, D)`` from :func:`pad_partition`, which the
         caller owns) in place; ``mask`` is ``(nW|1, heads|1, N, N)``. Global blocks leave ``x`` untouched
         and return a new tensor; their ``mask`` is ``(groups|1, heads|1, N, N)`` as in :meth:`Attention._attend`
-        (phase groups with padded keys). Returns the output.
+        (phase groups with padded keys), ``grid`` as there. They attend ``chunk // N`` sequences at a time (at
+        least one) and run the MLP ``chunk`` tokens at a time. Returns the output.
         """
         if self.attn.window_size is None:
-            x = (x + self.drop_path1(self.ls1(self.attn._attend(self.norm1(x), mask, groups)))).contiguous()
-            flat = x.view(-1, x.shape[-1])
-            step = chunk if chunk > 0 else flat.shape[0]
-            for i in range(0, flat.shape[0], step):
-                xc = flat[i : i + step]
-                xc += self.drop_path2(self.ls2(self.mlp(self.norm2(xc))))
+            x = x.clone(memory_format=torch.contiguous_format)
+            rows = max(1, chunk // x.shape[1]) if chunk > 0 else x.shape[0]
+            for i in range(0, x.shape[0], rows):
+                xc = x[i : i + rows]
+                m, g = (mask, groups) if xc.shape[0] == x.shape[0] else (self._mask_rows(mask, i, xc.shape[0]), 1)
+                xc += self.drop_path1(self.ls1(self.attn._attend(self.norm1(xc), m, g, grid)))
+                self._mlp_(xc.view(-1, xc.shape[-1]), chunk)
             return x
         n = x.shape[0]
         step = chunk if 0 < chunk < n else n

@@ -21,26 +21,14 @@ from ..config import HPViTConfig, get_config, phase_dilations
 from ..errors import ConfigError, InputError
 from ..layers import (Block, Downsample, PatchEmbed, pad_partition, phase_partition, phase_unpartition,
                       resample_abs_pos_embed, unpartition_crop, valid_partition)
-from ..layers.attention import Attention, DropPath, Mlp
+from ..layers.attention import CHUNK_BYTES, Attention, DropPath, Mlp
 from ..layers.capture import is_graph_capture
 from .reuse import ReuseReport
-
-# Inference on CPU works through large stages this many bytes of MLP hidden activations at a time
-# (tokens per chunk = CHUNK_BYTES / (4 * mlp_hidden): 2048 for ViT-B). Buffers this small are recycled
-# by the C allocator instead of being mmap-ed and page-faulted afresh (glibc mmaps blocks > 32 MiB).
-CHUNK_BYTES = 24 * 2**20
 
 # A run of windowed blocks keeps its tokens in window order (one partition per run) unless padding would
 # add more than this factor of tokens; then each block pads inside its attention only (see _run_segment).
 PAD_FALLBACK = 1.10
 
-
-
-def _add_masks(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    """Sum of two broadcastable additive attention masks, either of which may be None."""
-    if a is None:
-        return b
-    return a if b is None else a + b
 
 
 class StagePool(nn.Module):
@@ -278,11 +266,12 @@ class HierarchicalViT(nn.Module):
     def _pos_grid(self, h: int, w: int) -> torch.Tensor | None:
         if self.pos_embed is None:
             return None
-        if is_graph_capture() or self.training or torch.is_grad_enabled():
+        p = self.pos_embed
+        if is_graph_capture() or self.training or torch.is_grad_enabled() or p.is_inference():
+            # (a tensor made inside torch.inference_mode has no version counter to key a cache on)
             return self._pos_fresh(h, w)
         # inference: the resampled grid depends only on the stored tensor and (h, w); reuse it while the
         # tensor is unchanged (any in-place update bumps _version; a new tensor has another data_ptr)
-        p = self.pos_embed
         key = (h, w, p.data_ptr(), p._version, p.dtype, p.device)
         hit = getattr(self, "_pos_cache", None)
         if hit is None or hit[0] != key:
@@ -343,9 +332,11 @@ class HierarchicalViT(nn.Module):
                 self.pos_embed = nn.Parameter(self.pos_embed.new_empty(v.shape))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
-    def _run_block(self, blk: Block, t: torch.Tensor, mask: torch.Tensor | None, groups: int, images: int) -> torch.Tensor:
+    def _run_block(self, blk: Block, t: torch.Tensor, mask: torch.Tensor | None, groups: int, images: int,
+                   grid: "tuple[int, int, int] | None" = None) -> torch.Tensor:
         """One block (without its downsample) on sequences ``t``: global ``(B, L, D)`` or windows
-        ``(B * nW, N, D)`` with ``groups = nW`` when ``mask`` is per window (padding)."""
+        ``(B * nW, N, D)`` with ``groups = nW`` when ``mask`` is per window (padding). ``grid = (h, w, prefix)``:
+        global sequences on a phase grid, whose bias the block's attention adds (Attention._attend)."""
         windowed = blk.attn.window_size is not None
         n_seq = t.shape[1]
         if not torch.is_grad_enabled() and not self.training:
@@ -353,7 +344,7 @@ class HierarchicalViT(nn.Module):
             chunk = 0
             if t.device.type == "cpu":
                 chunk = max(1, self.chunk_tokens // n_seq) if windowed else self.chunk_tokens
-            return blk.forward_tokens_(t, mask, chunk, groups)
+            return blk.forward_tokens_(t, mask, chunk, groups, grid)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             per_image = t.shape[0] // images
             step = max(1, self.chunk_tokens // (2 * n_seq))  # any run of windows
@@ -370,8 +361,8 @@ class HierarchicalViT(nn.Module):
                     kc = None if keep is None else tuple(k[i * step: i * step + tc.shape[0]] for k in keep)
                     outs.append(checkpoint(blk.forward_tokens, tc, m, 1, None, kc, use_reentrant=False))
                 return torch.cat(outs)
-            return checkpoint(blk.forward_tokens, t, mask, groups, images, use_reentrant=False)
-        return blk.forward_tokens(t, mask, groups, images)
+            return checkpoint(blk.forward_tokens, t, mask, groups, images, None, grid, use_reentrant=False)
+        return blk.forward_tokens(t, mask, groups, images, grid=grid)
 
     def _run_segment(self, x: torch.Tensor, start: int, stop: int, ws: int | None,
                      pre: torch.Tensor | None = None, valid: torch.Tensor | None = None,
@@ -401,8 +392,7 @@ class HierarchicalViT(nn.Module):
                 t = torch.cat([pre, t], dim=1)
             keys = self._key_mask(valid, p, t)
             for blk in self.blocks[start:stop]:
-                mask = _add_masks(keys, blk.attn.grid_bias(h, w, p))
-                t = self._run_block(blk, t, mask, 1 if keys is None else keys.shape[0], images)
+                t = self._run_block(blk, t, keys, 1 if keys is None else keys.shape[0], images, (h, w, p))
             if pre is not None:
                 return t[:, p:].reshape(b, h, w, d), t[:, :p]
             return t.view(b, h, w, d), None

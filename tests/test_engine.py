@@ -605,3 +605,12 @@ def test_accumulation_bf16_checkpointing_ema_smoke(tmp_path, tiny_vit, tiny_data
     res = json.loads((out / "results.json").read_text())
     assert res["steps"] == 4 and "ema_top1" in res and res["config"]["recipe"]["amp"] == "bf16"
     assert (out / "model_ema.safetensors").is_file()
+
+
+def test_recipe_line_names_counts_by_their_flags():
+    """The recipe line says `train_images 100` (the --train-images flag), never the internal max_train_samples."""
+    from hpvit.engine.logging import recipe_summary
+    from hpvit.engine.recipe import Recipe
+
+    line = recipe_summary(Recipe(max_train_samples=100, max_eval_samples=20))
+    assert "train_images 100" in line and "eval_images 20" in line and "max_" not in line

@@ -87,6 +87,8 @@ class Progress:
 # the recipe keys a user most needs to see at the start of a run, in this order
 RECIPE_HEADLINE = ("epochs", "batch_size", "accum_steps", "blr", "lr", "warmup_epochs", "img_size", "layer_decay",
                    "drop_path", "mixup", "cutmix", "amp", "num_workers", "max_train_samples", "max_eval_samples")
+# recipe keys shown under the command-line flag that sets them (--train-images N, --eval-images N)
+HEADLINE_NAMES = {"max_train_samples": "train_images", "max_eval_samples": "eval_images"}
 
 
 def _fmt_value(v: Any) -> str:
@@ -106,7 +108,7 @@ def recipe_summary(recipe: Any, batch_mixing: bool = True) -> str:
     d = recipe.to_dict()
     unused = ({"blr"} if d.get("lr") is not None else set()) | (set() if batch_mixing else {"mixup", "cutmix"})
     keys = [k for k in RECIPE_HEADLINE if d.get(k) is not None and k not in unused]
-    return f"recipe {d.get('name', 'custom')}: " + ", ".join(f"{k} {_fmt_value(d[k])}" for k in keys)
+    return f"recipe {d.get('name', 'custom')}: " + ", ".join(f"{HEADLINE_NAMES.get(k, k)} {_fmt_value(d[k])}" for k in keys)
 
 
 def format_summary(epoch: int, epochs: int, rec: dict[str, Any], keys: "tuple[str, ...]", units: dict[str, str],

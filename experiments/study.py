@@ -130,6 +130,21 @@ def interval(diffs: list[float]) -> dict:
     return {"n": n, "mean": m, "ci95": [m - half, m + half], "above_zero": m - half > 0, "below_zero": m + half < 0}
 
 
+def eval_curves(row_dir: Path, metric: str) -> dict[int, dict[int, float]]:
+    """``{seed: {step: metric}}`` from every ``seed*/metrics.jsonl`` eval record under ``row_dir``."""
+    out: dict[int, dict[int, float]] = {}
+    for m in sorted(row_dir.glob("seed*/metrics.jsonl")) if row_dir.is_dir() else []:
+        seed = int(m.parent.name[4:])
+        for line in m.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("kind") == "eval" and r.get(metric) is not None:
+                out.setdefault(seed, {})[int(r["step"])] = float(r[metric])
+    return out
+
+
 def summarise(task: str) -> dict:
     t = TASKS[task]
     metric, base = t["metric"], t["baseline"]
@@ -169,6 +184,21 @@ def summarise(task: str) -> dict:
         seeds = sorted(set(vals) & set(per_seed[base]))
         if seeds:
             table[row]["vs_baseline"] = dict(interval([vals[s] - per_seed[base][s] for s in seeds]), seeds=seeds)
+    # every evaluation a run logged (finished or not), by optimizer step: the learning curves, and the paired
+    # difference at each step where the baseline and the row were both scored (an equal-step comparison at an
+    # intermediate point of the same schedule, for runs the session could not finish)
+    curves = {row: eval_curves(RUNS / task / row, metric) for row in t["rows"]}
+    for row, c in curves.items():
+        if row in table and c:
+            table[row]["curve"] = {str(k): v for k, v in c.items()}
+        if row == base or row not in table or not c or not curves.get(base):
+            continue
+        at = {}
+        for step in sorted({st for per in c.values() for st in per}):
+            seeds = [k for k in c if step in c[k] and step in curves[base].get(k, {})]
+            if seeds:
+                at[str(step)] = dict(interval([c[k][step] - curves[base][k][step] for k in seeds]), seeds=seeds)
+        table[row]["vs_baseline_by_step"] = at
     out = {"baseline": base, "metric": metric, **table}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"study_{task}.json"

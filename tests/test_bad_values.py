@@ -131,6 +131,7 @@ def test_eval_replaces_only_its_own_json_without_overwrite(tmp_path, capsys):
     mine.write_text(json.dumps({"top1": 1.0, "eval_time_s": 0.1}))  # what eval cls --json writes
     foreign.write_text("my notes")
     check_eval_outputs([mine], False, "--json")  # evaluating again replaces the earlier eval's file
+    (tmp_path / "m.safetensors").write_bytes(b"")  # exists (checked first), unreadable: the refusal must come first
     assert main(["eval", "cls", "--model", str(tmp_path / "m.safetensors"), "--data", str(tmp_path), "--json",
                  str(foreign)]) == 2
     _one_error_line(capsys.readouterr().err, f"{foreign} exists and was not written by hpvit eval", "--overwrite")
@@ -190,7 +191,8 @@ def test_out_named_like_the_preset_is_not_a_data_folder(tmp_path, monkeypatch):
 def test_out_inside_data_is_refused_before_the_model_loads(tmp_path, capsys):
     data = _folder(tmp_path / "d")
     out = data / "train" / "new"
-    missing = tmp_path / "not-there.pth"  # loading it would fail: the refusal must come first
+    missing = tmp_path / "not-there.pth"  # exists (checked first), but loading it would fail: the refusal comes first
+    missing.write_bytes(b"")
     assert main(_train(missing, data, out)) == 2
     _one_error_line(capsys.readouterr().err, f"--out {out} is inside the data folder {data}")
     assert not out.exists()
@@ -271,6 +273,7 @@ def test_huge_bbox_is_refused_at_load(tmp_path, capsys):
     with pytest.raises(CocoFormatError, match=rf"{ann}: annotation id 7 \(image a.jpg\) has bbox .*reaches far "
                                               "outside the 20x30 image"):
         CocoSource(ann, imgs)
+    (tmp_path / "m.pth").write_bytes(b"")  # exists (checked first), unreadable: the data is checked before it loads
     assert main(["train", "det", "--model", str(tmp_path / "m.pth"), "--ann", str(ann), "--data", str(imgs),
                  "--out", str(tmp_path / "run"), "--threads", "1"]) == 2
     _one_error_line(capsys.readouterr().err, "annotation id 7", "reaches far outside")

@@ -18,7 +18,7 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
                      "`hpvit export` wrote (run on onnxruntime, without torch)")
     p.add_argument("images", nargs="+", metavar="IMAGE|FOLDER|GLOB",
                    help="image files, folders (searched recursively) or quoted patterns such as 'photos/*.jpg'")
-    p.add_argument("--out", required=True, help="output folder: predictions.json, overlays/, labels/ (docs/predict.md)")
+    p.add_argument("-o", "--out", required=True, help="output folder: predictions.json, overlays/, labels/ (docs/predict.md)")
     add_overwrite_arg(p, "--out")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--top-k", type=int, default=5, help="classes listed per image by a classifier (default 5)")

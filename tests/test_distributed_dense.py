@@ -53,7 +53,7 @@ TRAIN_TOL = 0.10
 # training step is a deterministic function of the weights and images, see (c)), box_score_thresh 0 + at most
 # 10 detections per image (every image gets exactly 10 predictions, so each image's share is checkable).
 RCNN = {"rpn_batch_size_per_image": 100000, "box_batch_size_per_image": 100000, "rpn_post_nms_top_n_train": 100,
-        "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100, "representation_size": 64,
+        "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100, "box_head_dim": 64,
         "box_score_thresh": 0.0, "box_detections_per_img": 10}
 DET_LR, SEG_LR = 4e-5, 1e-3
 
@@ -147,7 +147,7 @@ def test_dense_models_give_every_trainable_parameter_a_gradient(tiny_vit_sd):
              "masks": torch.zeros(0, 64, 48, dtype=torch.uint8)}
     for config in ("paper-det", "plain-det"):
         m = build_detector(str(tiny_vit_sd), config, 2, 64, drop_path=0.1, fpn_channels=32,
-                           rcnn={"representation_size": 32}).train()
+                           rcnn={"box_head_dim": 32}).train()
         assert isinstance(m.body.vit.norm, torch.nn.Identity)
         assert not any(".vit.norm." in n or ".vit.head" in n for n, _ in m.named_parameters())
         for target in (obj, empty):
@@ -167,7 +167,7 @@ def test_roi_pooling_does_not_depend_on_the_first_image(tiny_vit_sd):
     1/2 instead of 1/4) and keep them: ranks, resumed runs and reloaded models then pooled differently."""
     from hpvit.models.detector import build_detector
 
-    m = build_detector(str(tiny_vit_sd), "paper-det", 2, 64, fpn_channels=32, rcnn={"representation_size": 32,
+    m = build_detector(str(tiny_vit_sd), "paper-det", 2, 64, fpn_channels=32, rcnn={"box_head_dim": 32,
                                                                                      "box_score_thresh": 0.0}).eval()
     for pool in (m.detector.roi_heads.box_roi_pool, m.detector.roi_heads.mask_roi_pool):
         assert pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]

@@ -114,7 +114,7 @@ def det_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("det_run")
     torch.manual_seed(0)
     rcnn = {"box_score_thresh": 0.0, "box_detections_per_img": 15, "rpn_pre_nms_top_n_test": 100,
-            "rpn_post_nms_top_n_test": 50, "representation_size": 64}
+            "rpn_post_nms_top_n_test": 50, "box_head_dim": 64}
     model = build_detector(save_small_vit(root / "plain.pth", img_size=32), "paper-det", len(src.cat_ids), 96, rcnn=rcnn)
     save_dense(model.eval(), root / "run" / "model.safetensors", detector_meta(model, "paper-det", src, 96))
     return root / "run", coco

@@ -622,7 +622,7 @@ class HierarchicalViT(nn.Module):
         calls = self._plain_calls()
         run = self._run_stage_calls if calls else self._run_stage
         x, pre = self.embed(x), None
-        n, a = (0, 0) if x.ndim != 4 else self._seen_phase(x.shape[1], x.shape[2])
+        n, a = (0, 0) if _is_fx_tracing() or x.ndim != 4 else self._seen_phase(x.shape[1], x.shape[2])
         if n:  # classification: the phase stages run on the one phase the output sees
             x, pre = self._run_seen_phase(x, n, a, calls)
         for s in range(n, self.layout.num_stages):

@@ -378,7 +378,8 @@ def test_unwritable_output_folder(tmp_path, tiny_vit, capsys, monkeypatch):
             return real_open(path, *a, **k)
 
         monkeypatch.setattr(os, "open", deny)
-    assert main(_train(tiny_vit, tmp_path, ro)) == 2
+    data = _folder(tmp_path / "data")  # real images: the data is checked (and listed) before the folder is claimed
+    assert main(_train(tiny_vit, data, ro)) == 2
     err = capsys.readouterr().err
     assert f"cannot write {ro / '.hpvit-run.lock'}: permission denied" in err and "writable" in err
 
